@@ -1,0 +1,132 @@
+"""Peak memory and step time of LoRA fine-tuning steps: dense Inductor vs lemo, side by side.
+
+Model: a Llama built from a config (random bf16 weights; default the Llama-3-8B shape), LoRA r=8,
+alpha=16 on q/k/v/o (peft), batch 1, AdamW on the adapters. Variants, each compiled fresh:
+
+  dense       torch.compile(model)                       (Inductor, HF's plain loss)
+  lemo-loss   backend="lemo", keep_ratio=1.0             (segmented loss only, no token elimination)
+  lemo        backend="lemo" with --keep-ratio           (oracle selection + segmented loss)
+
+Each (length, variant) runs in its own process so peaks do not mix. Prints a table last and writes
+one JSON line per run to --out.
+
+    python benchmarks/train_step.py --seq-lens 4096 8192 --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("dense", "lemo-loss", "lemo")
+
+
+def run_one(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lemo_compile
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len, use_cache=False,
+        rope_theta=500000.0,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    backend = None
+    if args.variant == "dense":
+        compiled = torch.compile(model)
+    else:
+        keep = 1.0 if args.variant == "lemo-loss" else args.keep_ratio
+        backend = lemo_compile.LemoBackend({"keep_ratio": keep})
+        compiled = torch.compile(model, backend=backend)
+    ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda")
+    times, losses = [], []
+    peak_after_forward = 0
+    for step in range(args.steps):
+        if step == 1:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        loss = compiled(input_ids=ids, labels=ids).loss
+        if step >= 1:
+            torch.cuda.synchronize()
+            peak_after_forward = max(peak_after_forward, torch.cuda.max_memory_allocated())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+        losses.append(loss.item())
+    result = {
+        "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
+        "hidden": args.hidden, "keep_ratio": args.keep_ratio if args.variant == "lemo" else None,
+        "compile_step_s": times[0], "step_s": statistics.median(times[1:]),
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_after_forward_gb": peak_after_forward / 1e9, "losses": losses,
+        "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+    }
+    if backend is not None and backend.reports:
+        result["kept_tokens"] = [p.kept_tokens for p in backend.reports[-1].plans]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--keep-ratio", type=float, default=0.4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--out", default="train_step.jsonl")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_one(args)))
+        return 0
+
+    rows = []
+    for seq_len in args.seq_lens:
+        for variant in args.variants:
+            command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
+            for name in ("keep_ratio", "steps", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
+                command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+            if done.returncode != 0:
+                row = {"variant": variant, "seq_len": seq_len, "error": f"exit {done.returncode}"}
+            else:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    print(f"\n{'seq':>6} {'variant':<10} {'step s':>8} {'peak GB':>8} {'fwd peak':>9} {'compile s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['seq_len']:>6} {r['variant']:<10} {r['error']}")
+            continue
+        print(f"{r['seq_len']:>6} {r['variant']:<10} {r['step_s']:>8.3f} {r['peak_gb']:>8.1f} "
+              f"{r['peak_after_forward_gb']:>9.1f} {r['compile_step_s']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""lemo_compile: a torch.compile backend for long-context fine-tuning with contextual token sparsity.
+
+    model = torch.compile(model, backend="lemo", options={"keep_ratio": 0.4})
+
+See README.md for the options and LEMO.md-style semantics; `LemoBackend` keeps a report per graph.
+"""
+
+from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)
+from lemo_compile.backend import LemoBackend, lemo_backend
+from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.passes.manager import CompileReport, LemoWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompileReport",
+    "LayerPlan",
+    "LemoBackend",
+    "LemoConfig",
+    "LemoWarning",
+    "lemo_backend",
+    "plan_layers",
+]

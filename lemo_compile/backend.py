@@ -1,0 +1,142 @@
+"""The `lemo` torch.compile backend.
+
+`torch.compile(model, backend="lemo", options={...})` reaches `lemo_backend` through the entry point
+group `torch_dynamo_backends`. For each Dynamo graph it:
+
+1. validates the options (`LemoConfig`);
+2. in training (the compiled module is in `.training` mode and gradients are enabled) rewrites the
+   graph with lemo's passes (`passes.manager.run_graph_passes`); an eval graph is left unchanged,
+   so a fine-tuned model is evaluated dense;
+3. hands the graph to Inductor's `compile_fx` with lemo's post-grad passes installed, or, with
+   `compiler="aot_eager"`, to AOTAutograd with Inductor's decompositions and partitioner but no
+   code generation.
+
+`LemoBackend` is the same thing as an object that keeps the `CompileReport` of every graph it
+compiled: `backend = LemoBackend({"keep_ratio": 0.3}); torch.compile(model, backend=backend)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from lemo_compile.config import LemoConfig
+from lemo_compile.passes.manager import CompileReport, PostGradPasses, run_graph_passes
+
+log = logging.getLogger(__name__)
+
+
+class LemoBackend:
+    """A torch.compile backend with fixed lemo options; `reports` holds one CompileReport per graph."""
+
+    def __init__(self, options: LemoConfig | Mapping[str, Any] | None = None, *, mode: str | None = None):
+        self.config = LemoConfig.from_options(options)
+        self.mode = mode
+        self.reports: list[CompileReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        if kwargs:
+            raise ValueError(
+                f"lemo backend got unexpected arguments {sorted(kwargs)}; pass lemo options as "
+                "torch.compile(..., options={...})"
+            )
+        if _is_training(gm):
+            report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
+        else:
+            report = CompileReport(training=False)
+        self.reports.append(report)
+        return _compile(gm, example_inputs, self.config, self.mode)
+
+
+def lemo_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: LemoConfig | Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """The function torch.compile calls for `backend="lemo"`; see the module docstring."""
+    return LemoBackend(options, mode=mode)(gm, example_inputs)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str | None) -> Callable:
+    post_grad = PostGradPasses()
+    if config.compiler == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode)) if mode else {}
+        patches["post_grad_custom_post_pass"] = post_grad
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.compile_fx import select_decomp_table
+
+    def compile_without_codegen(graph_module: fx.GraphModule, inputs):
+        post_grad(graph_module.graph)
+        graph_module.recompile()
+        return boxed_nop(graph_module, inputs)
+
+    if mode:
+        log.info("lemo: mode=%r has no effect with compiler='aot_eager'", mode)
+    return aot_autograd(
+        fw_compiler=compile_without_codegen,
+        bw_compiler=compile_without_codegen,
+        decompositions=select_decomp_table(),
+        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
+    )(gm, example_inputs)
+
+
+def _is_training(gm: fx.GraphModule) -> bool:
+    """True when gradients are enabled and the compiled module is in training mode.
+
+    The graph alone cannot tell train from eval, so the module is looked up through the frame Dynamo
+    is compiling (its module paths are expressions over the frame's locals, `L['self'].model`). If
+    that fails, grad mode alone decides.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    module = _compiled_module(gm)
+    return True if module is None else bool(module.training)
+
+
+def _compiled_module(gm: fx.GraphModule) -> torch.nn.Module | None:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        frame_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:  # not inside Dynamo (a graph compiled by hand), or another torch layout
+        return None
+    for node in gm.graph.nodes:
+        for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
+            root = path.split(".", 1)[0]
+            try:
+                module = eval(root, {"__builtins__": {}}, {"L": frame_locals})  # noqa: S307
+            except Exception:
+                continue
+            if isinstance(module, torch.nn.Module):
+                return module
+    return None
+
+
+def _fake_mode(gm: fx.GraphModule, example_inputs):
+    """The fake mode of the graph's `example_value`s (Dynamo's), which passes must compute in."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor) and hasattr(value, "fake_mode"):
+            return value.fake_mode
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs)
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+    return mode

@@ -1,0 +1,201 @@
+"""Options of the lemo backend, validated in one place, and the per-layer plan derived from them.
+
+`LemoConfig` is what `torch.compile(model, backend="lemo", options={...})` turns its options into.
+`plan_layers` turns a config plus the model's layer count and the (static) sequence length into one
+`LayerPlan` per decoder layer: dense or sparse, and how many 64-token blocks a sparse layer keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SCORERS = ("oracle", "predictor", "random")
+MLP_MODES = ("off", "tokens", "channels")
+COMPILERS = ("inductor", "aot_eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class LemoConfig:
+    """Validated lemo options (see the README's options table).
+
+    block_size:   tokens per block; selection keeps or drops whole blocks.
+    keep_ratio:   fraction of full blocks kept in each sparse layer, in (0, 1]; one float for all
+                  layers or a sequence with one float per decoder layer.
+    dense_layers: "auto" (the first L // 2 layers and the last one) or the indices of the layers that
+                  run unchanged.
+    scorer:       "oracle" (exact block scores from the layer's queries and keys), "predictor"
+                  (trained predictors, needs `predictors`) or "random" (a random-drop baseline).
+    predictors:   path or object holding trained predictors (scorer "predictor" only).
+    mlp:          "off" keeps the MLP block dense.
+    loss_segment: rows per segment of the LM head + cross-entropy, or None for the plain loss.
+    compiler:     "inductor" (real code generation) or "aot_eager" (AOTAutograd with Inductor's
+                  decompositions and partitioner but no code generation: fast, for tests).
+    seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
+                  gives each layer a fixed pattern.
+    """
+
+    block_size: int = 64
+    keep_ratio: float | tuple[float, ...] = 0.4
+    dense_layers: str | tuple[int, ...] = "auto"
+    scorer: str = "oracle"
+    predictors: Any = None
+    mlp: str = "off"
+    loss_segment: int | None = 2048
+    compiler: str = "inductor"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, minimum=1)
+        if isinstance(self.keep_ratio, Sequence) and not isinstance(self.keep_ratio, str):
+            object.__setattr__(self, "keep_ratio", tuple(self.keep_ratio))
+            if not self.keep_ratio:
+                raise ValueError("lemo option 'keep_ratio': a per-layer list must not be empty")
+            for ratio in self.keep_ratio:
+                _check_ratio(ratio)
+        else:
+            _check_ratio(self.keep_ratio)
+        if isinstance(self.dense_layers, str):
+            if self.dense_layers != "auto":
+                raise ValueError(
+                    f"lemo option 'dense_layers' must be 'auto' or a list of layer indices, "
+                    f"got {self.dense_layers!r}"
+                )
+        else:
+            try:
+                layers = tuple(self.dense_layers)
+            except TypeError:
+                raise ValueError(
+                    f"lemo option 'dense_layers' must be 'auto' or a list of layer indices, "
+                    f"got {self.dense_layers!r}"
+                ) from None
+            for layer in layers:
+                _check_int("dense_layers", layer, minimum=0)
+            object.__setattr__(self, "dense_layers", layers)
+        _check_choice("scorer", self.scorer, SCORERS)
+        _check_choice("mlp", self.mlp, MLP_MODES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        if self.loss_segment is not None:
+            _check_int("loss_segment", self.loss_segment, minimum=1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        if self.scorer == "predictor" and self.predictors is None:
+            raise ValueError(
+                "lemo option 'scorer' is 'predictor' but no 'predictors' were given: pass "
+                "options={'predictors': PATH_OR_BANK} (made by `lemo calibrate`), or use "
+                "scorer='oracle'"
+            )
+        if self.scorer == "predictor":
+            raise NotImplementedError(
+                "lemo scorer 'predictor' is not available in this version; use scorer='oracle'"
+            )
+        if self.mlp != "off":
+            raise NotImplementedError(
+                f"lemo option mlp={self.mlp!r} is not available in this version; use mlp='off'"
+            )
+
+    @classmethod
+    def from_options(cls, options: LemoConfig | Mapping[str, Any] | None) -> LemoConfig:
+        """Build a config from `torch.compile`'s `options` dict; unknown keys raise ValueError."""
+        if options is None:
+            return cls()
+        if isinstance(options, LemoConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"lemo options must be a dict, got {type(options).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown lemo option(s) {unknown}; the options are {sorted(known)}"
+            )
+        return cls(**options)
+
+    def keep_ratio_of(self, layer: int) -> float:
+        """The keep ratio of decoder layer `layer`."""
+        if isinstance(self.keep_ratio, tuple):
+            if layer >= len(self.keep_ratio):
+                raise ValueError(
+                    f"lemo option 'keep_ratio' has {len(self.keep_ratio)} entries but the model "
+                    f"has a layer {layer}: give one ratio per decoder layer"
+                )
+            return self.keep_ratio[layer]
+        return self.keep_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What lemo does with one decoder layer for one (static) sequence length.
+
+    sparse:       True when the attention block runs on `kept_tokens` tokens instead of all.
+    n_blocks:     full blocks in the sequence (S // block_size); the S % block_size tail is kept.
+    kept_blocks:  full blocks kept (== n_blocks for a dense layer).
+    kept_tokens:  kept_blocks * block_size + tail (== S for a dense layer).
+    reason:       why the layer is dense, empty for a sparse layer.
+    """
+
+    layer: int
+    sparse: bool
+    seq_len: int
+    n_blocks: int
+    kept_blocks: int
+    kept_tokens: int
+    reason: str = ""
+
+
+def dense_layer_set(config: LemoConfig, num_layers: int) -> frozenset[int]:
+    """Indices of the layers `config.dense_layers` keeps dense in a model of `num_layers` layers."""
+    if config.dense_layers == "auto":
+        return frozenset(range(num_layers // 2)) | {num_layers - 1}
+    out_of_range = [layer for layer in config.dense_layers if layer >= num_layers]
+    if out_of_range:
+        raise ValueError(
+            f"lemo option 'dense_layers' names layers {out_of_range} but the model has "
+            f"{num_layers} decoder layers"
+        )
+    return frozenset(config.dense_layers)
+
+
+def plan_layers(config: LemoConfig, num_layers: int, seq_len: int) -> list[LayerPlan]:
+    """One `LayerPlan` per decoder layer for sequences of `seq_len` tokens."""
+    if isinstance(config.keep_ratio, tuple) and len(config.keep_ratio) != num_layers:
+        raise ValueError(
+            f"lemo option 'keep_ratio' has {len(config.keep_ratio)} entries but the model has "
+            f"{num_layers} decoder layers"
+        )
+    dense = dense_layer_set(config, num_layers)
+    n_blocks, tail = divmod(seq_len, config.block_size)
+    plans = []
+    for layer in range(num_layers):
+        kept = min(n_blocks, max(1, math.ceil(config.keep_ratio_of(layer) * n_blocks)))
+        if layer in dense:
+            reason = "dense_layers"
+        elif n_blocks == 0:
+            reason = f"sequence shorter than one block ({seq_len} < {config.block_size})"
+        elif kept == n_blocks:
+            reason = "keeps every block"
+        else:
+            reason = ""
+        if reason:
+            plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason))
+        else:
+            kept_tokens = kept * config.block_size + tail
+            plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens))
+    return plans
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"lemo option {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_ratio(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"lemo option 'keep_ratio' must be in (0, 1], got {value!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"lemo option {name!r} must be one of {list(allowed)}, got {value!r}")

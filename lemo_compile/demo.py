@@ -1,0 +1,190 @@
+"""`lemo demo`: fine-tune a small Llama for a few steps, dense and with lemo, side by side.
+
+The corpus is the Python standard library's own source (real text on every machine), read as bytes
+(vocabulary 256); the model is a Llama built from a config (random init). Each variant runs in its
+own process so that its peak memory is its own (CUDA: `max_memory_allocated`; CPU: the process's
+peak resident set size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+
+import torch
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """What the demo trains: model size, sequence length, steps, and the lemo options."""
+
+    seq_len: int = 2048
+    batch_size: int = 1
+    steps: int = 8
+    layers: int = 8
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    keep_ratio: float = 0.4
+    block_size: int = 64
+    compiler: str = "inductor"
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stdlib_corpus(max_bytes: int = 8 << 20) -> torch.Tensor:
+    """The standard library's .py files (sorted by path), concatenated as uint8 tokens."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if not chunks:
+        raise RuntimeError(f"no Python source found under {root}")
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+
+
+def build_model(settings: DemoSettings) -> torch.nn.Module:
+    """A Llama of the demo's size (vocabulary 256, bytes), randomly initialised from `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=settings.hidden,
+        intermediate_size=settings.hidden * 8 // 3,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=settings.seq_len,
+        use_cache=False,
+    )
+    torch.manual_seed(settings.seed)
+    return LlamaForCausalLM(config)
+
+
+def run_variant(variant: str, settings: DemoSettings) -> dict:
+    """Train `settings.steps` steps as "dense" (Inductor) or "lemo"; returns losses, times, memory."""
+    import lemo_compile
+
+    device = torch.device(settings.device)
+    corpus = stdlib_corpus()
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = build_model(settings).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if variant == "lemo":
+        backend = lemo_compile.LemoBackend(
+            {"keep_ratio": settings.keep_ratio, "block_size": settings.block_size,
+             "compiler": settings.compiler}
+        )
+    elif settings.compiler == "inductor":
+        backend = "inductor"
+    else:
+        backend = "aot_eager_decomp_partition"
+    compiled = torch.compile(model, backend=backend)
+    losses, times = [], []
+    for step in range(settings.steps):
+        if step == 1:  # measure memory over the steps after compilation
+            _reset_peak_memory(device)
+        starts = torch.randint(0, len(corpus) - settings.seq_len, (settings.batch_size,), generator=generator)
+        batch = torch.stack([corpus[s : s + settings.seq_len] for s in starts]).to(device)
+        begin = time.perf_counter()
+        loss = compiled(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+        losses.append(loss.item())
+        print(f"  {variant}: step {step + 1}/{settings.steps} loss {losses[-1]:.3f} "
+              f"({times[-1]:.2f} s)", file=sys.stderr, flush=True)
+    peak, peak_kind = _peak_memory(device)
+    kept = []
+    if variant == "lemo" and backend.reports:
+        kept = [plan.kept_tokens for plan in backend.reports[-1].plans]
+    return {
+        "variant": variant,
+        "losses": losses,
+        "first_step_s": times[0],
+        "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+        "peak_bytes": peak,
+        "peak_kind": peak_kind,
+        "kept_tokens": kept,
+    }
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory since `_reset_peak_memory`, and what kind of number it is."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(), "CUDA max allocated, steps 2+"
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process peak RSS, steps 2+"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS, whole run"
+
+
+def run_demo(settings: DemoSettings) -> list[dict]:
+    """Run both variants, each in a fresh process, and print the side-by-side table."""
+    print(
+        f"lemo demo: Llama {settings.layers} layers x {settings.hidden}, {settings.seq_len} tokens x "
+        f"{settings.batch_size}, {settings.steps} steps on the Python standard library's source, "
+        f"device {settings.device}, compiler {settings.compiler}",
+        flush=True,
+    )
+    results = []
+    for variant in ("dense", "lemo"):
+        command = [sys.executable, "-m", "lemo_compile.cli", "demo", "--variant", variant,
+                   "--settings", json.dumps(dataclasses.asdict(settings))]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        if done.returncode != 0:
+            raise RuntimeError(f"the {variant} run failed (exit {done.returncode})")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(format_table(results, settings))
+    return results
+
+
+def format_table(results: list[dict], settings: DemoSettings) -> str:
+    """The demo's summary table, one row per variant."""
+    lines = [
+        f"{'variant':<8} {'loss first -> last':<20} {'step (s)':>9} {'1st step (s)':>13} "
+        f"{'peak (MB)':>10}  kept tokens per layer",
+    ]
+    for r in results:
+        kept = " ".join(str(k) for k in r["kept_tokens"]) or f"all {settings.seq_len}"
+        lines.append(
+            f"{r['variant']:<8} {r['losses'][0]:>7.3f} -> {r['losses'][-1]:<9.3f} {r['step_s']:>9.3f} "
+            f"{r['first_step_s']:>13.1f} {r['peak_bytes'] / 2**20:>10.0f}  {kept}"
+        )
+    lines.append(f"(step: median after the first, which includes compilation; peak: "
+                 f"{results[0]['peak_kind']})")
+    return "\n".join(lines)

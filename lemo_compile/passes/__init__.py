@@ -1,0 +1,1 @@
+"""Graph passes: `select` and `loss` on the Dynamo graph, post-grad passes via `manager`."""

@@ -1,0 +1,137 @@
+"""Segmented loss: the LM head and the cross-entropy run `loss_segment` rows at a time.
+
+IR seen: the torch-level Dynamo FX graph. Pattern: `F.cross_entropy(chain(linear(h, W, b)), target)`
+where `chain` only casts the dtype, flattens leading dims (`view(-1, V)`) or takes full slices, so
+row r of the loss input is row r of `h.reshape(-1, D)`. Extra cross-entropy arguments (class weights,
+label smoothing) or any other op in the chain leave the graph unchanged.
+
+Rewrite: the cross-entropy becomes `lemo::linear_cross_entropy(h.reshape(-1, D), W, b, target, ...)`,
+which never holds more than one segment's logits and recomputes them in backward. The logits are
+then no longer computed; where the graph returned them (HF's `outputs.logits`), it returns a NaN
+placeholder of the same shape, dtype and device that holds no memory.
+
+Promise: the loss and all gradients equal the unsegmented ones up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from lemo_compile import ops
+
+_LINEARS = (F.linear, torch._C._nn.linear)
+_CROSS_ENTROPY = (F.cross_entropy,)
+_SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16", "half", "double")
+
+
+@dataclasses.dataclass
+class LossResult:
+    """How many cross-entropy calls were segmented and how many returned logits became placeholders."""
+
+    segmented: int = 0
+    placeholder_outputs: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult:
+    """Rewrite every LM-head cross-entropy of the graph into the segmented op (module docstring)."""
+    result = LossResult()
+    graph = gm.graph
+    for loss in [n for n in graph.nodes if n.op == "call_function" and n.target in _CROSS_ENTROPY]:
+        match = _match(loss)
+        if isinstance(match, str):
+            result.skipped.append(match)
+            continue
+        head, target, ignore_index, reduction = match
+        hidden, weight, bias = _linear_args(head)
+        width = hidden.meta["example_value"].shape[-1]
+        logits_dtype = loss.args[0].meta["example_value"].dtype
+        with graph.inserting_before(loss):
+            rows = graph.call_method("reshape", (hidden, -1, width))
+            segmented = graph.call_function(
+                torch.ops.lemo.linear_cross_entropy.default,
+                (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype),
+            )
+        with fake_mode:
+            rows.meta["example_value"] = hidden.meta["example_value"].reshape(-1, width)
+            segmented.meta["example_value"] = loss.meta["example_value"].new_empty(())
+        for node in (rows, segmented):
+            node.meta["custom"] = {"lemo": "segmented_loss"}
+        loss.replace_all_uses_with(segmented)
+        graph.erase_node(loss)
+        logits = head.meta["example_value"]
+        for output in [u for u in head.users if u.op == "output"]:
+            with graph.inserting_before(output):
+                filler = graph.call_function(
+                    ops.nan_placeholder, (list(logits.shape), logits.dtype, logits.device)
+                )
+            filler.meta["custom"] = {"lemo": "placeholder"}
+            with fake_mode:
+                filler.meta["example_value"] = ops.nan_placeholder(
+                    list(logits.shape), logits.dtype, logits.device
+                )
+            output.replace_input_with(head, filler)
+            result.placeholder_outputs += 1
+        result.segmented += 1
+    graph.eliminate_dead_code()
+    return result
+
+
+def _match(loss: fx.Node):
+    """(lm_head linear node, target, ignore_index, reduction), or a string saying why not."""
+    allowed = {"ignore_index", "reduction"}
+    if len(loss.args) != 2 or set(loss.kwargs) - allowed:
+        return f"{loss.name}: cross_entropy with arguments other than ignore_index / reduction"
+    reduction = loss.kwargs.get("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        return f"{loss.name}: reduction {reduction!r}"
+    source, target = loss.args
+    value = source.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return f"{loss.name}: the loss input is not [rows, vocab]"
+    node = source
+    while not (node.op == "call_function" and node.target in _LINEARS):
+        if not _keeps_rows(node):
+            return f"{loss.name}: {node.name} between the LM head and the loss changes rows"
+        node = node.args[0]
+    if len(node.users) > 2 or any(u.op != "output" and not _leads_to(u, loss) for u in node.users):
+        return f"{loss.name}: the logits are used by more than the loss"
+    return node, target, loss.kwargs.get("ignore_index", -100), reduction
+
+
+def _keeps_rows(node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method" and node.target in _SAME_ROWS_METHODS:
+        if node.target in ("view", "reshape"):
+            last = node.meta["example_value"].shape[-1]
+            return last == node.args[0].meta["example_value"].shape[-1]
+        return True
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        return all(i is Ellipsis or (isinstance(i, slice) and _is_full(i)) for i in index)
+    return False
+
+
+def _is_full(index: slice) -> bool:
+    return index.step in (None, 1) and index.start in (None, 0) and index.stop is None
+
+
+def _leads_to(node: fx.Node, loss: fx.Node) -> bool:
+    while node is not loss:
+        if len(node.users) != 1:
+            return False
+        node = next(iter(node.users))
+    return True
+
+
+def _linear_args(head: fx.Node):
+    args = list(head.args) + [None] * (3 - len(head.args))
+    hidden, weight, bias = args[:3]
+    return hidden, weight, head.kwargs.get("bias", bias)

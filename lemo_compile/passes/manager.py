@@ -1,0 +1,145 @@
+"""Ordering lemo's passes, and what they report.
+
+Two stages, each seeing one IR:
+
+* `run_graph_passes` on the torch-level Dynamo graph, before AOTAutograd: regions -> plan ->
+  token selection (`select.py`) -> segmented loss (`loss.py`). It returns a `CompileReport`.
+* `PostGradPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
+  `post_grad_custom_post_pass`. It holds the kernel-fusion passes; its `uuid()` hashes the source of
+  this package's passes so that Inductor's caches never reuse a graph compiled by other pass code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.passes.loss import segment_loss_pass
+from lemo_compile.passes.select import select_pass
+from lemo_compile.regions import find_regions
+
+
+class LemoWarning(UserWarning):
+    """Something lemo could not do as asked; the run goes on (dense where it had to)."""
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What lemo did to one compiled graph.
+
+    training:  whether the graph was rewritten at all (eval graphs are compiled unchanged).
+    plans:     one LayerPlan per decoder layer, as applied (a layer that had to stay dense says why).
+    counters:  pass counters: sparse_layers, dense_fallbacks, segmented_losses, placeholder_outputs.
+    warnings:  the messages of the LemoWarnings raised for this graph.
+    graphs:    readable graph code: "dynamo" (as received) and after each pass that changed it.
+    """
+
+    training: bool
+    batch_size: int | None = None
+    seq_len: int | None = None
+    plans: list[LayerPlan] = dataclasses.field(default_factory=list)
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    graphs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, LemoWarning, stacklevel=3)
+
+
+def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> CompileReport:
+    """Apply token selection and the segmented loss to a training graph, in place."""
+    report = CompileReport(training=True)
+    report.graphs["dynamo"] = gm.code
+    if _has_symbolic_shapes(gm):
+        report.warn(
+            "lemo: the graph has a dynamic sequence length; token elimination needs static "
+            "shapes, so this graph runs dense. Pad batches to a fixed length, or pass "
+            "dynamic=False to torch.compile."
+        )
+        return report
+    regions = find_regions(gm)
+    sparse_layers = [layer for layer in regions.layers if layer.attention is not None]
+    if regions.problems:
+        report.warn(
+            "lemo: some decoder layers were not recognised and run dense: "
+            + "; ".join(regions.problems)
+        )
+    if sparse_layers:
+        report.batch_size, report.seq_len = regions.batch_size, regions.seq_len
+        plans = plan_layers(config, len(regions.layers), report.seq_len)
+        selection = select_pass(gm, regions, plans, config, fake_mode)
+        fallback = dict(selection.dense)
+        fallback.update({l.index: l.problem for l in regions.layers if l.attention is None})
+        if selection.dense:
+            report.warn(
+                "lemo: these layers run dense because their attention block could not be "
+                "compacted: " + "; ".join(f"layer {i}: {why}" for i, why in selection.dense.items())
+            )
+        report.plans = [
+            dataclasses.replace(p, sparse=False, kept_blocks=p.n_blocks, kept_tokens=p.seq_len,
+                                reason=fallback[p.layer])
+            if p.layer in fallback and p.sparse else p
+            for p in plans
+        ]
+        report.counters["sparse_layers"] = len(selection.sparse)
+        report.counters["dense_fallbacks"] = len(selection.dense)
+        report.counters["placeholder_outputs"] = selection.placeholder_outputs
+        if selection.placeholder_outputs:
+            report.warn(
+                "lemo: the model returns its KV cache in training (use_cache=True); the cache "
+                "entries of sparse layers are NaN placeholders. Pass use_cache=False."
+            )
+        gm.recompile()
+        report.graphs["select"] = gm.code
+    if config.loss_segment is not None:
+        loss = segment_loss_pass(gm, config.loss_segment, fake_mode)
+        report.counters["segmented_losses"] = loss.segmented
+        if loss.placeholder_outputs:
+            report.counters["placeholder_outputs"] = (
+                report.counters.get("placeholder_outputs", 0) + loss.placeholder_outputs
+            )
+        if loss.placeholder_outputs:
+            report.warn(
+                "lemo: the loss is computed in segments (loss_segment="
+                f"{config.loss_segment}), so the training forward does not compute the logits: "
+                "outputs.logits is a NaN placeholder. Pass loss_segment=None to get them."
+            )
+        if loss.segmented:
+            gm.recompile()
+            report.graphs["loss"] = gm.code
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):
+            return True
+    return False
+
+
+class PostGradPasses(CustomGraphPass):
+    """lemo's passes over Inductor's post-grad graphs (forward and backward), in order."""
+
+    def __init__(self, passes: list[Callable[[fx.Graph], None]] | None = None) -> None:
+        self.passes = list(passes or [])
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> bytes:
+        passes_dir = pathlib.Path(__file__).parent
+        return get_hash_for_files(tuple(str(p) for p in sorted(passes_dir.glob("*.py"))))

@@ -1,0 +1,231 @@
+"""Locating decoder layers and their residual blocks in a Dynamo FX graph.
+
+IR seen: the torch-level FX graph Dynamo hands a backend (`call_function` / `call_method` nodes,
+parameters as placeholders, `node.meta["nn_module_stack"]` and `node.meta["example_value"]` intact).
+Nothing here changes the graph.
+
+A *residual block* is the part of a pre-norm decoder layer that reads the residual stream x and adds
+one result back: `x1 = x + Attn(norm1(x))`. It is found from the graph, not from module names:
+the attention module is the child of a decoder layer that contains a scaled-dot-product-attention
+call; its output's one consumer outside it must be an add whose other operand is x; the block is
+everything that output depends on back to x, inside the layer. Layers are the modules at
+`<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+_LAYER_PATH = re.compile(r"^(.*\.)?(\d+)$")
+
+
+@dataclasses.dataclass
+class ResidualBlock:
+    """One residual block of a decoder layer, as nodes of the Dynamo graph.
+
+    residual: x [B, S, D], the residual stream the block reads.
+    output:   the block's result [B, S, D] (the attention's o_proj output).
+    add:      the node computing x + output.
+    nodes:    the block's nodes in graph order (norm and attention; x excluded).
+    attention: the scaled-dot-product-attention call inside it.
+    cache_outputs: block nodes returned by the graph besides through `add` (a KV cache).
+    """
+
+    layer: int
+    module_path: str
+    residual: fx.Node
+    output: fx.Node
+    add: fx.Node
+    nodes: list[fx.Node]
+    attention: fx.Node
+    cache_outputs: list[fx.Node]
+
+    @property
+    def query(self) -> fx.Node:
+        return _arg(self.attention, 0, "query")
+
+    @property
+    def key(self) -> fx.Node:
+        return _arg(self.attention, 1, "key")
+
+
+@dataclasses.dataclass
+class DecoderLayer:
+    """A decoder layer: its index, module path and attention block (None when not recognised)."""
+
+    index: int
+    path: str
+    attention: ResidualBlock | None
+    problem: str = ""
+
+
+@dataclasses.dataclass
+class ModelRegions:
+    """Everything the finder located: decoder layers in order, and what it could not handle."""
+
+    layers: list[DecoderLayer]
+    problems: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        return _shape(self._first_residual())[0]
+
+    @property
+    def seq_len(self) -> int:
+        return _shape(self._first_residual())[1]
+
+    def _first_residual(self) -> fx.Node:
+        for layer in self.layers:
+            if layer.attention is not None:
+                return layer.attention.residual
+        raise ValueError("no attention block was found")
+
+
+def module_path(path: str) -> str:
+    """Dynamo's module path (`L['self'].model.layers[0]`, `L['args'][0].model.layers.0`) as
+    a plain dotted name (`model.layers.0`)."""
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])?\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, type]]:
+    """The node's module stack, outermost first, as (dotted path, module class)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(module_path(path), cls) for path, cls in stack.values()]
+
+
+def find_regions(gm: fx.GraphModule) -> ModelRegions:
+    """Locate decoder layers and their attention blocks in a Dynamo graph (see module docstring)."""
+    layer_nodes: dict[str, list[fx.Node]] = {}
+    layer_index: dict[str, int] = {}
+    children: dict[str, dict[str, list[fx.Node]]] = {}
+    for node in gm.graph.nodes:
+        stack = module_stack(node)
+        for depth, (path, _cls) in enumerate(stack):
+            match = _LAYER_PATH.match(path)
+            if match is None:
+                continue
+            layer_nodes.setdefault(path, []).append(node)
+            layer_index[path] = int(match.group(2))
+            if depth + 1 < len(stack):
+                child = stack[depth + 1][0]
+                children.setdefault(path, {}).setdefault(child, []).append(node)
+            break
+
+    problems: list[str] = []
+    layers = []
+    # An indexed module with no sub-modules (an nn.Sequential's Linear) is not a decoder layer.
+    candidates = [p for p in layer_nodes if len(children.get(p, {})) >= 2]
+    for path in sorted(candidates, key=lambda p: (p.rsplit(".", 1)[0], layer_index[p])):
+        nodes = set(layer_nodes[path])
+        attention_children = [
+            child
+            for child, child_nodes in children.get(path, {}).items()
+            if any(_is_sdpa(n) for n in child_nodes)
+        ]
+        index = layer_index[path]
+        if len(attention_children) != 1:
+            problem = (
+                f"layer {path}: no scaled_dot_product_attention call found (attention "
+                "implementations other than 'sdpa' are not supported)"
+                if not attention_children
+                else f"layer {path}: {len(attention_children)} attention modules"
+            )
+            layers.append(DecoderLayer(index, path, None, problem))
+            continue
+        child = attention_children[0]
+        try:
+            block = _attention_block(index, child, set(children[path][child]), nodes)
+        except _NotABlock as err:
+            layers.append(DecoderLayer(index, path, None, f"layer {path}: {err}"))
+            continue
+        layers.append(DecoderLayer(index, path, block))
+    if not layers:
+        problems.append(
+            "no decoder layers (modules at '<name>.<index>' with sub-modules) were found"
+        )
+    problems.extend(layer.problem for layer in layers if layer.problem)
+    indices = [layer.index for layer in layers]
+    if indices != list(range(len(layers))):
+        problems.append(f"decoder layer indices are not 0..L-1: {indices}")
+    return ModelRegions(layers, problems)
+
+
+class _NotABlock(Exception):
+    pass
+
+
+def _attention_block(
+    index: int, path: str, attention_nodes: set[fx.Node], layer_nodes: set[fx.Node]
+) -> ResidualBlock:
+    leaving = [n for n in attention_nodes if any(u not in attention_nodes for u in n.users)]
+    cache_outputs = [n for n in leaving if all(u.op == "output" for u in n.users if u not in attention_nodes)]
+    outputs = [n for n in leaving if n not in cache_outputs]
+    if len(outputs) != 1:
+        raise _NotABlock(f"the attention module {path} has {len(outputs)} results used in the layer")
+    output = outputs[0]
+    adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
+    if len(adds) != 1 or not _is_add(adds[0]) or len(adds[0].args) != 2:
+        raise _NotABlock(f"the output of {path} is not added into the residual stream")
+    add = adds[0]
+    residual = add.args[1] if add.args[0] is output else add.args[0]
+    if not isinstance(residual, fx.Node):
+        raise _NotABlock(f"the residual add after {path} does not add a tensor")
+    res_shape, out_shape = _shape(residual), _shape(output)
+    if res_shape is None or len(res_shape) != 3 or res_shape != out_shape:
+        raise _NotABlock(
+            f"the residual stream around {path} is not [batch, seq, hidden] "
+            f"(residual {res_shape}, block output {out_shape})"
+        )
+
+    block: set[fx.Node] = set()
+    pending = [output]
+    while pending:
+        node = pending.pop()
+        if node in block or node is residual or node.op in ("placeholder", "get_attr"):
+            continue
+        if node not in layer_nodes:
+            continue  # computed outside the layer (rotary embedding, mask): an input of the block
+        block.add(node)
+        pending.extend(node.all_input_nodes)
+    ordered = [n for n in output.graph.nodes if n in block]
+    for node in ordered:
+        for user in node.users:
+            if user not in block and user is not add and user.op != "output":
+                raise _NotABlock(f"{node.name} inside the attention block is also used by {user.name}")
+    sdpa = [n for n in ordered if _is_sdpa(n)]
+    if len(sdpa) != 1:
+        raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
+    return ResidualBlock(
+        index, path, residual, output, add, ordered, sdpa[0], [n for n in cache_outputs if n in block]
+    )
+
+
+def _is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in ADD_TARGETS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _arg(node: fx.Node, position: int, name: str):
+    return node.args[position] if len(node.args) > position else node.kwargs[name]
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

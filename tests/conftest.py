@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny Hugging Face Llama models and a fresh Dynamo state for every test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (no graphs cached by an earlier test)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_llama(*, kv_heads: int = 2, layers: int = 4, seed: int = 0, dtype=torch.float32):
+    """A 4-layer Llama (hidden 64, 4 heads, head dim 16) in training mode, without KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).train()
+
+
+def token_batch(batch: int, seq_len: int, vocab: int = 101, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_len), generator=generator)

@@ -1,0 +1,320 @@
+"""The lemo backend end to end on tiny HF Llama models (no-codegen compiler: fast on the CPU).
+
+The eager reference (`reference.py`) implements LEMO.md's semantics by hand from the model's modules;
+the compiled model must match it in logits, loss and every parameter gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from torch import fx
+
+import lemo_compile
+from conftest import tiny_llama, token_batch
+from reference import lemo_forward
+
+FAST = {"compiler": "aot_eager", "block_size": 16}
+
+
+def compile_lemo(model, **options):
+    backend = lemo_compile.LemoBackend({**FAST, **options})
+    return torch.compile(model, backend=backend, fullgraph=True), backend
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(model, ids, options, **reference_options):
+    """One forward + backward, compiled vs eager reference: logits, loss and all grads within 1e-4."""
+    compiled, backend = compile_lemo(model, **options)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    logits, loss = lemo_forward(model, ids, ids, block_size=FAST["block_size"], **reference_options)
+    loss.backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
+    assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    return backend.reports[-1]
+
+
+@pytest.mark.parametrize("seq_len", [160, 150])  # a multiple of the block (16) and not
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query attention and not
+def test_oracle_matches_eager_reference(seq_len, batch, kv_heads):
+    model = tiny_llama(kv_heads=kv_heads)
+    ids = token_batch(batch, seq_len)
+    options = {"keep_ratio": 0.4, "dense_layers": [0], "loss_segment": None}
+    report = assert_same_training_step(model, ids, options, keep_ratio=0.4, dense_layers=[0])
+    n_blocks = seq_len // 16
+    kept = 4 * 16 + seq_len % 16  # ceil(0.4 * n_blocks) = 4 blocks for n = 9 and n = 10
+    assert [p.kept_tokens for p in report.plans] == [seq_len, kept, kept, kept]
+    assert [p.n_blocks for p in report.plans] == [n_blocks] * 4
+    assert report.counters["sparse_layers"] == 3
+
+
+def test_random_scorer_with_seed_matches_reference():
+    model = tiny_llama()
+    ids = token_batch(2, 128)
+    options = {"scorer": "random", "seed": 7, "keep_ratio": 0.25, "dense_layers": [0, 3],
+               "loss_segment": None}
+    assert_same_training_step(model, ids, options, scorer="random", seed=7,
+                              keep_ratio=0.25, dense_layers=[0, 3])
+
+
+def test_per_layer_keep_ratios_match_reference():
+    model = tiny_llama()
+    ids = token_batch(1, 176)
+    ratios = [1.0, 0.2, 0.5, 0.9]
+    options = {"keep_ratio": ratios, "dense_layers": [], "loss_segment": None}
+    report = assert_same_training_step(model, ids, options, keep_ratio=ratios, dense_layers=[])
+    assert [p.kept_blocks for p in report.plans] == [11, 3, 6, 10]
+
+
+def test_keep_ratio_one_equals_the_plain_model():
+    model = tiny_llama()
+    ids = token_batch(2, 150)
+    compiled, backend = compile_lemo(model, keep_ratio=1.0, dense_layers=[], loss_segment=None)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    plain = model(input_ids=ids, labels=ids)
+    plain.loss.backward()
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert not any(p.sparse for p in backend.reports[-1].plans)
+
+
+def test_segmented_loss_equals_unsegmented():
+    ids = token_batch(2, 150)
+    results = []
+    for segment in (None, 64):
+        model = tiny_llama()
+        compiled, backend = compile_lemo(model, keep_ratio=0.4, dense_layers=[0], loss_segment=segment)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+            out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out, grads(model), backend.reports[-1]))
+        torch._dynamo.reset()
+    (plain, plain_grads, _), (segmented, segmented_grads, report) = results
+    assert report.counters["segmented_losses"] == 1
+    torch.testing.assert_close(segmented.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(segmented_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the logits were not computed: a NaN placeholder of the right shape that holds no memory
+    assert segmented.logits.shape == plain.logits.shape
+    assert segmented.logits.stride() == (0, 0, 0) and torch.isnan(segmented.logits).all()
+
+
+def test_segmented_loss_warns_that_logits_are_placeholders():
+    compiled, _ = compile_lemo(tiny_llama(), loss_segment=32)
+    with pytest.warns(lemo_compile.LemoWarning, match="outputs.logits is a NaN placeholder"):
+        compiled(input_ids=token_batch(1, 64), labels=token_batch(1, 64))
+
+
+def test_one_graph_and_no_recompilation_over_three_training_steps():
+    model = tiny_llama()
+    compiled, backend = compile_lemo(model, dense_layers=[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(3):
+        ids = token_batch(2, 150, seed=step)
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert len(backend.reports) == 1, "recompiled"
+    assert backend.reports[0].counters["sparse_layers"] == 3
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_eval_mode_compiles_the_model_unchanged():
+    model = tiny_llama().eval()
+    compiled, backend = compile_lemo(model)
+    ids = token_batch(1, 160)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, labels=ids)
+        plain = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert backend.reports[-1].training is False and not backend.reports[-1].plans
+
+
+def test_eval_mode_with_grad_enabled_is_still_dense():
+    model = tiny_llama().eval()
+    compiled, backend = compile_lemo(model)
+    ids = token_batch(1, 160)
+    out = compiled(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
+    assert backend.reports[-1].training is False
+
+
+def test_sequence_shorter_than_one_block_stays_dense():
+    model = tiny_llama()
+    compiled, backend = compile_lemo(model, dense_layers=[], loss_segment=None)
+    ids = token_batch(2, 11)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
+    report = backend.reports[-1]
+    assert not any(p.sparse for p in report.plans)
+    assert all("shorter than one block" in p.reason for p in report.plans)
+
+
+class NotADecoder(torch.nn.Module):
+    """A model with no decoder layers the finder knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x).sum()
+
+
+def test_unrecognised_model_compiles_dense_with_one_warning():
+    model = NotADecoder()
+    compiled, backend = compile_lemo(model)
+    x = torch.randn(4, 8)
+    with pytest.warns(lemo_compile.LemoWarning) as caught:
+        loss = compiled(x)
+    loss.backward()
+    torch.testing.assert_close(loss, model(x))
+    messages = [str(w.message) for w in caught if issubclass(w.category, lemo_compile.LemoWarning)]
+    assert len(messages) == 1 and "no decoder layers" in messages[0]
+
+
+def test_eager_attention_falls_back_dense_with_a_warning_naming_the_layers():
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    compiled, backend = compile_lemo(model, loss_segment=None)
+    ids = token_batch(1, 160)
+    with pytest.warns(lemo_compile.LemoWarning, match="model.layers.2: no scaled_dot_product_attention"):
+        out = compiled(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
+    assert not any(p.sparse for p in backend.reports[-1].plans)
+
+
+def test_kv_cache_outputs_of_sparse_layers_are_placeholders_with_a_warning():
+    model = tiny_llama()
+    model.config.use_cache = True
+    compiled, _ = compile_lemo(model, dense_layers=[0], loss_segment=None)
+    ids = token_batch(1, 160)
+    with pytest.warns(lemo_compile.LemoWarning, match="use_cache=False"):
+        out = compiled(input_ids=ids, labels=ids)
+    keys = out.past_key_values.layers[2].keys
+    assert keys.shape[2] == 160 and torch.isnan(keys).all()
+    assert not torch.isnan(out.past_key_values.layers[0].keys).any()
+
+
+def test_bad_options_raise_before_compiling():
+    with pytest.raises(ValueError, match="keep_ratio"):
+        lemo_compile.LemoBackend({"keep_ratio": 2})
+
+
+def structural_summary(report) -> dict:
+    """Inserted nodes per layer by role, kept lengths and op counts, from the rewritten graph code."""
+    return {
+        "plans": [(p.layer, p.sparse, p.kept_tokens) for p in report.plans],
+        "counters": dict(report.counters),
+    }
+
+
+def inserted_nodes(gm: fx.GraphModule) -> dict[int, Counter]:
+    roles: dict[int, Counter] = {}
+    for node in gm.graph.nodes:
+        tag = node.meta.get("custom") or {}
+        if "lemo_layer" in tag:
+            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    return roles
+
+
+def test_structural_summary_of_a_tiny_hf_llama():
+    """The rewritten Dynamo graph of a tiny Llama: which nodes lemo inserted, per layer."""
+    captured = {}
+
+    class Recording(lemo_compile.LemoBackend):
+        def __call__(self, gm, example_inputs, **kwargs):
+            compiled = super().__call__(gm, example_inputs, **kwargs)
+            captured["gm"] = gm
+            return compiled
+
+    backend = Recording({**FAST, "dense_layers": [0, 3]})
+    model = tiny_llama()
+    ids = token_batch(1, 150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+    report = backend.reports[-1]
+    assert structural_summary(report) == {
+        "plans": [(0, False, 150), (1, True, 70), (2, True, 70), (3, False, 150)],
+        "counters": {"sparse_layers": 2, "dense_fallbacks": 0, "placeholder_outputs": 1,
+                     "segmented_losses": 1},
+    }
+    per_layer = inserted_nodes(captured["gm"])
+    # score: detach(x), the copied norm (8 nodes), q/k projections + views (6), RoPE (16), repeat_kv
+    # of the keys (3), detach(q), detach(k), block_scores; then select, gathers of x / cos / sin and
+    # of the 4-D causal mask HF builds when use_cache=False, and the scatter_add
+    expected = Counter({"score": 37, "gather": 4, "select": 1, "scatter_add": 1})
+    assert per_layer == {1: expected, 2: expected}
+    targets = Counter(str(n.target) for n in captured["gm"].graph.nodes if n.op == "call_function")
+    assert targets["lemo.block_scores.default"] == 2
+    assert targets["lemo.linear_cross_entropy.default"] == 1
+    sdpa = [n for n in captured["gm"].graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert [tuple(n.meta["example_value"].shape) for n in sdpa] == [
+        (1, 4, 150, 16), (1, 4, 70, 16), (1, 4, 70, 16), (1, 4, 150, 16)]
+
+
+def test_backend_name_lemo_works_without_importing_the_package():
+    """`backend="lemo"` resolves through the torch_dynamo_backends entry point."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "fn = lookup_backend('lemo')\n"
+        "print(fn.__module__, fn.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["lemo_compile.backend", "lemo_backend"]
+
+
+def test_options_reach_the_backend_through_torch_compile():
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="lemo", fullgraph=True,
+                             options={**FAST, "keep_ratio": 0.3, "loss_segment": None})
+    ids = token_batch(1, 160)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    model.zero_grad()
+    _, loss = lemo_forward(model, ids, ids, block_size=16, keep_ratio=0.3)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_option_through_torch_compile_raises_value_error():
+    compiled = torch.compile(tiny_llama(), backend="lemo", options={"keep_ratio": "most"})
+    ids = token_batch(1, 32)
+    with pytest.raises(Exception) as caught:
+        compiled(input_ids=ids, labels=ids)
+    chain = []
+    err = caught.value
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert any(isinstance(e, ValueError) and "keep_ratio" in str(e) for e in chain)

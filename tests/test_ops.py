@@ -1,0 +1,161 @@
+"""lemo's ops against plain-PyTorch references, forward and backward, on odd shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lemo_compile import ops
+from reference import oracle_block_scores, select_token_indices
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 63, 65, 200, 1000])
+@pytest.mark.parametrize("batch, heads, kv_heads", [(1, 4, 4), (3, 4, 2)])
+def test_block_scores_match_naive_oracle(seq_len, batch, heads, kv_heads):
+    torch.manual_seed(seq_len)
+    q = torch.randn(batch, heads, seq_len, 24)
+    k = torch.randn(batch, kv_heads, seq_len, 24)
+    got = ops.block_scores(q, k, 64)
+    want = oracle_block_scores(q, k, 64)
+    assert got.shape == (batch, seq_len // 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_scores_bf16_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 300, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 300, 16, dtype=torch.bfloat16)
+    want = oracle_block_scores(q.float(), k.float(), 32)
+    torch.testing.assert_close(ops.block_scores(q, k, 32), want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_scores_chunking_does_not_change_the_result(monkeypatch):
+    import lemo_compile.kernels.block_scores as block_scores
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 257, 8), torch.randn(2, 2, 257, 8)
+    whole = block_scores.block_scores_reference(q, k, 16)
+    monkeypatch.setattr(block_scores, "_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    torch.testing.assert_close(block_scores.block_scores_reference(q, k, 16), whole)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    n_blocks=st.integers(1, 12),
+    block=st.sampled_from([1, 4, 16]),
+    tail=st.integers(0, 3),
+    data=st.data(),
+)
+def test_select_tokens_matches_reference(batch, n_blocks, block, tail, data):
+    kept = data.draw(st.integers(1, n_blocks))
+    # few distinct values, so that ties are common
+    values = data.draw(st.lists(st.integers(0, 3), min_size=batch * n_blocks, max_size=batch * n_blocks))
+    scores = torch.tensor(values, dtype=torch.float32).reshape(batch, n_blocks)
+    seq_len = n_blocks * block + min(tail, block - 1)
+    idx = ops.select_tokens(scores, kept, block, seq_len)
+    assert idx.shape == (batch, kept * block + seq_len % block)
+    assert torch.equal(idx, select_token_indices(scores, kept, block, seq_len))
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())
+
+
+def test_select_tokens_breaks_ties_towards_lower_blocks():
+    idx = ops.select_tokens(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, 2, 9)
+    assert idx.tolist() == [[2, 3, 4, 5, 8]]
+
+
+def test_gather_tokens_rows_and_masks():
+    torch.manual_seed(0)
+    idx = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    x = torch.randn(2, 6, 5)
+    assert torch.equal(ops.gather_tokens(x, idx, (1,)), torch.stack([x[b, idx[b]] for b in range(2)]))
+    cos = torch.randn(1, 6, 4)  # broadcast over the batch
+    assert torch.equal(ops.gather_tokens(cos, idx, (1,)), torch.stack([cos[0, idx[b]] for b in range(2)]))
+    mask = torch.randn(2, 1, 6, 6)
+    want = torch.stack([mask[b][:, idx[b]][:, :, idx[b]] for b in range(2)])
+    assert torch.equal(ops.gather_tokens(mask, idx, (2, 3)), want)
+
+
+def test_scatter_add_tokens_forward_and_backward():
+    torch.manual_seed(0)
+    idx = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    x = torch.randn(2, 6, 5, requires_grad=True)
+    rows = torch.randn(2, 3, 5, requires_grad=True)
+    out = ops.scatter_add_tokens(x, idx, rows)
+    want = x.detach().clone()
+    for b in range(2):
+        want[b].index_add_(0, idx[b], rows.detach()[b])
+    assert torch.equal(out, want)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad)
+    assert torch.equal(rows.grad, torch.stack([grad[b, idx[b]] for b in range(2)]))
+
+
+def _loss_and_grads(fn, h, weight, bias):
+    inputs = [t for t in (h, weight, bias) if t is not None]
+    loss = fn()
+    return (loss, *torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 63, 65, 300])
+@pytest.mark.parametrize("segment", [1, 16, 64, 4096])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_torch(rows, segment, reduction, with_bias):
+    torch.manual_seed(rows + segment)
+    h = torch.randn(rows, 24, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 24, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(37, dtype=torch.float64, requires_grad=True) if with_bias else None
+    target = torch.randint(0, 37, (rows,))
+    target[::3] = -100
+    if rows == 1:
+        target[0] = 5
+
+    def plain():
+        return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=-100, reduction=reduction)
+
+    def segmented():
+        return ops.linear_cross_entropy(h, weight, bias, target, -100, reduction, segment, torch.float64)
+
+    for got, want in zip(_loss_and_grads(segmented, h, weight, bias), _loss_and_grads(plain, h, weight, bias)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_linear_cross_entropy_bf16_follows_the_upcast_chain():
+    torch.manual_seed(0)
+    h = torch.randn(200, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(301, 64) / 8).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 301, (200,))
+
+    def plain():
+        return F.cross_entropy(F.linear(h, weight).float(), target)
+
+    def segmented():
+        return ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 48, torch.float32)
+
+    got, want = _loss_and_grads(segmented, h, weight, None), _loss_and_grads(plain, h, weight, None)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # bf16 gradients: one bf16 rounding step apart (fp32 accumulation over segments here)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-3)
+
+
+def test_linear_cross_entropy_all_ignored_is_nan_like_torch():
+    h = torch.randn(4, 8)
+    weight = torch.randn(5, 8)
+    target = torch.full((4,), -100)
+    got = ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 2, torch.float32)
+    assert math.isnan(got.item()) and math.isnan(F.cross_entropy(h @ weight.t(), target).item())
+
+
+def test_nan_placeholder_holds_one_element():
+    filler = ops.nan_placeholder([2, 1000, 50000], torch.float32, torch.device("cpu"))
+    assert filler.shape == (2, 1000, 50000) and filler.stride() == (0, 0, 0)
+    assert torch.isnan(filler[1, 999, 49999])
