@@ -148,20 +148,21 @@ def linear_cross_entropy_backward(
     reduction: str,
     segment: int,
     logits_dtype: torch.dtype,
+    weight_grad: bool,
 ) -> list[torch.Tensor]:
-    """[dh, dW, db] of `linear_cross_entropy` (db is empty [0] when bias is None)."""
-    grad_h, grad_weight, grad_bias = linear_cross_entropy_backward_reference(
-        grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype
+    """[dh, dW, db] of `linear_cross_entropy`; dW and db are empty [0] when not computed (no
+    `weight_grad`, or no bias)."""
+    grads = linear_cross_entropy_backward_reference(
+        grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, weight_grad
     )
-    if grad_bias is None:
-        grad_bias = h.new_empty((0,))
-    return [grad_h, grad_weight, grad_bias]
+    return [g if g is not None else h.new_empty((0,)) for g in grads]
 
 
 @linear_cross_entropy_backward.register_fake
-def _(grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype):
-    bias_grad = h.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    return [torch.empty_like(h), torch.empty_like(weight), bias_grad]
+def _(grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, weight_grad):
+    grad_weight = torch.empty_like(weight) if weight_grad else h.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if weight_grad and bias is not None else h.new_empty((0,))
+    return [torch.empty_like(h), grad_weight, grad_bias]
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
@@ -172,10 +173,17 @@ def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
 
 def _linear_cross_entropy_grad(ctx, grad):
     h, weight, bias, target = ctx.saved_tensors
+    # A frozen LM head (LoRA) needs no weight gradient: skipping it saves a [V, D] buffer.
+    weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
     grad_h, grad_weight, grad_bias = linear_cross_entropy_backward(
-        grad, h, weight, bias, target, *ctx.options
+        grad, h, weight, bias, target, *ctx.options, weight_grad
     )
-    return grad_h, grad_weight, (None if bias is None else grad_bias), None, None, None, None, None
+    return (
+        grad_h,
+        grad_weight if ctx.needs_input_grad[1] else None,
+        grad_bias if bias is not None and ctx.needs_input_grad[2] else None,
+        None, None, None, None, None,
+    )
 
 
 linear_cross_entropy.register_autograd(

@@ -1,8 +1,20 @@
-"""An eager, hand-written implementation of LEMO.md's semantics v1 for HF Llama-family models.
+"""An eager, pure-PyTorch reference of LeMo token elimination for HF Llama-family causal LMs.
 
-It imports nothing from lemo_compile: it runs the model's own submodules one by one and does the
-selection with naive tensors (the full S x S score matrix), so that the compiled graph can be checked
-against an independent statement of the same semantics.
+It imports nothing from lemo_compile. The forward pass is run by hand from the model's own
+submodules, and the block selection is written naively (the full S x S score matrix, one sample at a
+time), so that the compiled graph can be checked against an independent statement of the semantics.
+
+Semantics, per pre-norm decoder layer (h = norm1(x); x1 = x + Attn(h); y = x1 + MLP(norm2(x1))):
+
+* The sequence of S tokens is cut into n = S // b full blocks of b tokens; the r = S % b trailing
+  tokens are a partial block that is always kept and never scored.
+* Dense layers ("auto": the first L // 2 layers and the last one) run unchanged. Every other layer
+  keeps k = min(n, max(1, ceil(keep_ratio * n))) blocks, and runs dense when n == 0 or k == n.
+* In a sparse layer the blocks are scored without gradient (the "oracle" score below, or seeded
+  random numbers), the k best blocks plus the tail give sorted token indices idx [B, K], and only
+  the residual rows x[:, idx] go through norm1 and attention (a causal attention over the compacted
+  sequence, with the RoPE cos/sin of the kept positions). The attention output is added back into
+  those rows; the eliminated rows pass through the attention block unchanged. The MLP is dense.
 """
 
 from __future__ import annotations
@@ -11,94 +23,160 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def oracle_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """sigma [B, n] from q [B, H, S, d] and k [B, Hk, S, d] (full S x S matrix, float64)."""
+    """The oracle block scores sigma [B, n] (float64) of queries q [B, H, S, d], keys k [B, H_kv, S, d].
+
+    Per sample: A [S, S] with A[i, j] = sum_h relu(q_h[i] . k_h[j] / sqrt(d)) / H for j <= i, else 0
+    (query head h reads kv head h // (H // H_kv)); M [n, n] = max of A over each b x b tile of full
+    blocks; sigma[p] = sum_{m >= p} M[m, p] + sum_{p' < p} M[p, p'] (column p from the diagonal down,
+    plus row p left of the diagonal). The partial tail block takes no part. Computed in float64.
+    """
     batch, heads, seq_len, head_dim = q.shape
-    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    kv_heads = k.shape[1]
     n = seq_len // block_size
-    scores = torch.zeros(batch, n, dtype=torch.float64)
+    sigma = torch.zeros(batch, n, dtype=torch.float64, device=q.device)
     for b in range(batch):
-        qb, kb = q[b].double(), k[b].double()
-        a = (qb @ kb.transpose(-1, -2) / math.sqrt(head_dim)).clamp(min=0).sum(0) / heads
-        a = torch.tril(a)[: n * block_size, : n * block_size]
-        tiles = a.reshape(n, block_size, n, block_size).amax(dim=(1, 3))  # M[m, p]
+        # A [S, S]: mean over query heads of the positive parts of the scaled logits, causal.
+        a = torch.zeros(seq_len, seq_len, dtype=torch.float64, device=q.device)
+        for h in range(heads):
+            q_h = q[b, h].double()                               # [S, d]
+            k_h = k[b, h // (heads // kv_heads)].double()        # [S, d]
+            a += (q_h @ k_h.T / math.sqrt(head_dim)).clamp(min=0)
+        a = torch.tril(a / heads)
+        # M [n, n]: the max of each b x b tile over the full blocks only.
+        full = a[: n * block_size, : n * block_size]
+        tiles = full.reshape(n, block_size, n, block_size).amax(dim=(1, 3))  # tiles[m, p] = M[m, p]
         for p in range(n):
-            scores[b, p] = tiles[p:, p].sum() + tiles[p, :p].sum()
-    return scores.to(q.device)
+            sigma[b, p] = tiles[p:, p].sum() + tiles[p, :p].sum()
+    return sigma
 
 
 def select_token_indices(scores: torch.Tensor, k_blocks: int, block_size: int, seq_len: int) -> torch.Tensor:
-    """Sorted token indices [B, k*b + S % b]: the k best blocks (ties: lower index), then the tail."""
+    """Kept token indices idx [B, k_blocks * b + S % b] (int64, sorted ascending) from scores [B, n].
+
+    Per sample: the k_blocks highest-scoring blocks (ties: the lower block index first), in ascending
+    order, expanded to their tokens (block p -> p*b .. p*b + b - 1), then the tail tokens n*b .. S-1.
+    """
+    batch, n = scores.shape
+    assert n == seq_len // block_size, (scores.shape, block_size, seq_len)
+    assert 0 <= k_blocks <= n, (k_blocks, n)
+    tail = list(range(n * block_size, seq_len))
     rows = []
-    n = scores.shape[1]
     for row in scores.tolist():
-        best = sorted(range(n), key=lambda p: (-row[p], p))[:k_blocks]
-        tokens = [p * block_size + t for p in sorted(best) for t in range(block_size)]
-        rows.append(tokens + list(range(n * block_size, seq_len)))
-    return torch.tensor(rows, dtype=torch.int64, device=scores.device)
+        ranked = sorted(range(n), key=lambda p: (-row[p], p))   # best first, lower index on ties
+        kept_blocks = sorted(ranked[:k_blocks])
+        tokens = [p * block_size + t for p in kept_blocks for t in range(block_size)]
+        rows.append(tokens + tail)
+    return torch.tensor(rows, dtype=torch.int64, device=scores.device).reshape(batch, -1)
 
 
-def sparse_layer_plan(num_layers, seq_len, *, block_size=64, keep_ratio=0.4, dense_layers="auto"):
-    """Blocks kept per layer, or None where the layer runs dense."""
-    dense = set(range(num_layers // 2)) | {num_layers - 1} if dense_layers == "auto" else set(dense_layers)
+def sparse_layer_plan(num_layers: int, seq_len: int, *, block_size: int = 64, keep_ratio=0.4,
+                      dense_layers="auto") -> list[int | None]:
+    """Blocks kept per layer: a list of num_layers entries, k (an int) for a sparse layer, None if dense.
+
+    keep_ratio: a float, or one float per layer (indexed by layer number). dense_layers: "auto"
+    (layers 0 .. L//2 - 1 and L - 1) or a list of layer indices. A layer is also dense when it has
+    nothing to drop: n = seq_len // block_size == 0, or k = min(n, max(1, ceil(ratio * n))) == n.
+    """
+    if dense_layers == "auto":
+        dense = set(range(num_layers // 2)) | {num_layers - 1}
+    else:
+        dense = set(dense_layers)
+        assert all(0 <= layer < num_layers for layer in dense), (dense_layers, num_layers)
+    if isinstance(keep_ratio, (list, tuple)):
+        assert len(keep_ratio) == num_layers, (keep_ratio, num_layers)
+        ratios = list(keep_ratio)
+    else:
+        ratios = [keep_ratio] * num_layers
     n = seq_len // block_size
-    plan = []
+    plan: list[int | None] = []
     for layer in range(num_layers):
-        ratio = keep_ratio[layer] if isinstance(keep_ratio, (list, tuple)) else keep_ratio
-        k = min(n, max(1, math.ceil(ratio * n)))
+        k = min(n, max(1, math.ceil(ratios[layer] * n)))
         plan.append(None if layer in dense or n == 0 or k == n else k)
     return plan
 
 
-def _random_scores(batch: int, n: int, seed: int, layer: int) -> torch.Tensor:
-    return torch.rand(batch, n, generator=torch.Generator().manual_seed(seed * 1_000_003 + layer))
+def random_block_scores(batch: int, n_blocks: int, seed: int, layer: int, device=None) -> torch.Tensor:
+    """The "random" scorer's scores [B, n] for one layer: a fixed CPU generator per (seed, layer)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return torch.rand(batch, n_blocks, generator=generator).to(device)
 
 
-def _queries_and_keys(layer, h, cos, sin):
-    """The layer's q [B, H, S, d] and k [B, Hk, S, d] after RoPE, computed by hand."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
+def queries_and_keys(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A Llama attention module's q [B, H, S, d] and k [B, H_kv, S, d] after RoPE, from h [B, S, D]."""
     batch, seq_len, _ = h.shape
     q = attn.q_proj(h).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(h).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def lemo_forward(model, input_ids, labels=None, *, block_size=64, keep_ratio=0.4,
-                 dense_layers="auto", scorer="oracle", seed=0):
-    """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo semantics v1."""
-    inner, layers = model.model, model.model.layers
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows t[b or 0, idx[b]] per sample: t [1 or B, S, ...], idx [B, K] -> [B, K, ...]."""
+    return torch.stack([t[b if t.shape[0] > 1 else 0, idx[b]] for b in range(idx.shape[0])])
+
+
+def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """layer.self_attn on h [B, T, D] with RoPE cos/sin [1 or B, T, d], causal over T -> [B, T, D].
+
+    With attention_mask=None the sdpa (and flash) paths of HF apply a causal mask themselves; the
+    eager path would attend to everything, so it gets an explicit additive causal mask instead.
+    """
+    mask = None
+    if getattr(layer.self_attn.config, "_attn_implementation", "sdpa") == "eager":
+        t = h.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+        mask = torch.zeros(t, t, dtype=h.dtype, device=h.device).masked_fill(
+            future, torch.finfo(h.dtype).min)[None, None]
+    out, _ = layer.self_attn(hidden_states=h, position_embeddings=(cos, sin), attention_mask=mask)
+    return out
+
+
+def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
+                 keep_ratio=0.4, dense_layers="auto", scorer: str = "oracle", seed: int = 0):
+    """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
+
+    input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
+    it is (train or eval mode) and not modified. Gradients flow through everything except the block
+    scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
+    ignoring -100), in float32. scorer: "oracle" or "random" (seeded by `seed` and the layer index).
+    """
+    if scorer not in ("oracle", "random"):
+        raise ValueError(f"unknown scorer {scorer!r}")
+    inner = model.model
     batch, seq_len = input_ids.shape
-    plan = sparse_layer_plan(len(layers), seq_len, block_size=block_size, keep_ratio=keep_ratio,
+    plan = sparse_layer_plan(len(inner.layers), seq_len, block_size=block_size, keep_ratio=keep_ratio,
                              dense_layers=dense_layers)
-    x = inner.embed_tokens(input_ids)
-    position_ids = torch.arange(seq_len, device=input_ids.device)[None]
-    cos, sin = inner.rotary_emb(x, position_ids)
-    for index, layer in enumerate(layers):
-        k_blocks = plan[index]
+
+    x = inner.embed_tokens(input_ids)                                          # [B, S, D]
+    position_ids = torch.arange(seq_len, device=input_ids.device)[None]        # [1, S]
+    cos, sin = inner.rotary_emb(x, position_ids)                               # [1, S, d] each
+
+    for layer_index, layer in enumerate(inner.layers):
+        k_blocks = plan[layer_index]
         if k_blocks is None:
-            a, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=(cos, sin),
-                                   attention_mask=None)
-            x = x + a
+            # Dense attention block.
+            x = x + causal_attention(layer, layer.input_layernorm(x), cos, sin)
         else:
+            # Choose the kept tokens (no gradient).
             with torch.no_grad():
                 if scorer == "oracle":
-                    q, k = _queries_and_keys(layer, layer.input_layernorm(x), cos, sin)
+                    q, k = queries_and_keys(layer.self_attn, layer.input_layernorm(x), cos, sin)
                     scores = oracle_block_scores(q, k, block_size)
                 else:
-                    scores = _random_scores(batch, seq_len // block_size, seed, index)
-                idx = select_token_indices(scores, k_blocks, block_size, seq_len)
-            rows = torch.stack([x[b, idx[b]] for b in range(batch)])
-            cos_k = torch.stack([cos[0, idx[b]] for b in range(batch)])
-            sin_k = torch.stack([sin[0, idx[b]] for b in range(batch)])
-            a, _ = layer.self_attn(layer.input_layernorm(rows), position_embeddings=(cos_k, sin_k),
-                                   attention_mask=None)
+                    scores = random_block_scores(batch, seq_len // block_size, seed, layer_index, x.device)
+                idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [B, K]
+            # Attention on the kept residual rows only, added back into those rows.
+            rows = gather_rows(x, idx)                                         # [B, K, D]
+            a = causal_attention(layer, layer.input_layernorm(rows), gather_rows(cos, idx),
+                                 gather_rows(sin, idx))                         # [B, K, D]
             x = torch.stack([x[b].index_add(0, idx[b], a[b]) for b in range(batch)])
+        # Dense MLP block.
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.lm_head(inner.norm(x))
+
+    logits = model.lm_head(inner.norm(x))                                      # [B, S, V]
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),

@@ -159,3 +159,17 @@ def test_nan_placeholder_holds_one_element():
     filler = ops.nan_placeholder([2, 1000, 50000], torch.float32, torch.device("cpu"))
     assert filler.shape == (2, 1000, 50000) and filler.stride() == (0, 0, 0)
     assert torch.isnan(filler[1, 999, 49999])
+
+
+def test_linear_cross_entropy_frozen_head_gets_no_weight_gradient(monkeypatch):
+    import lemo_compile.ops as lemo_ops
+
+    calls = []
+    real = lemo_ops.linear_cross_entropy_backward_reference
+    monkeypatch.setattr(lemo_ops, "linear_cross_entropy_backward_reference",
+                        lambda *args: calls.append(args[-1]) or real(*args))
+    h = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(5, 8)  # frozen
+    target = torch.randint(0, 5, (10,))
+    ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 4, torch.float32).backward()
+    assert calls == [False] and weight.grad is None and h.grad is not None
