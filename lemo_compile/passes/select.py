@@ -67,9 +67,9 @@ def select_pass(
             result.dense[layer.index] = str(err)
             continue
 
-        def tag(node: fx.Node, role: str, layer_index: int = layer.index) -> None:
+        def tag(node: fx.Node, role: str, layer_index: int = layer.index, add: fx.Node = block.add) -> None:
             node.meta["custom"] = {"lemo": role, "lemo_layer": layer_index}
-            node.meta["nn_module_stack"] = dict(block.add.meta.get("nn_module_stack") or {})
+            node.meta["nn_module_stack"] = dict(add.meta.get("nn_module_stack") or {})
 
         with graph.inserting_before(block.nodes[0]):
             scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
