@@ -6,9 +6,10 @@ saving them. Numerics follow the unsegmented chain
 h's dtype, the softmax in `logits_dtype`, and the gradient of the logits is cast back to h's dtype
 before the matmuls of the backward, as autograd does for that chain.
 
-Memory per segment: the logits in h's dtype and in `logits_dtype` (the softmax works in place on the
-latter), so about 1.5 GB for 2,048 rows of a 128K vocabulary in bf16 -> fp32. The weight gradient, when
-the weight needs one (not under LoRA), is accumulated in the weight's dtype by in-place matmuls.
+Memory per segment: the logits in h's dtype and in `logits_dtype`, plus the temporary that
+`logsumexp` allocates at the size of the latter (the backward's softmax then works in place), so
+about 2.6 GB for 2,048 rows of a 128K vocabulary in bf16 -> fp32. The weight gradient, when the weight
+needs one (not under LoRA), is accumulated in the weight's dtype by in-place matmuls.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 
 def _segment_logits(h, weight, bias, logits_dtype) -> torch.Tensor:
     return F.linear(h, weight, bias).to(logits_dtype)
+
+
+def _valid_targets(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [R] bool, labels with ignored rows set to class 0, safe to index with)."""
+    valid = labels != ignore_index
+    return valid, torch.where(valid, labels, 0)
 
 
 def linear_cross_entropy_reference(
@@ -39,8 +46,8 @@ def linear_cross_entropy_reference(
     for start in range(0, h.shape[0], segment):
         labels = target[start : start + segment]
         logits = _segment_logits(h[start : start + segment], weight, bias, logits_dtype)
-        valid = labels != ignore_index
-        picked = logits.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+        valid, classes = _valid_targets(labels, ignore_index)
+        picked = logits.gather(1, classes[:, None])[:, 0]
         total = total + ((logits.logsumexp(dim=1) - picked) * valid).sum()
     if reduction == "mean":
         return total / (target != ignore_index).sum()
@@ -72,11 +79,10 @@ def linear_cross_entropy_backward_reference(
     for start in range(0, h.shape[0], segment):
         rows = h[start : start + segment]
         labels = target[start : start + segment]
-        valid = labels != ignore_index
+        valid, classes = _valid_targets(labels, ignore_index)
         probs = _segment_logits(rows, weight, bias, logits_dtype)
         probs.sub_(probs.logsumexp(dim=1, keepdim=True)).exp_()  # softmax, in place
-        picked = torch.where(valid, labels, 0)
-        probs[torch.arange(rows.shape[0], device=h.device), picked] -= valid.to(probs.dtype)
+        probs[torch.arange(rows.shape[0], device=h.device), classes] -= valid.to(probs.dtype)
         grad_logits = probs.mul_(valid[:, None] * scale).to(h.dtype)
         del probs
         torch.mm(grad_logits, weight, out=grad_h[start : start + segment])
