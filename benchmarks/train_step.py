@@ -6,6 +6,8 @@ alpha=16 on q/k/v/o (peft), batch 1, AdamW on the adapters. Variants, each compi
   dense       torch.compile(model)                       (Inductor, HF's plain loss)
   lemo-loss   backend="lemo", keep_ratio=1.0             (segmented loss only, no token elimination)
   lemo        backend="lemo" with --keep-ratio           (oracle selection + segmented loss)
+  lemo-nofuse the same with fuse=False                   (selection's gathers and scatter-adds left
+                                                          to Inductor instead of lemo's row kernels)
 
 Each (length, variant) runs in its own process so peaks do not mix. Prints a table last and writes
 one JSON line per run to --out.
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "lemo-loss", "lemo")
+VARIANTS = ("dense", "lemo-loss", "lemo", "lemo-nofuse")
 
 
 def run_one(args) -> dict:
@@ -50,7 +52,9 @@ def run_one(args) -> dict:
         compiled = torch.compile(model)
     else:
         keep = 1.0 if args.variant == "lemo-loss" else args.keep_ratio
-        backend = lemo_compile.LemoBackend({"keep_ratio": keep})
+        backend = lemo_compile.LemoBackend(
+            {"keep_ratio": keep, "fuse": args.variant != "lemo-nofuse"}
+        )
         compiled = torch.compile(model, backend=backend)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda")
     times, losses = [], []
@@ -73,7 +77,8 @@ def run_one(args) -> dict:
             peak_step = max(peak_step, torch.cuda.max_memory_allocated())
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-        "hidden": args.hidden, "keep_ratio": args.keep_ratio if args.variant == "lemo" else None,
+        "hidden": args.hidden,
+        "keep_ratio": args.keep_ratio if args.variant in ("lemo", "lemo-nofuse") else None,
         "compile_step_s": times[0], "step_s": statistics.median(times[1:]),
         "peak_gb": peak_step / 1e9, "peak_forward_gb": peak_forward / 1e9, "losses": losses,
         "torch": torch.__version__, "device": torch.cuda.get_device_name(),
@@ -86,7 +91,7 @@ def run_one(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "lemo-loss", "lemo"])
     parser.add_argument("--keep-ratio", type=float, default=0.4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int, default=32)

@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from lemo_compile.config import LemoConfig
+from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.manager import CompileReport, PostGradPasses, run_graph_passes
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class LemoBackend:
         else:
             report = CompileReport(training=False)
         self.reports.append(report)
-        return _compile(gm, example_inputs, self.config, self.mode)
+        return _compile(gm, example_inputs, self.config, self.mode, report)
 
 
 def lemo_backend(
@@ -64,8 +65,17 @@ def lemo_backend(
     return LemoBackend(options, mode=mode)(gm, example_inputs)
 
 
-def _compile(gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str | None) -> Callable:
-    post_grad = PostGradPasses()
+def _compile(
+    gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str | None, report: CompileReport
+) -> Callable:
+    # The backward graph is compiled later (at the first backward); its fusion counts land in the
+    # same report.
+    passes = []
+    if report.training and config.fuse:
+        passes.append(functools.partial(fuse_row_movements, counters=report.counters))
+    if report.training:
+        passes.append(functools.partial(_record_post_grad, report=report))
+    post_grad = PostGradPasses(passes)
     if config.compiler == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -92,6 +102,12 @@ def _compile(gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str |
         decompositions=select_decomp_table(),
         partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
     )(gm, example_inputs)
+
+
+def _record_post_grad(graph: fx.Graph, report: CompileReport) -> None:
+    """Keep the post-grad graph's code: the forward is compiled first, the backward second."""
+    name = "post_grad_backward" if "post_grad_forward" in report.graphs else "post_grad_forward"
+    report.graphs[name] = graph.python_code("self").src
 
 
 def _is_training(gm: fx.GraphModule) -> bool:

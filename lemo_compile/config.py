@@ -33,6 +33,9 @@ class LemoConfig:
     loss_segment: rows per segment of the LM head + cross-entropy, or None for the plain loss.
     compiler:     "inductor" (real code generation) or "aot_eager" (AOTAutograd with Inductor's
                   decompositions and partitioner but no code generation: fast, for tests).
+    fuse:         rewrite the gathers and scatter-adds of selection, in the forward and backward
+                  graphs, into lemo's fused row kernels (`passes/fuse.py`); False leaves them to
+                  Inductor (for comparisons).
     seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
                   gives each layer a fixed pattern.
     """
@@ -45,6 +48,7 @@ class LemoConfig:
     mlp: str = "off"
     loss_segment: int | None = 2048
     compiler: str = "inductor"
+    fuse: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"lemo option 'fuse' must be True or False, got {self.fuse!r}")
         if self.loss_segment is not None:
             _check_int("loss_segment", self.loss_segment, minimum=1)
         if self.seed is not None:

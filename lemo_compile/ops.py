@@ -2,9 +2,12 @@
 
 Two kinds live here, each named for what it computes:
 
-* `torch.library` custom ops (namespace `lemo`): opaque to the compiler, with a fake (meta)
-  implementation and, where they are differentiable, an autograd formula. Their bodies call the
-  pure-torch references in `lemo_compile.kernels`.
+* `torch.library` ops (namespace `lemo`). Those with Triton kernels are `triton_op`s: their bodies
+  launch the kernel for CUDA tensors (through `wrap_triton`, so Inductor compiles the kernel into its
+  own code) and run the pure-torch reference otherwise; fake implementations come from tracing the
+  body. The segmented loss is an opaque `custom_op`, so that its segment loop is never unrolled into
+  a graph. Differentiable ops carry an autograd formula (the fusion pass inserts some of them
+  after autograd, where the formula is not used; it is there for eager callers).
 * Plain graph functions (`select_tokens`, `gather_tokens`, `scatter_add_tokens`, ...): inserted as
   `call_function` nodes on the Dynamo graph; AOTAutograd traces through them into aten ops, so
   autograd and Inductor fusion come for free.
@@ -16,24 +19,22 @@ from __future__ import annotations
 
 import torch
 
-from lemo_compile.kernels.block_scores import block_scores_reference
-from lemo_compile.kernels.lm_loss import (
-    linear_cross_entropy_backward_reference,
-    linear_cross_entropy_reference,
-)
+from lemo_compile.kernels import block_scores as _scores
+from lemo_compile.kernels import lm_loss as _loss
+from lemo_compile.kernels import rows as _rows
+from lemo_compile.kernels import use_triton
 
-# --------------------------------------------------------------------------- scorers (custom ops)
+# ------------------------------------------------------------------------------------- scorers
 
 
-@torch.library.custom_op("lemo::block_scores", mutates_args=())
+@torch.library.triton_op("lemo::block_scores", mutates_args=())
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Oracle block scores sigma [B, n] (float32) from q [B, H, S, d] and k [B, Hk, S, d]; no grad."""
-    return block_scores_reference(q, k, block_size)
-
-
-@block_scores.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
-    return q.new_empty((q.shape[0], q.shape[2] // block_size), dtype=torch.float32)
+    if use_triton(q, k) and _scores.triton_supports(block_size, q.shape[3]):
+        tiles = _scores.block_tile_max_triton(q, k, block_size)
+    else:
+        tiles = _scores.block_tile_max_reference(q, k, block_size)
+    return _scores.scores_from_tiles(tiles)
 
 
 def random_seed_of(seed: int, layer: int) -> int:
@@ -100,8 +101,7 @@ def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -
 
     Rows of x not in idx pass through unchanged; this is the residual add of a sparse block.
     """
-    index = idx[:, :, None].expand(-1, -1, x.shape[2])
-    return x.scatter_add(1, index, rows.to(x.dtype))
+    return _rows.scatter_add_rows_reference(x, idx, rows)
 
 
 def nan_placeholder(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,10 +109,89 @@ def nan_placeholder(shape: list[int], dtype: torch.dtype, device: torch.device) 
     return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
 
 
+# ------------------------------------------------------------- row movement (fused Triton ops)
+
+
+@torch.library.triton_op("lemo::gather_rows", mutates_args=())
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, j], :]: x [B or 1, S, D], idx [B, K] -> [B, K, D]."""
+    if use_triton(x, idx) and _rows.triton_supports(x.shape[2]):
+        return _rows.gather_rows_triton(x, idx)
+    return _rows.gather_rows_reference(x, idx)
+
+
+@torch.library.triton_op("lemo::scatter_add_rows", mutates_args=())
+def scatter_add_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, S, D] with rows [B, K, D] added at the distinct tokens idx [B, K] -> [B, S, D]."""
+    if use_triton(x, idx, rows) and _rows.triton_supports(x.shape[2]):
+        return _rows.scatter_add_rows_triton(x, idx, rows)
+    return _rows.scatter_add_rows_reference(x, idx, rows)
+
+
+@torch.library.triton_op("lemo::gather_rms_norm", mutates_args=())
+def gather_rms_norm(
+    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm of the kept rows: (y [B, K, D], rows [B, K, D], rstd [B, K, 1] float32).
+
+    y = weight * (rows.float() * rstd).to(x.dtype), rows = x gathered at idx [B, K]; rows and rstd
+    are what the norm's backward uses (they carry no gradient of their own).
+    """
+    if use_triton(x, idx, weight) and _rows.triton_supports(x.shape[2]):
+        return _rows.gather_rms_norm_triton(x, idx, weight, eps)
+    return _rows.gather_rms_norm_reference(x, idx, weight, eps)
+
+
+def _gather_rows_setup(ctx, inputs, output) -> None:
+    x, idx = inputs
+    ctx.x_shape = x.shape
+    ctx.save_for_backward(idx)
+
+
+def _gather_rows_grad(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return _spread(grad, idx, ctx.x_shape), None
+
+
+def _spread(grad_rows: torch.Tensor, idx: torch.Tensor, x_shape) -> torch.Tensor:
+    """The gradient of x for a gather of its rows at idx: zeros with grad_rows added at idx."""
+    batch, seq_len, width = grad_rows.shape[0], x_shape[1], x_shape[2]
+    grad = scatter_add_rows(grad_rows.new_zeros((batch, seq_len, width)), idx, grad_rows)
+    return grad.sum(dim=0, keepdim=True) if x_shape[0] != batch else grad
+
+
+def _scatter_add_rows_setup(ctx, inputs, output) -> None:
+    x, idx, rows = inputs
+    ctx.rows_dtype = rows.dtype
+    ctx.save_for_backward(idx)
+
+
+def _scatter_add_rows_grad(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return grad, None, gather_rows(grad, idx).to(ctx.rows_dtype)
+
+
+def _gather_rms_norm_setup(ctx, inputs, output) -> None:
+    x, idx, weight, eps = inputs
+    _, rows, rstd = output
+    ctx.x_shape = x.shape
+    ctx.mark_non_differentiable(rows, rstd)
+    ctx.save_for_backward(idx, weight, rows, rstd)
+
+
+def _gather_rms_norm_grad(ctx, grad_y, grad_rows, grad_rstd):
+    idx, weight, rows, rstd = ctx.saved_tensors
+    d_rows, d_weight = _rows.rms_norm_rows_backward_reference(grad_y, rows, rstd, weight)
+    return _spread(d_rows, idx, ctx.x_shape), None, d_weight, None
+
+
+gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup)
+scatter_add_rows.register_autograd(_scatter_add_rows_grad, setup_context=_scatter_add_rows_setup)
+gather_rms_norm.register_autograd(_gather_rms_norm_grad, setup_context=_gather_rms_norm_setup)
+
 # -------------------------------------------------------------- segmented loss (custom op + grad)
 
 
-@torch.library.custom_op("lemo::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -126,20 +205,20 @@ def linear_cross_entropy(
     """`F.cross_entropy(F.linear(h, weight, bias).to(logits_dtype), target)` in row segments.
 
     h [N, D], weight [V, D], bias [V] or None, target [N] int64; returns a `logits_dtype` scalar.
+    A graph function: it asks `lemo::linear_cross_entropy_with_grads` for the gradients that
+    autograd will need (decided from requires_grad while the graph is traced).
     """
-    return linear_cross_entropy_reference(
-        h, weight, bias, target, ignore_index, reduction, segment, logits_dtype
+    grad_mode = torch.is_grad_enabled()
+    h_grad = grad_mode and h.requires_grad
+    weight_grad = grad_mode and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    loss, _, _, _ = linear_cross_entropy_with_grads(
+        h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad, weight_grad
     )
+    return loss
 
 
-@linear_cross_entropy.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype):
-    return h.new_empty((), dtype=logits_dtype)
-
-
-@torch.library.custom_op("lemo::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(
-    grad: torch.Tensor,
+@torch.library.custom_op("lemo::linear_cross_entropy_with_grads", mutates_args=())
+def linear_cross_entropy_with_grads(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -148,44 +227,51 @@ def linear_cross_entropy_backward(
     reduction: str,
     segment: int,
     logits_dtype: torch.dtype,
+    h_grad: bool,
     weight_grad: bool,
-) -> list[torch.Tensor]:
-    """[dh, dW, db] of `linear_cross_entropy`; dW and db are empty [0] when not computed (no
-    `weight_grad`, or no bias)."""
-    grads = linear_cross_entropy_backward_reference(
-        grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, weight_grad
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dloss/dh, dloss/dW, dloss/db), the gradients computed segment by segment in the
+    forward (see `kernels.lm_loss`); each is an empty [0] tensor when not asked for (`h_grad`,
+    `weight_grad`; db also when there is no bias). Autograd multiplies them by the upstream grad."""
+    outputs = _loss.linear_cross_entropy_reference(
+        h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad,
+        weight_grad, kernel=_loss.kernel_supports(h, logits_dtype),
     )
-    return [g if g is not None else h.new_empty((0,)) for g in grads]
+    return tuple(t if t is not None else h.new_empty((0,)) for t in outputs)
 
 
-@linear_cross_entropy_backward.register_fake
-def _(grad, h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, weight_grad):
-    grad_weight = torch.empty_like(weight) if weight_grad else h.new_empty((0,))
-    grad_bias = torch.empty_like(bias) if weight_grad and bias is not None else h.new_empty((0,))
-    return [torch.empty_like(h), grad_weight, grad_bias]
+@linear_cross_entropy_with_grads.register_fake
+def _(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad, weight_grad):
+    nothing = h.new_empty((0,))
+    return (
+        h.new_empty((), dtype=logits_dtype),
+        torch.empty_like(h) if h_grad else nothing,
+        torch.empty_like(weight) if weight_grad else nothing,
+        torch.empty_like(bias) if weight_grad and bias is not None else h.new_empty((0,)),
+    )
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
-    h, weight, bias, target, ignore_index, reduction, segment, logits_dtype = inputs
-    ctx.save_for_backward(h, weight, bias, target)
-    ctx.options = (ignore_index, reduction, segment, logits_dtype)
+    _, grad_h, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(grad_h, grad_weight, grad_bias)
+    ctx.save_for_backward(grad_h, grad_weight, grad_bias)
+    ctx.computed = (inputs[8], inputs[9], inputs[9] and inputs[2] is not None)
 
 
-def _linear_cross_entropy_grad(ctx, grad):
-    h, weight, bias, target = ctx.saved_tensors
-    # A frozen LM head (LoRA) needs no weight gradient: skipping it saves a [V, D] buffer.
-    weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-    grad_h, grad_weight, grad_bias = linear_cross_entropy_backward(
-        grad, h, weight, bias, target, *ctx.options, weight_grad
-    )
-    return (
-        grad_h,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        grad_bias if bias is not None and ctx.needs_input_grad[2] else None,
-        None, None, None, None, None,
-    )
+def _linear_cross_entropy_grad(ctx, grad, *_unused):
+    saved = ctx.saved_tensors
+    needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    grads = []
+    for need, computed, unit in zip(needed, ctx.computed, saved, strict=True):
+        if need and not computed:
+            raise RuntimeError(
+                "lemo::linear_cross_entropy_with_grads: a gradient is needed that the forward was "
+                "told not to compute (requires_grad changed between tracing and running?)"
+            )
+        grads.append(unit * grad.to(unit.dtype) if need else None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
-linear_cross_entropy.register_autograd(
+linear_cross_entropy_with_grads.register_autograd(
     _linear_cross_entropy_grad, setup_context=_linear_cross_entropy_setup
 )

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch._dynamo
+import os
+import shutil
+
+# Without a GPU, lemo's Triton kernels run in Triton's interpreter on CPU tensors (kernel tests call
+# them eagerly). Triton reads this when it is first imported, which importing torch can do: so it
+# is decided here, before torch, from the NVIDIA driver's presence.
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -190,9 +190,9 @@ mul_18 = x_4 * rsqrt_4
 mul_19 = mul_18 * norm_w
 view_7 = l_ids_.view(-1)
 reshape_2 = mul_19.reshape(-1, 32)
-linear_cross_entropy_default = torch.ops.lemo.linear_cross_entropy.default(reshape_2, head_w, None, view_7, -100, 'mean', 32, torch.float32)
+linear_cross_entropy = lemo_compile_ops_linear_cross_entropy(reshape_2, head_w, None, view_7, -100, 'mean', 32, torch.float32)
 nan_placeholder = lemo_compile_ops_nan_placeholder([1, 72, 32], torch.float32, device(type='cpu'))
-return (nan_placeholder, linear_cross_entropy_default)""")
+return (nan_placeholder, linear_cross_entropy)""")
 
 
 if __name__ == "__main__":

@@ -162,14 +162,42 @@ def test_nan_placeholder_holds_one_element():
 
 
 def test_linear_cross_entropy_frozen_head_gets_no_weight_gradient(monkeypatch):
-    import lemo_compile.ops as lemo_ops
+    from lemo_compile.kernels import lm_loss
 
     calls = []
-    real = lemo_ops.linear_cross_entropy_backward_reference
-    monkeypatch.setattr(lemo_ops, "linear_cross_entropy_backward_reference",
-                        lambda *args: calls.append(args[-1]) or real(*args))
+    real = lm_loss.linear_cross_entropy_reference
+    monkeypatch.setattr(lm_loss, "linear_cross_entropy_reference",
+                        lambda *args, **kwargs: calls.append(args[8:10]) or real(*args, **kwargs))
     h = torch.randn(10, 8, requires_grad=True)
     weight = torch.randn(5, 8)  # frozen
     target = torch.randint(0, 5, (10,))
     ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 4, torch.float32).backward()
-    assert calls == [False] and weight.grad is None and h.grad is not None
+    # (h_grad, weight_grad): the [V, D] weight gradient is never computed
+    assert calls == [(True, False)] and weight.grad is None and h.grad is not None
+
+
+def test_linear_cross_entropy_scales_by_the_upstream_gradient():
+    h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, -100, 3, 4, 2])
+    loss = ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 4, torch.float64)
+    (2.5 * loss).backward()
+    h_ref = h.detach().clone().requires_grad_(True)
+    weight_ref = weight.detach().clone().requires_grad_(True)
+    (2.5 * F.cross_entropy(h_ref @ weight_ref.t(), target)).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(weight.grad, weight_ref.grad)
+
+
+def test_linear_cross_entropy_without_grad_computes_no_gradients(monkeypatch):
+    from lemo_compile.kernels import lm_loss
+
+    calls = []
+    real = lm_loss.linear_cross_entropy_reference
+    monkeypatch.setattr(lm_loss, "linear_cross_entropy_reference",
+                        lambda *args, **kwargs: calls.append(args[8:10]) or real(*args, **kwargs))
+    h = torch.randn(10, 8, requires_grad=True)
+    with torch.no_grad():
+        ops.linear_cross_entropy(h, torch.randn(5, 8), None, torch.zeros(10, dtype=torch.long),
+                                 -100, "mean", 4, torch.float32)
+    assert calls == [(False, False)]

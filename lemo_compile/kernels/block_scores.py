@@ -8,6 +8,10 @@ h // (H // Hk)), with n = S // b full blocks:
     sigma[p] = sum_{m >= p} M[m, p] + sum_{p' < p} M[p, p']   (attended-by plus attends-to)
 
 The S % b tail is neither a query nor a key here. Scores carry no gradient.
+
+The Triton kernel computes M tile by tile, FlashAttention-style: each program owns a square of
+query x key tokens, accumulates the head sum of relu(q.k) in registers and keeps only the tile
+maxima, so the S x S scores never reach memory. It needs a power-of-two block size >= 16.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from lemo_compile.kernels import HAS_TRITON, interpreting, launch, next_power_of_2, tl, triton
 
 # Elements of one chunk of query-block x key scores (fp32): bounds the reference's memory at
 # ~256 MB whatever S is, instead of O(S^2).
@@ -56,7 +62,104 @@ def _relu_head_sum(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torc
     return logits.relu_().sum(dim=(1, 2))
 
 
-def block_scores_reference(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Block scores sigma [B, n] (float32) from tile maxima; see the module docstring."""
-    tiles = block_tile_max_reference(q, k, block_size)
+def scores_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """sigma [B, n] from tile maxima M [B, n, n] (zero above the diagonal)."""
     return tiles.sum(dim=1) + tiles.sum(dim=2) - tiles.diagonal(dim1=1, dim2=2)
+
+
+def block_scores_reference(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block scores sigma [B, n] (float32); see the module docstring."""
+    return scores_from_tiles(block_tile_max_reference(q, k, block_size))
+
+
+# Query (and key) tokens per program: a 128 x 128 square holds (128 / b)^2 tiles.
+_SQUARE = 128
+
+
+def triton_supports(block_size: int, head_dim: int) -> bool:
+    """Whether `block_tile_max_triton` handles this block size and head dim."""
+    return (
+        HAS_TRITON
+        and 16 <= block_size <= _SQUARE
+        and block_size & (block_size - 1) == 0
+        and head_dim <= 256
+    )
+
+
+def block_tile_max_triton(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Tile maxima M [B, n, n] (float32, zero above the diagonal), like `block_tile_max_reference`.
+
+    q [B, H, S, d] and k [B, Hk, S, d] in any strides; bf16/fp16 products run on the tensor cores
+    with fp32 accumulation, fp32 ones in full fp32 precision.
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+    if not triton_supports(block_size, head_dim):
+        raise ValueError(f"no Triton kernel for block size {block_size} and head dim {head_dim}")
+    n = seq_len // block_size
+    tiles = torch.zeros(batch, n, n, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return tiles
+    per_side = max(1, _SQUARE // block_size)
+    squares = triton.cdiv(n, per_side)
+    launch(_tile_max_kernel)[(squares, squares, batch)](
+        q, k, tiles,
+        *q.stride(), *k.stride(),
+        n, heads // kv_heads, head_dim, 1.0 / (math.sqrt(head_dim) * heads),
+        HEADS=heads,
+        BLOCK=block_size,
+        PER_SIDE=per_side,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        IEEE=q.dtype == torch.float32,
+        UPCAST=interpreting(),
+        num_warps=8,
+    )
+    return tiles
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_max_kernel(
+        q_ptr, k_ptr, out_ptr,
+        sq_b, sq_h, sq_s, sq_d,
+        sk_b, sk_h, sk_s, sk_d,
+        n_blocks, group, head_dim, scale,
+        HEADS: tl.constexpr, BLOCK: tl.constexpr, PER_SIDE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # Program (key square, query square, batch row): PER_SIDE x PER_SIDE tiles of M.
+        key_square = tl.program_id(0)
+        query_square = tl.program_id(1)
+        b = tl.program_id(2)
+        if key_square > query_square:
+            return  # strictly above the diagonal: M stays zero
+        SIDE: tl.constexpr = BLOCK * PER_SIDE
+        rows = query_square * SIDE + tl.arange(0, SIDE)
+        cols = key_square * SIDE + tl.arange(0, SIDE)
+        dims = tl.arange(0, BLOCK_D)
+        tokens = n_blocks * BLOCK  # the partial tail block takes no part
+        q_mask = (rows[:, None] < tokens) & (dims[None, :] < head_dim)
+        k_mask = (cols[:, None] < tokens) & (dims[None, :] < head_dim)
+        q_base = q_ptr + b * sq_b + rows[:, None] * sq_s + dims[None, :] * sq_d
+        k_base = k_ptr + b * sk_b + cols[:, None] * sk_s + dims[None, :] * sk_d
+        acc = tl.zeros((SIDE, SIDE), dtype=tl.float32)
+        for h in tl.range(0, HEADS):
+            qh = tl.load(q_base + h * sq_h, mask=q_mask, other=0.0)
+            kh = tl.load(k_base + (h // group) * sk_h, mask=k_mask, other=0.0)
+            if UPCAST:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                qh = qh.to(tl.float32)
+                kh = kh.to(tl.float32)
+            if IEEE:
+                logits = tl.dot(qh, tl.trans(kh), input_precision="ieee")
+            else:
+                logits = tl.dot(qh, tl.trans(kh))
+            acc += tl.maximum(logits, 0.0)
+        # relu commutes with the positive scale 1 / (sqrt(d) H), so it is applied once here.
+        acc = tl.where(cols[None, :] <= rows[:, None], acc * scale, 0.0)
+        tile = tl.max(tl.max(tl.reshape(acc, (PER_SIDE, BLOCK, PER_SIDE, BLOCK)), axis=3), axis=1)
+        m = query_square * PER_SIDE + tl.arange(0, PER_SIDE)
+        p = key_square * PER_SIDE + tl.arange(0, PER_SIDE)
+        out = out_ptr + b * n_blocks * n_blocks + m[:, None] * n_blocks + p[None, :]
+        tl.store(out, tile, mask=(m[:, None] < n_blocks) & (p[None, :] < n_blocks))

@@ -5,8 +5,9 @@ where `chain` only casts the dtype, flattens leading dims (`view(-1, V)`) or tak
 row r of the loss input is row r of `h.reshape(-1, D)`. Extra cross-entropy arguments (class weights,
 label smoothing) or any other op in the chain leave the graph unchanged.
 
-Rewrite: the cross-entropy becomes `lemo::linear_cross_entropy(h.reshape(-1, D), W, b, target, ...)`,
-which never holds more than one segment's logits and recomputes them in backward. The logits are
+Rewrite: the cross-entropy becomes `ops.linear_cross_entropy(h.reshape(-1, D), W, b, target, ...)`,
+which never holds more than one segment's logits: each segment's gradients are computed in the
+forward, while its logits exist, and scaled by the upstream gradient in backward. The logits are
 then no longer computed; where the graph returned them (HF's `outputs.logits`), it returns a NaN
 placeholder of the same shape, dtype and device that holds no memory.
 
@@ -54,7 +55,7 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
         with graph.inserting_before(loss):
             rows = graph.call_method("reshape", (hidden, -1, width))
             segmented = graph.call_function(
-                torch.ops.lemo.linear_cross_entropy.default,
+                ops.linear_cross_entropy,
                 (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype),
             )
         with fake_mode:

@@ -36,9 +36,13 @@ class CompileReport:
 
     training:  whether the graph was rewritten at all (eval graphs are compiled unchanged).
     plans:     one LayerPlan per decoder layer, as applied (a layer that had to stay dense says why).
-    counters:  pass counters: sparse_layers, dense_fallbacks, segmented_losses, placeholder_outputs.
+    counters:  pass counters: sparse_layers, dense_fallbacks, segmented_losses, placeholder_outputs,
+               and the post-grad fusion's (`passes/fuse.py`), summed over the forward graph and,
+               once it is compiled at the first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.
-    graphs:    readable graph code: "dynamo" (as received) and after each pass that changed it.
+    graphs:    readable graph code: "dynamo" (as received), after each pass that changed it, and
+               Inductor's post-grad graphs after lemo's post-grad passes ("post_grad_forward",
+               and "post_grad_backward" once the backward is compiled).
     """
 
     training: bool

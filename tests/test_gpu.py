@@ -1,0 +1,73 @@
+"""On the GPU (marked `gpu`): Inductor compiles lemo's graphs with lemo's kernels in them, in one
+graph, and the result matches the pure-torch path. The kernels' own comparisons on CUDA are the
+`cuda` cases of test_kernels.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import lemo_compile
+from conftest import tiny_llama, token_batch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _step(model, ids, backend):
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+
+    def step():
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach()
+
+    return step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_uses_lemo_kernels_and_matches_the_torch_path(dtype):
+    model = tiny_llama(dtype=dtype).cuda()
+    ids = token_batch(2, 300).cuda()
+    options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128}
+    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
+    loss, codes = run_and_get_code(_step(model, ids, backend))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+
+    # The same graphs without code generation, where lemo's ops run their kernels eagerly.
+    reference = lemo_compile.LemoBackend({**options, "compiler": "aot_eager"})
+    want_loss = _step(model, ids, reference)()
+    tol = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(loss, want_loss, **tol)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+
+    counters = backend.reports[-1].counters
+    assert counters["sparse_layers"] == 3
+    assert counters["fused_gather_norm"] == 3 and counters["folded_zero_scatter"] == 3
+    forward, backward = codes[0], codes[-1]
+    # the oracle's Triton kernel is compiled into Inductor's forward code (a triton_op)
+    FileCheck().check("_tile_max_kernel").run(forward)
+    FileCheck().check("lemo.gather_rms_norm").check("lemo.scatter_add_rows").run(forward)
+    FileCheck().check("lemo.linear_cross_entropy").run(forward)
+    FileCheck().check("lemo.gather_rows").check("lemo.scatter_add_rows").run(backward)
+
+
+def test_no_graph_breaks_and_no_recompiles_over_steps():
+    from torch._dynamo.utils import counters
+
+    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    ids = token_batch(1, 256).cuda()
+    backend = lemo_compile.LemoBackend({"block_size": 32, "dense_layers": [0]})
+    counters.clear()
+    step = _step(model, ids, backend)
+    for _ in range(3):
+        step()
+    assert len(backend.reports) == 1  # one graph, compiled once
+    assert not counters["graph_break"]
