@@ -142,6 +142,20 @@ def gather_rms_norm(
     return _rows.gather_rms_norm_reference(x, idx, weight, eps)
 
 
+@torch.library.triton_op("lemo::gather_layer_norm", mutates_args=())
+def gather_layer_norm(
+    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm of the kept rows: (y [B, K, D], rows [B, K, D], mean, rstd [B, K, 1] float32).
+
+    y = F.layer_norm(rows, (D,), weight, bias, eps) with float32 statistics, in x's dtype; rows,
+    mean and rstd are what the norm's backward uses (they carry no gradient of their own).
+    """
+    if use_triton(x, idx, weight, bias) and _rows.triton_supports(x.shape[2]):
+        return _rows.gather_layer_norm_triton(x, idx, weight, bias, eps)
+    return _rows.gather_layer_norm_reference(x, idx, weight, bias, eps)
+
+
 def _gather_rows_setup(ctx, inputs, output) -> None:
     x, idx = inputs
     ctx.x_shape = x.shape
@@ -185,9 +199,24 @@ def _gather_rms_norm_grad(ctx, grad_y, grad_rows, grad_rstd):
     return _spread(d_rows, idx, ctx.x_shape), None, d_weight, None
 
 
+def _gather_layer_norm_setup(ctx, inputs, output) -> None:
+    x, idx, weight, bias, eps = inputs
+    _, rows, mean, rstd = output
+    ctx.x_shape = x.shape
+    ctx.mark_non_differentiable(rows, mean, rstd)
+    ctx.save_for_backward(idx, weight, rows, mean, rstd)
+
+
+def _gather_layer_norm_grad(ctx, grad_y, grad_rows, grad_mean, grad_rstd):
+    idx, weight, rows, mean, rstd = ctx.saved_tensors
+    d_rows, d_weight, d_bias = _rows.layer_norm_rows_backward_reference(grad_y, rows, mean, rstd, weight)
+    return _spread(d_rows, idx, ctx.x_shape), None, d_weight, d_bias, None
+
+
 gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup)
 scatter_add_rows.register_autograd(_scatter_add_rows_grad, setup_context=_scatter_add_rows_setup)
 gather_rms_norm.register_autograd(_gather_rms_norm_grad, setup_context=_gather_rms_norm_setup)
+gather_layer_norm.register_autograd(_gather_layer_norm_grad, setup_context=_gather_layer_norm_setup)
 
 # -------------------------------------------------------------- segmented loss (custom op + grad)
 

@@ -87,3 +87,19 @@ def test_user_gathers_and_scatters_are_left_alone():
     want = user_code(x, index, rows)
     got = graph_module(x, index, rows)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_sparse_block_does_not_keep_its_residual_input_alive():
+    """Why the residual add stays out of place (the paper adds into x in place): AOTAutograd's
+    partitioner saves the gathered rows of a sparse block for backward, not its input x, so x dies
+    at the scatter-add and an in-place add would save no memory, only bandwidth."""
+    model = tiny_llama()
+    _, _, report = _train_step(model, token_batch(1, 160))
+    forward = report.graphs["post_grad_forward"]
+    inputs = re.findall(r"torch\.ops\.lemo\.scatter_add_rows\.default\((\w+), ", forward)
+    saved = re.search(r"return \((.*)\)", forward).group(1).replace(" ", "").split(",")
+    assert len(inputs) == 3
+    assert not set(inputs) & set(saved)
+    # what is saved instead: the kept rows and 1/rms from each fused gather + norm
+    fused = re.findall(r"(getitem_\d+) = gather_rms_norm_default(?:_\d+)?\[[12]\]", forward)
+    assert len(fused) == 2 * 3 and set(fused) <= set(saved)

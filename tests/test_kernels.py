@@ -207,6 +207,36 @@ def test_gather_rms_norm(path, device, batch, seq_len, width, kept, dtype):
             assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 1e-3 * scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch, seq_len, width, kept", ROW_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_layer_norm(path, device, batch, seq_len, width, kept, dtype):
+    x, idx, _ = _x_and_rows(batch, seq_len, width, kept, dtype, device, seed=3)
+    x = (x + 0.5).requires_grad_(True)  # a non-zero mean, so centring matters
+    weight = (1 + 0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_(True)
+    bias = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_(True)
+    y, rows, mean, rstd = ops.gather_layer_norm(x, idx, weight, bias, 1e-5)
+    assert torch.equal(rows, _plain_gather(x.detach(), idx))
+    assert mean.shape == rstd.shape == (batch, kept, 1)
+    refs = {}
+    for ref_dtype in (dtype, torch.float64):  # PyTorch's own layer_norm, and the float64 truth
+        leaves = [t.detach().to(ref_dtype).requires_grad_(True) for t in (x, weight, bias)]
+        y_ref = F.layer_norm(_plain_gather(leaves[0], idx), (width,), leaves[1], leaves[2], 1e-5)
+        refs[ref_dtype] = (y_ref, leaves)
+    _close(y, refs[dtype][0].detach(), dtype)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    for y_ref, _ in refs.values():
+        y_ref.backward(grad.to(y_ref.dtype))
+    for got, plain, exact in zip((x, weight, bias), refs[dtype][1], refs[torch.float64][1], strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.grad.double(), exact.grad, rtol=1e-5, atol=1e-5)
+        else:  # no further from the truth than PyTorch's bf16 layer_norm
+            scale = exact.grad.abs().max()
+            error = (got.grad.double() - exact.grad).abs().max()
+            assert error <= 2 * (plain.grad.double() - exact.grad).abs().max() + 1e-3 * scale
+
+
 # ------------------------------------------------------------------------------- segmented loss
 
 

@@ -10,6 +10,8 @@ int64 token indices, distinct and sorted per row, rows [B, K, D].
 * `gather_rms_norm`: the selective-load RMSNorm: reads only the kept rows of x and returns the
   normalised rows, the rows themselves and 1/rms (what the norm's backward needs), with the
   numerics of Hugging Face's RMSNorm: `weight * (x.float() * rstd).to(x.dtype)`.
+* `gather_layer_norm`: the same for LayerNorm (OPT): `F.layer_norm` of the kept rows (statistics in
+  float32, output in x's dtype), returning the rows, their mean and 1/std as well.
 
 Each has a pure-torch reference (`*_reference`) and a Triton launcher (`*_triton`); one program
 handles one row of D elements (D up to 16384).
@@ -60,6 +62,37 @@ def gather_rms_norm_reference(
     h = rows.float()
     rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (h * rstd).to(x.dtype), rows, rstd
+
+
+def gather_layer_norm_reference(
+    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [B, K, D], rows [B, K, D], mean [B, K, 1], rstd [B, K, 1]) of LayerNorm over the kept rows;
+    mean and rstd in float32."""
+    rows = gather_rows_reference(x, idx)
+    h = rows.float()
+    mean = h.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + eps)
+    y = ((h - mean) * rstd * weight.float() + bias.float()).to(x.dtype)
+    return y, rows, mean, rstd
+
+
+def layer_norm_rows_backward_reference(
+    grad_y: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d rows, d weight, d bias) of `gather_layer_norm`'s y, all math in float32."""
+    g = grad_y.float()
+    normed = (rows.float() - mean) * rstd
+    grad_weight = (g * normed).sum(dim=(0, 1)).to(weight.dtype)
+    grad_bias = g.sum(dim=(0, 1)).to(weight.dtype)
+    grad_normed = g * weight.float()
+    grad_rows = rstd * (
+        grad_normed
+        - grad_normed.mean(-1, keepdim=True)
+        - normed * (grad_normed * normed).mean(-1, keepdim=True)
+    )
+    return grad_rows.to(rows.dtype), grad_weight, grad_bias
 
 
 def rms_norm_rows_backward_reference(
@@ -130,6 +163,25 @@ def gather_rms_norm_triton(
     return y, rows, rstd
 
 
+def gather_layer_norm_triton(
+    x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, kept = idx.shape
+    width = x.shape[2]
+    y = x.new_empty((batch, kept, width))
+    rows = x.new_empty((batch, kept, width))
+    mean = torch.empty((batch, kept, 1), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((batch, kept, 1), dtype=torch.float32, device=x.device)
+    if rows.numel():
+        launch(_gather_layer_norm_kernel)[(batch * kept,)](
+            x, idx, weight, bias, y, rows, mean, rstd,
+            0 if x.shape[0] == 1 else x.stride(0), x.stride(1), x.stride(2),
+            idx.stride(0), idx.stride(1), kept, width, eps,
+            **_row_launch(width),
+        )
+    return y, rows, mean, rstd
+
+
 # ---------------------------------------------------------------------------------------- kernels
 
 if HAS_TRITON:
@@ -184,4 +236,28 @@ if HAS_TRITON:
         out = row.to(tl.int64) * width + cols
         tl.store(rows_ptr + out, x, mask=mask)
         tl.store(y_ptr + out, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _gather_layer_norm_kernel(
+        x_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, mean_ptr, rstd_ptr,
+        sx_b, sx_s, sx_d, si_b, si_k, kept, width, eps,
+        BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        b = row // kept
+        token = tl.load(idx_ptr + b * si_b + (row % kept) * si_k)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < width
+        x = tl.load(x_ptr + b * sx_b + token * sx_s + cols * sx_d, mask=mask, other=0.0)
+        h = x.to(tl.float32)
+        mean = tl.sum(h, axis=0) / width
+        centred = tl.where(mask, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        out = row.to(tl.int64) * width + cols
+        tl.store(rows_ptr + out, x, mask=mask)
+        tl.store(y_ptr + out, (centred * rstd * w + bias).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + row, mean)
         tl.store(rstd_ptr + row, rstd)
