@@ -209,7 +209,9 @@ def _gather_layer_norm_setup(ctx, inputs, output) -> None:
 
 def _gather_layer_norm_grad(ctx, grad_y, grad_rows, grad_mean, grad_rstd):
     idx, weight, rows, mean, rstd = ctx.saved_tensors
-    d_rows, d_weight, d_bias = _rows.layer_norm_rows_backward_reference(grad_y, rows, mean, rstd, weight)
+    d_rows, d_weight, d_bias = _rows.layer_norm_rows_backward_reference(
+        grad_y, rows, mean, rstd, weight
+    )
     return _spread(d_rows, idx, ctx.x_shape), None, d_weight, d_bias, None
 
 
@@ -271,20 +273,20 @@ def linear_cross_entropy_with_grads(
 
 @linear_cross_entropy_with_grads.register_fake
 def _(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad, weight_grad):
-    nothing = h.new_empty((0,))
     return (
         h.new_empty((), dtype=logits_dtype),
-        torch.empty_like(h) if h_grad else nothing,
-        torch.empty_like(weight) if weight_grad else nothing,
+        torch.empty_like(h) if h_grad else h.new_empty((0,)),
+        torch.empty_like(weight) if weight_grad else h.new_empty((0,)),
         torch.empty_like(bias) if weight_grad and bias is not None else h.new_empty((0,)),
     )
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
+    _, _, bias, _, _, _, _, _, h_grad, weight_grad = inputs
     _, grad_h, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(grad_h, grad_weight, grad_bias)
     ctx.save_for_backward(grad_h, grad_weight, grad_bias)
-    ctx.computed = (inputs[8], inputs[9], inputs[9] and inputs[2] is not None)
+    ctx.computed = (h_grad, weight_grad, weight_grad and bias is not None)
 
 
 def _linear_cross_entropy_grad(ctx, grad, *_unused):

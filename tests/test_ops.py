@@ -161,19 +161,25 @@ def test_nan_placeholder_holds_one_element():
     assert torch.isnan(filler[1, 999, 49999])
 
 
-def test_linear_cross_entropy_frozen_head_gets_no_weight_gradient(monkeypatch):
+@pytest.fixture
+def requested_grads(monkeypatch):
+    """The (h_grad, weight_grad) flags of every segmented-loss computation, in order."""
     from lemo_compile.kernels import lm_loss
 
     calls = []
     real = lm_loss.linear_cross_entropy_reference
     monkeypatch.setattr(lm_loss, "linear_cross_entropy_reference",
                         lambda *args, **kwargs: calls.append(args[8:10]) or real(*args, **kwargs))
+    return calls
+
+
+def test_linear_cross_entropy_frozen_head_gets_no_weight_gradient(requested_grads):
     h = torch.randn(10, 8, requires_grad=True)
     weight = torch.randn(5, 8)  # frozen
     target = torch.randint(0, 5, (10,))
     ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 4, torch.float32).backward()
     # (h_grad, weight_grad): the [V, D] weight gradient is never computed
-    assert calls == [(True, False)] and weight.grad is None and h.grad is not None
+    assert requested_grads == [(True, False)] and weight.grad is None and h.grad is not None
 
 
 def test_linear_cross_entropy_scales_by_the_upstream_gradient():
@@ -189,15 +195,9 @@ def test_linear_cross_entropy_scales_by_the_upstream_gradient():
     torch.testing.assert_close(weight.grad, weight_ref.grad)
 
 
-def test_linear_cross_entropy_without_grad_computes_no_gradients(monkeypatch):
-    from lemo_compile.kernels import lm_loss
-
-    calls = []
-    real = lm_loss.linear_cross_entropy_reference
-    monkeypatch.setattr(lm_loss, "linear_cross_entropy_reference",
-                        lambda *args, **kwargs: calls.append(args[8:10]) or real(*args, **kwargs))
+def test_linear_cross_entropy_without_grad_computes_no_gradients(requested_grads):
     h = torch.randn(10, 8, requires_grad=True)
     with torch.no_grad():
         ops.linear_cross_entropy(h, torch.randn(5, 8), None, torch.zeros(10, dtype=torch.long),
                                  -100, "mean", 4, torch.float32)
-    assert calls == [(False, False)]
+    assert requested_grads == [(False, False)]

@@ -127,7 +127,8 @@ if HAS_TRITON:
         sq_b, sq_h, sq_s, sq_d,
         sk_b, sk_h, sk_s, sk_d,
         n_blocks, group, head_dim, scale,
-        HEADS: tl.constexpr, BLOCK: tl.constexpr, PER_SIDE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        HEADS: tl.constexpr, BLOCK: tl.constexpr, PER_SIDE: tl.constexpr, BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # Program (key square, query square, batch row): PER_SIDE x PER_SIDE tiles of M.
         key_square = tl.program_id(0)

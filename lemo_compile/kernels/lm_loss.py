@@ -99,7 +99,7 @@ def _loss_and_grad_torch(logits, classes, valid, scale, logits_dtype, wants_grad
     losses = (lse - z.gather(1, classes[:, None])[:, 0]) * valid
     if not wants_grad:
         return losses, None
-    probs = z.sub_(lse[:, None]).exp_()  # softmax in place (z may be logits itself: not needed after)
+    probs = z.sub_(lse[:, None]).exp_()  # softmax in place (z may be logits, not needed after)
     probs[torch.arange(z.shape[0], device=z.device), classes] -= valid.to(probs.dtype)
     return losses, probs.mul_(valid[:, None] * scale).to(logits.dtype)
 
@@ -134,7 +134,7 @@ if HAS_TRITON:
     ):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride
-        # Online logsumexp, one running (max, sum) per lane; a finite start so no lane sees inf - inf.
+        # Online logsumexp, one running (max, sum) per lane; a finite start: no lane sees inf - inf.
         lane_max = tl.full((BLOCK_V,), -3.0e38, dtype=tl.float32)
         lane_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, VOCAB, BLOCK_V):

@@ -49,7 +49,9 @@ def gather_rows_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, _index_of(idx, x.shape[2]))
 
 
-def scatter_add_rows_reference(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def scatter_add_rows_reference(
+    x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
     """x + rows placed at idx -> [B, S, D] in x's dtype; other rows of x pass through unchanged."""
     return x.scatter_add(1, _index_of(idx, x.shape[2]), rows.to(x.dtype))
 
@@ -67,8 +69,8 @@ def gather_rms_norm_reference(
 def gather_layer_norm_reference(
     x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y [B, K, D], rows [B, K, D], mean [B, K, 1], rstd [B, K, 1]) of LayerNorm over the kept rows;
-    mean and rstd in float32."""
+    """(y [B, K, D], rows [B, K, D], mean [B, K, 1], rstd [B, K, 1]) of LayerNorm over the kept
+    rows; mean and rstd in float32."""
     rows = gather_rows_reference(x, idx)
     h = rows.float()
     mean = h.mean(-1, keepdim=True)
@@ -187,17 +189,27 @@ def gather_layer_norm_triton(
 if HAS_TRITON:
 
     @triton.jit
-    def _gather_rows_kernel(
-        x_ptr, idx_ptr, out_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width,
-        BLOCK_D: tl.constexpr,
+    def _load_kept_row(
+        x_ptr, idx_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width, BLOCK_D: tl.constexpr
     ):
+        """This program's kept row: (its index in [B * K], columns, column mask, x's values)."""
         row = tl.program_id(0)
         b = row // kept
         token = tl.load(idx_ptr + b * si_b + (row % kept) * si_k)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < width
-        values = tl.load(x_ptr + b * sx_b + token * sx_s + cols * sx_d, mask=mask)
-        tl.store(out_ptr + row.to(tl.int64) * width + cols, values, mask=mask)
+        x = tl.load(x_ptr + b * sx_b + token * sx_s + cols * sx_d, mask=mask, other=0.0)
+        return row, cols, mask, x
+
+    @triton.jit
+    def _gather_rows_kernel(
+        x_ptr, idx_ptr, out_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width,
+        BLOCK_D: tl.constexpr,
+    ):
+        row, cols, mask, x = _load_kept_row(
+            x_ptr, idx_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width, BLOCK_D
+        )
+        tl.store(out_ptr + row.to(tl.int64) * width + cols, x, mask=mask)
 
     @triton.jit
     def _scatter_add_rows_kernel(
@@ -223,12 +235,9 @@ if HAS_TRITON:
         sx_b, sx_s, sx_d, si_b, si_k, kept, width, eps,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        b = row // kept
-        token = tl.load(idx_ptr + b * si_b + (row % kept) * si_k)
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < width
-        x = tl.load(x_ptr + b * sx_b + token * sx_s + cols * sx_d, mask=mask, other=0.0)
+        row, cols, mask, x = _load_kept_row(
+            x_ptr, idx_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width, BLOCK_D
+        )
         h = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / width + eps)
         normed = (h * rstd).to(rows_ptr.dtype.element_ty).to(tl.float32)
@@ -244,12 +253,9 @@ if HAS_TRITON:
         sx_b, sx_s, sx_d, si_b, si_k, kept, width, eps,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        b = row // kept
-        token = tl.load(idx_ptr + b * si_b + (row % kept) * si_k)
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < width
-        x = tl.load(x_ptr + b * sx_b + token * sx_s + cols * sx_d, mask=mask, other=0.0)
+        row, cols, mask, x = _load_kept_row(
+            x_ptr, idx_ptr, sx_b, sx_s, sx_d, si_b, si_k, kept, width, BLOCK_D
+        )
         h = x.to(tl.float32)
         mean = tl.sum(h, axis=0) / width
         centred = tl.where(mask, h - mean, 0.0)

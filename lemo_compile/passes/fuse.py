@@ -1,9 +1,9 @@
 """Post-grad fusion: the row movements that token selection leaves -> lemo's fused row ops.
 
 IR: Inductor's post-grad graphs, forward and backward separately: functional aten ops after
-Inductor's decompositions, every node with `meta["val"]`. Token selection (`select.py`) inserts plain
-gathers and a scatter-add per sparse block on the Dynamo graph; AOTAutograd turns them, and their
-gradients, into these chains (B batch, S tokens, K kept, D width, idx [B, K] from `select_tokens`):
+Inductor's decompositions, every node with `meta["val"]`. Token selection (`select.py`) inserts
+plain gathers and a scatter-add per sparse block on the Dynamo graph; AOTAutograd turns them, and
+their gradients, into these chains (B batch, S tokens, K kept, D width, idx [B, K] from `select_tokens`):
 
     forward   aten.gather(x, 1, expand(idx[:, :, None], [B, K, D]))  + Hugging Face RMSNorm after it
               aten.scatter_add(x, 1, expand(idx...), rows)           the residual add
@@ -14,8 +14,9 @@ gradients, into these chains (B batch, S tokens, K kept, D width, idx [B, K] fro
 Rewrites, in this order (each counted in `counters` under its name):
 
 * `fused_gather_norm`: the gather and the RMSNorm chain that reads it -> `lemo.gather_rms_norm`,
-  whose outputs stand in for the gathered rows, 1/rms and the normalised rows (the first two are
-  what the norm's backward reads).
+  whose outputs stand in for the norm's output, the gathered rows and 1/rms (the last two are what
+  the norm's backward reads). LayerNorm chains (`lemo.gather_layer_norm`) are not matched yet: no
+  model the region finder accepts has one.
 * `fused_gather`: any other gather -> `lemo.gather_rows`.
 * `folded_zero_scatter`: add(g, scatter_add(zeros, ...)) -> `lemo.scatter_add_rows(g, ...)`.
 * `fused_scatter_add`: any other scatter-add -> `lemo.scatter_add_rows`.
@@ -36,7 +37,7 @@ aten = torch.ops.aten
 
 
 def fuse_row_movements(graph: fx.Graph, counters: dict[str, int] | None = None) -> dict[str, int]:
-    """Apply the rewrites above to `graph` in place; add their counts to `counters` and return it."""
+    """Apply the rewrites above to `graph` in place; add their counts to `counters`, return it."""
     counters = counters if counters is not None else {}
 
     def count(name: str) -> None:
@@ -175,7 +176,9 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     scaled_input = cast if x_val.dtype != torch.float32 else normed
     if scaled_input is None:
         return False
-    weight_mul = _single_user(scaled_input, aten.mul.Tensor, lambda u: _is_weight(u, scaled_input, width))
+    weight_mul = _single_user(
+        scaled_input, aten.mul.Tensor, lambda u: _is_weight(u, scaled_input, width)
+    )
     if weight_mul is None:
         return False
     weight = weight_mul.args[0] if weight_mul.args[1] is scaled_input else weight_mul.args[1]
