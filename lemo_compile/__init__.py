@@ -9,6 +9,7 @@ from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)
 from lemo_compile.backend import LemoBackend, lemo_backend
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
 from lemo_compile.passes.manager import CompileReport, LemoWarning
+from lemo_compile.predictors import PredictorBank, calibrate, predictor_recall
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,9 @@ __all__ = [
     "LemoBackend",
     "LemoConfig",
     "LemoWarning",
+    "PredictorBank",
+    "calibrate",
     "lemo_backend",
     "plan_layers",
+    "predictor_recall",
 ]

@@ -47,11 +47,15 @@ class LemoBackend:
                 "torch.compile(..., options={...})"
             )
         if _is_training(gm):
+            if self.config.scorer == "predictor":
+                gm = _own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
             report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
         else:
             report = CompileReport(training=False)
         self.reports.append(report)
-        return _compile(gm, example_inputs, self.config, self.mode, report)
+        extra = report.extra_inputs
+        compiled = _compile(gm, [*example_inputs, *extra], self.config, self.mode, report)
+        return _with_extra_inputs(compiled, extra) if extra else compiled
 
 
 def lemo_backend(
@@ -102,6 +106,32 @@ def _compile(
         decompositions=select_decomp_table(),
         partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
     )(gm, example_inputs)
+
+
+def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of gm's graph, keeping what AOTAutograd reads of Dynamo's (node
+    metadata, placeholder sources, the parameter source table)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy
+
+
+def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
+    """`compiled`, called with the caller's inputs followed by `extra` (Dynamo calls a backend's
+    result with the inputs unpacked)."""
+
+    def run(*args):
+        return compiled(*args, *extra)
+
+    return run
 
 
 def _record_post_grad(graph: fx.Graph, report: CompileReport) -> None:

@@ -1,10 +1,15 @@
-"""The `lemo` command. `lemo demo`: dense vs lemo fine-tuning side by side on a small Llama."""
+"""The `lemo` command.
+
+`lemo demo`: dense vs lemo fine-tuning side by side on a small Llama.
+`lemo calibrate`: train block-score predictors for a model against the oracle (`lemo_compile.calibrate`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 
 from lemo_compile.demo import DemoSettings, run_demo, run_variant
@@ -26,8 +31,30 @@ def main(argv: list[str] | None = None) -> int:
     # Internal: one variant in this process, result as JSON on stdout (used by `lemo demo` itself).
     demo.add_argument("--variant", choices=("dense", "lemo"), help=argparse.SUPPRESS)
     demo.add_argument("--settings", help=argparse.SUPPRESS)
+    calibrate = commands.add_parser(
+        "calibrate", help="train block-score predictors for a model against the oracle"
+    )
+    calibrate.add_argument("--model", required=True,
+                           help="a Hugging Face checkpoint folder (AutoModelForCausalLM)")
+    calibrate.add_argument("--data", required=True,
+                           help="a text file, or a folder of .txt/.md/.rst/.py files")
+    calibrate.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    calibrate.add_argument("--steps", type=int, default=400)
+    calibrate.add_argument("--batch-size", type=int, default=1)
+    calibrate.add_argument("--out", required=True, help="where to write the predictors")
+    calibrate.add_argument("--keep-ratio", type=float, default=0.4)
+    calibrate.add_argument("--block-size", type=int, default=64)
+    calibrate.add_argument("--dense-layers", default="auto",
+                           help="'auto' or comma-separated indices of dense layers")
+    calibrate.add_argument("--lr", type=float, default=1e-3)
+    calibrate.add_argument("--held-out", type=float, default=0.1,
+                           help="fraction of the files kept out of training, for the recall report")
+    calibrate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    calibrate.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args(argv)
 
+    if args.command == "calibrate":
+        return run_calibrate(args)
     if args.variant:
         settings = DemoSettings(**json.loads(args.settings))
         print(json.dumps(run_variant(args.variant, settings)))
@@ -41,6 +68,76 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_demo(settings)
     return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """`lemo calibrate`: train, save, then report per-layer recall on the held-out files."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lemo_compile
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model.to(device)
+    dense = "auto" if args.dense_layers == "auto" else [int(i) for i in args.dense_layers.split(",")]
+    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "dense_layers": dense}
+    encode = _encoder(args.model, model.config.vocab_size)
+    files = _text_files(pathlib.Path(args.data))
+    held = max(1, round(len(files) * args.held_out)) if len(files) > 1 else 0
+    train = _batches(files[: len(files) - held], encode, args.seq_len, args.batch_size, device)
+    test = _batches(files[len(files) - held :], encode, args.seq_len, args.batch_size, device)
+    if not train:
+        raise SystemExit(f"lemo calibrate: {args.data} holds fewer than {args.seq_len} tokens "
+                         "for training")
+    bank = lemo_compile.calibrate(model, train, options=options, steps=args.steps, lr=args.lr)
+    bank.save(args.out)
+    print(f"wrote {args.out}: predictors for layers {bank.layers}")
+    if test:
+        metrics = lemo_compile.predictor_recall(model, bank, test[:16], options=options)
+        print(f"held-out recall ({min(len(test), 16)} batches of {args.seq_len} tokens):")
+        for layer, values in metrics.items():
+            print(f"  layer {layer:3d}  recall {values['recall']:.3f}  overlap {values['overlap']:.3f}")
+        mean = sum(v["recall"] for v in metrics.values()) / len(metrics)
+        print(f"  mean       recall {mean:.3f}")
+    return 0
+
+
+def _encoder(model_path: str, vocab_size: int):
+    """The checkpoint's tokenizer, or bytes as token ids when it has none (byte-level models)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    except (OSError, ValueError):
+        if vocab_size < 256:
+            raise SystemExit(f"lemo calibrate: {model_path} has no tokenizer and a vocabulary of "
+                             f"{vocab_size} < 256, so bytes cannot serve as tokens") from None
+        return lambda text: list(text.encode("utf-8"))
+
+
+def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".rst", ".py"))
+    if not files:
+        raise SystemExit(f"lemo calibrate: no .txt/.md/.rst/.py files under {path}")
+    return files
+
+
+def _batches(files, encode, seq_len: int, batch_size: int, device) -> list:
+    """The files' tokens, concatenated in order and cut into [batch_size, seq_len] batches."""
+    import torch
+
+    tokens: list[int] = []
+    for path in files:
+        tokens += encode(path.read_text(encoding="utf-8", errors="replace"))
+    per_batch = seq_len * batch_size
+    return [
+        torch.tensor(tokens[start : start + per_batch], device=device).reshape(batch_size, seq_len)
+        for start in range(0, len(tokens) - per_batch + 1, per_batch)
+    ]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,9 +95,13 @@ class LemoConfig:
                 "scorer='oracle'"
             )
         if self.scorer == "predictor":
-            raise NotImplementedError(
-                "lemo scorer 'predictor' is not available in this version; use scorer='oracle'"
-            )
+            from lemo_compile.predictors.bank import PredictorBank
+
+            if not isinstance(self.predictors, (str, os.PathLike, PredictorBank)):
+                raise ValueError(
+                    "lemo option 'predictors' must be a PredictorBank or the path of one saved by "
+                    f"`lemo calibrate`, got {type(self.predictors).__name__}"
+                )
         if self.mlp != "off":
             raise NotImplementedError(
                 f"lemo option mlp={self.mlp!r} is not available in this version; use mlp='off'"

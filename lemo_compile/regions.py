@@ -57,6 +57,17 @@ class ResidualBlock:
     def key(self) -> fx.Node:
         return _arg(self.attention, 1, "key")
 
+    def attention_input(self) -> fx.Node | None:
+        """h = norm1(x) [B, S, D], what the attention module reads from the layer (pre-norm), or
+        None when there is not exactly one such tensor of x's shape."""
+        inside = {n for n in self.nodes if any(p == self.module_path for p, _ in module_stack(n))}
+        shape = _shape(self.residual)
+        candidates = [
+            n for n in [self.residual, *self.nodes]
+            if n not in inside and _shape(n) == shape and any(u in inside for u in n.users)
+        ]
+        return candidates[0] if len(candidates) == 1 else None
+
 
 @dataclasses.dataclass
 class DecoderLayer:

@@ -135,15 +135,16 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
-                 keep_ratio=0.4, dense_layers="auto", scorer: str = "oracle", seed: int = 0):
+                 keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
     it is (train or eval mode) and not modified. Gradients flow through everything except the block
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
-    ignoring -100), in float32. scorer: "oracle" or "random" (seeded by `seed` and the layer index).
+    ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
+    a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
     """
-    if scorer not in ("oracle", "random"):
+    if not callable(scorer) and scorer not in ("oracle", "random"):
         raise ValueError(f"unknown scorer {scorer!r}")
     inner = model.model
     batch, seq_len = input_ids.shape
@@ -162,7 +163,9 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
         else:
             # Choose the kept tokens (no gradient).
             with torch.no_grad():
-                if scorer == "oracle":
+                if callable(scorer):
+                    scores = scorer(layer_index, layer.input_layernorm(x))
+                elif scorer == "oracle":
                     q, k = queries_and_keys(layer.self_attn, layer.input_layernorm(x), cos, sin)
                     scores = oracle_block_scores(q, k, block_size)
                 else:

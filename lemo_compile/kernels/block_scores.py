@@ -67,6 +67,13 @@ def scores_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return tiles.sum(dim=1) + tiles.sum(dim=2) - tiles.diagonal(dim1=1, dim2=2)
 
 
+def block_tile_max(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Tile maxima M [B, n, n]: the Triton kernel for CUDA tensors it supports, else the reference."""
+    if q.is_cuda and k.is_cuda and triton_supports(block_size, q.shape[3]):
+        return block_tile_max_triton(q, k, block_size)
+    return block_tile_max_reference(q, k, block_size)
+
+
 def block_scores_reference(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Block scores sigma [B, n] (float32); see the module docstring."""
     return scores_from_tiles(block_tile_max_reference(q, k, block_size))

@@ -40,6 +40,8 @@ class CompileReport:
                and the post-grad fusion's (`passes/fuse.py`), summed over the forward graph and,
                once it is compiled at the first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.
+    extra_inputs: tensors the passes appended to the graph's inputs (predictor weights); the
+               backend passes them after the caller's inputs.
     graphs:    readable graph code: "dynamo" (as received), after each pass that changed it, and
                Inductor's post-grad graphs after lemo's post-grad passes ("post_grad_forward",
                and "post_grad_backward" once the backward is compiled).
@@ -52,6 +54,7 @@ class CompileReport:
     counters: dict[str, int] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra_inputs: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -80,6 +83,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
         report.batch_size, report.seq_len = regions.batch_size, regions.seq_len
         plans = plan_layers(config, len(regions.layers), report.seq_len)
         selection = select_pass(gm, regions, plans, config, fake_mode)
+        report.extra_inputs = selection.extra_inputs
         fallback = dict(selection.dense)
         fallback.update({l.index: l.problem for l in regions.layers if l.attention is None})
         if selection.dense:

@@ -12,7 +12,10 @@ For every layer whose `LayerPlan` is sparse, it inserts, before the block:
 rewrites the block in place to run on x_k (`compact.py`), and replaces the residual add with
 `ops.scatter_add_tokens(x, idx, block_output)`: kept rows get the block's result added, the others
 pass through. The oracle scorer runs a copy of the block's query and key computation on all tokens
-(input detached, dropout removed) and feeds `lemo::block_scores`.
+(input detached, dropout removed) and feeds `lemo::block_scores`. The predictor scorer reads the
+block's attention input h = norm1(x) (a detached copy on all tokens) through the layer's trained
+`BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
+backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them.
 
 Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
 a block that cannot be compacted stays dense and is reported in `SelectionResult.dense`.
@@ -36,12 +39,14 @@ _DROPOUTS = (F.dropout, torch.dropout)
 
 @dataclasses.dataclass
 class SelectionResult:
-    """Which layers the pass made sparse, which it had to leave dense (layer -> reason), and the
-    graph outputs it replaced by placeholders."""
+    """Which layers the pass made sparse, which it had to leave dense (layer -> reason), the graph
+    outputs it replaced by placeholders, and the tensors it appended to the graph's inputs (the
+    predictor scorer's weights, in placeholder order), which the caller must pass."""
 
     sparse: list[int]
     dense: dict[int, str]
     placeholder_outputs: int = 0
+    extra_inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def select_pass(
@@ -55,6 +60,7 @@ def select_pass(
     result = SelectionResult([], {})
     graph = gm.graph
     batch, seq_len = regions.batch_size, regions.seq_len
+    bank = _predictor_bank(regions, plans, config) if config.scorer == "predictor" else None
     for layer in regions.layers:
         plan = plans[layer.index]
         block = layer.attention
@@ -72,7 +78,11 @@ def select_pass(
             node.meta["nn_module_stack"] = dict(add.meta.get("nn_module_stack") or {})
 
         with graph.inserting_before(block.nodes[0]):
-            scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
+            if bank is not None:
+                scores = _insert_predictor(gm, block, residual, bank, fake_mode, tag,
+                                           result.extra_inputs)
+            else:
+                scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
             idx = _call(graph, fake_mode, ops.select_tokens,
                         (scores, plan.kept_blocks, config.block_size, seq_len))
             tag(idx, "select")
@@ -97,7 +107,19 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         tag(node, "score")
         return node
     # Oracle: q and k after RoPE for all tokens, from a no-grad copy of the block's own computation.
-    wanted = _ancestors_in_block(block, (block.query, block.key))
+    env = _detached_copy(graph, block, residual, (block.query, block.key), fake_mode, tag)
+    q = _call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
+    k = _call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
+    scores = _call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
+    for node in (q, k, scores):
+        tag(node, "score")
+    return scores
+
+
+def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag) -> dict:
+    """Copies of the block's nodes that `roots` depend on, computed from a detached x with dropout
+    removed, on all tokens (the block itself is compacted afterwards): original -> copy."""
+    wanted = _ancestors_in_block(block, roots)
     detached = _call(graph, fake_mode, torch.Tensor.detach, (residual,))
     tag(detached, "score")
     env: dict[fx.Node, fx.Node] = {residual: detached}
@@ -107,15 +129,73 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         if node.op == "call_function" and node.target in _DROPOUTS:
             env[node] = env.get(node.args[0], node.args[0])
             continue
-        copy = graph.node_copy(node, lambda n: env.get(n, n))
-        tag(copy, "score")
-        env[node] = copy
-    q = _call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
-    k = _call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
-    scores = _call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
-    for node in (q, k, scores):
-        tag(node, "score")
-    return scores
+        copy_ = graph.node_copy(node, lambda n: env.get(n, n))
+        tag(copy_, "score")
+        env[node] = copy_
+    return env
+
+
+def _predictor_bank(regions: ModelRegions, plans: list[LayerPlan], config: LemoConfig):
+    """The `predictors` option as a bank, checked against the model's shapes and sparse layers."""
+    from lemo_compile.predictors.bank import as_bank
+
+    bank = as_bank(config.predictors)
+    blocks = [layer.attention for layer in regions.layers if layer.attention is not None]
+    bank.check_fits(
+        model_signature(blocks[0], len(regions.layers), config.block_size),
+        [p.layer for p in plans if p.sparse],
+    )
+    return bank
+
+
+def model_signature(block: ResidualBlock, layers: int, block_size: int):
+    """The `ModelSignature` of a model, read off one of its attention blocks in the graph."""
+    from lemo_compile.predictors.bank import ModelSignature
+
+    _, heads, _, head_dim = block.query.meta["example_value"].shape
+    hidden = block.residual.meta["example_value"].shape[-1]
+    return ModelSignature(int(hidden), int(heads), int(head_dim), layers, block_size)
+
+
+def _insert_predictor(
+    gm: fx.GraphModule, block: ResidualBlock, residual, bank, fake_mode, tag, extra_inputs: list
+):
+    from lemo_compile.predictors.bank import predicted_block_scores
+
+    h = block.attention_input()
+    if h is None:
+        raise ValueError(
+            f"lemo scorer 'predictor': the attention input of layer {block.layer} ({block.module_path})"
+            " could not be located in the graph (a pre-norm layer is expected)"
+        )
+    value = h.meta["example_value"]
+    graph = gm.graph
+    h_all = _detached_copy(graph, block, residual, (h,), fake_mode, tag)[h]  # on all tokens
+    predictor = bank.predictor(block.layer)
+    sides = []
+    for side in ("q", "k"):
+        weights = []
+        for i, tensor in enumerate(predictor.side_tensors(side)):
+            # New graph inputs that the backend passes itself: no optimizer ever sees them.
+            constant = tensor.detach().to(value.device, torch.float32).clone()
+            last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(last):
+                weight = graph.placeholder(f"lemo_predictor_{block.layer}_{side}{i}")
+            weight.meta["example_value"] = fake_mode.from_tensor(constant)
+            weight._dynamo_source = None  # AOTAutograd asks every input where it came from
+            tag(weight, "score")
+            extra_inputs.append(constant)
+            weights.append(weight)
+        sides.append(weights)
+    node = graph.call_function(
+        predicted_block_scores, (h_all, *sides, predictor.block_size, predictor.heads)
+    )
+    with fake_mode:
+        node.meta["example_value"] = value.new_empty(
+            (value.shape[0], value.shape[1] // predictor.block_size), dtype=torch.float32
+        )
+    tag(node, "score")
+    return node
 
 
 def _ancestors_in_block(block: ResidualBlock, roots) -> set[fx.Node]:
