@@ -8,6 +8,8 @@ alpha=16 on q/k/v/o (peft), batch 1, AdamW on the adapters. Variants, each compi
   lemo        backend="lemo" with --keep-ratio           (oracle selection + segmented loss)
   lemo-nofuse the same with fuse=False                   (selection's gathers and scatter-adds left
                                                           to Inductor instead of lemo's row kernels)
+  lemo-predictor the same with scorer="predictor"        (randomly initialised predictors: their
+                                                          cost, not their quality)
 
 Each (length, variant) runs in its own process so peaks do not mix. Prints a table last and writes
 one JSON line per run to --out.
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "lemo-loss", "lemo", "lemo-nofuse")
+VARIANTS = ("dense", "lemo-loss", "lemo", "lemo-nofuse", "lemo-predictor")
 
 
 def run_one(args) -> dict:
@@ -52,9 +54,17 @@ def run_one(args) -> dict:
         compiled = torch.compile(model)
     else:
         keep = 1.0 if args.variant == "lemo-loss" else args.keep_ratio
-        backend = lemo_compile.LemoBackend(
-            {"keep_ratio": keep, "fuse": args.variant != "lemo-nofuse"}
-        )
+        options = {"keep_ratio": keep, "fuse": args.variant != "lemo-nofuse"}
+        if args.variant == "lemo-predictor":
+            from lemo_compile.predictors import ModelSignature, PredictorBank
+
+            signature = ModelSignature(args.hidden, args.heads, args.hidden // args.heads,
+                                       args.layers, 64)
+            plans = lemo_compile.plan_layers(lemo_compile.LemoConfig(keep_ratio=keep), args.layers,
+                                             args.seq_len)
+            options.update(scorer="predictor", predictors=PredictorBank(
+                signature, [p.layer for p in plans if p.sparse]))
+        backend = lemo_compile.LemoBackend(options)
         compiled = torch.compile(model, backend=backend)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda")
     times, losses = [], []
@@ -78,7 +88,7 @@ def run_one(args) -> dict:
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
         "hidden": args.hidden,
-        "keep_ratio": args.keep_ratio if args.variant in ("lemo", "lemo-nofuse") else None,
+        "keep_ratio": None if args.variant in ("dense", "lemo-loss") else args.keep_ratio,
         "compile_step_s": times[0], "step_s": statistics.median(times[1:]),
         "peak_gb": peak_step / 1e9, "peak_forward_gb": peak_forward / 1e9, "losses": losses,
         "torch": torch.__version__, "device": torch.cuda.get_device_name(),

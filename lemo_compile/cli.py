@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--lr", type=float, default=1e-3)
     calibrate.add_argument("--held-out", type=float, default=0.1,
                            help="fraction of the files kept out of training, for the recall report")
+    calibrate.add_argument("--shrink", action="store_true",
+                           help="elastic shrinking: drop predictor units that are never active")
     calibrate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     calibrate.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args(argv)
@@ -90,7 +92,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if not train:
         raise SystemExit(f"lemo calibrate: {args.data} holds fewer than {args.seq_len} tokens "
                          "for training")
-    bank = lemo_compile.calibrate(model, train, options=options, steps=args.steps, lr=args.lr)
+    bank = lemo_compile.calibrate(model, train, options=options, steps=args.steps, lr=args.lr,
+                                  shrink=args.shrink)
     bank.save(args.out)
     print(f"wrote {args.out}: predictors for layers {bank.layers}")
     if test:

@@ -202,3 +202,35 @@ def test_lemo_calibrate_command(tmp_path, capsys):
     assert bank.layers == [2] and bank.signature == ModelSignature(64, 4, 16, 4, 16)  # "auto"
     printed = capsys.readouterr().out
     assert "held-out recall" in printed and "layer   2" in printed
+
+
+def test_elastic_shrinking_removes_dead_units_and_keeps_predictions():
+    bank = _bank(layers=(2,))
+    predictor = bank.predictor(2)
+    with torch.no_grad():  # make 5 units of the q side's first hidden layer dead: never positive
+        predictor.q_side[0].weight[:5] = 0.0
+        predictor.q_side[0].bias[:5] = -1.0
+    h = [torch.randn(2, 96, 64) for _ in range(3)]
+    seen = None
+    for x in h:
+        seen = predictor.hidden_activity(x, seen)
+    before = [predictor(x) for x in h]
+    sizes = bank.shrink({2: seen})
+    assert sizes[2]["q"][1] <= 32 - 5 and sizes[2]["q"][0] == 16 * 16
+    for x, want in zip(h, before, strict=True):
+        torch.testing.assert_close(predictor(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_shrunk_bank_round_trips(tmp_path):
+    model = _structured_llama()
+    options = {"block_size": 32, "dense_layers": [0], "keep_ratio": 0.25}
+    batches = [_planted_batch(seed, batch=1) for seed in range(4)]
+    bank = lemo_compile.calibrate(model, batches, options=options, steps=8, shrink=True,
+                                  progress=False)
+    path = tmp_path / "shrunk.safetensors"
+    bank.save(path)
+    loaded = PredictorBank.load(path)
+    h = torch.randn(1, 512, 64)
+    for layer in bank.layers:
+        assert loaded.predictor(layer).sizes("q") == bank.predictor(layer).sizes("q")
+        torch.testing.assert_close(loaded.predictor(layer)(h), bank.predictor(layer)(h))

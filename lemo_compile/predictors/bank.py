@@ -45,25 +45,53 @@ class ModelSignature:
 
 
 class BlockPredictor(nn.Module):
-    """The q-side and k-side networks of one layer: h [B, S, D] -> P [B, n, n] (float32)."""
+    """The q-side and k-side networks of one layer: h [B, S, D] -> P [B, n, n] (float32).
 
-    def __init__(self, block_size: int, hidden_size: int, heads: int, width: int = 128,
-                 rank: int = 32) -> None:
+    q_sizes / k_sizes: the widths of each side, input first: (b * D / H, hidden1, hidden2, rank).
+    The two sides start equal (`BlockPredictor.new`) and may differ after elastic shrinking.
+    """
+
+    def __init__(self, block_size: int, heads: int, q_sizes, k_sizes) -> None:
         super().__init__()
+        self.block_size, self.heads = block_size, heads
+
+        def side(sizes) -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for i, (inputs, outputs) in enumerate(zip(sizes[:-1], sizes[1:])):
+                layers += [nn.Linear(inputs, outputs)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+            return nn.Sequential(*layers)
+
+        self.q_side = side(tuple(q_sizes))
+        self.k_side = side(tuple(k_sizes))
+
+    @classmethod
+    def new(cls, block_size: int, hidden_size: int, heads: int, width: int = 128,
+            rank: int = 32) -> BlockPredictor:
+        """A freshly initialised predictor with hidden layers of `width` and `rank` features."""
         if hidden_size % heads:
             raise ValueError(f"hidden size {hidden_size} is not a multiple of {heads} heads")
-        self.block_size, self.heads = block_size, heads
-        slice_size = block_size * hidden_size // heads
+        sizes = (block_size * hidden_size // heads, width, width, rank)
+        return cls(block_size, heads, sizes, sizes)
 
-        def side() -> nn.Sequential:
-            return nn.Sequential(
-                nn.Linear(slice_size, width), nn.ReLU(),
-                nn.Linear(width, width), nn.ReLU(),
-                nn.Linear(width, rank),
-            )
+    @torch.no_grad()
+    def hidden_activity(self, h: torch.Tensor, seen: dict | None = None) -> dict[str, list[torch.Tensor]]:
+        """Which hidden ReLU units of each side are positive for some block of h, per hidden layer:
+        {"q" | "k": [bool mask]}, OR-ed into `seen` (a previous result) when given."""
+        blocks = _blocks(h, self.block_size, self.heads)
+        result = {}
+        for name in ("q", "k"):
+            tensors, masks, x = self.side_tensors(name), [], blocks
+            for i in range(0, len(tensors) - 2, 2):
+                x = F.relu(F.linear(x, tensors[i], tensors[i + 1]))
+                masks.append((x > 0).flatten(0, -2).any(dim=0))
+            if seen is not None:
+                masks = [a | b for a, b in zip(masks, seen[name], strict=True)]
+            result[name] = masks
+        return result
 
-        self.q_side = side()
-        self.k_side = side()
+    def sizes(self, side: str) -> tuple[int, ...]:
+        linears = [m for m in (self.q_side if side == "q" else self.k_side) if isinstance(m, nn.Linear)]
+        return (linears[0].in_features, *(m.out_features for m in linears))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return block_score_matrix(h, self.side_tensors("q"), self.side_tensors("k"),
@@ -79,11 +107,16 @@ def block_score_matrix(
     heads: int,
 ) -> torch.Tensor:
     """P [B, n, n] (float32) of a predictor given as tensors (see `BlockPredictor.side_tensors`)."""
+    blocks = _blocks(h, block_size, heads)
+    return torch.einsum("bmhr,bphr->bmp", _side(blocks, q_side), _side(blocks, k_side))
+
+
+def _blocks(h: torch.Tensor, block_size: int, heads: int) -> torch.Tensor:
+    """h [B, S, D] as each full block's slice per head: [B, n, H, b * D / H] (float32)."""
     batch, seq_len, hidden = h.shape
     n = seq_len // block_size
     blocks = h[:, : n * block_size].float().reshape(batch, n, block_size, heads, hidden // heads)
-    blocks = blocks.transpose(2, 3).reshape(batch, n, heads, -1)  # [B, n, H, b * D/H]
-    return torch.einsum("bmhr,bphr->bmp", _side(blocks, q_side), _side(blocks, k_side))
+    return blocks.transpose(2, 3).reshape(batch, n, heads, -1)
 
 
 def _side(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -120,8 +153,8 @@ class PredictorBank(nn.Module):
         self.signature = signature
         self.width, self.rank = width, rank
         self.predictors = nn.ModuleDict({
-            str(layer): BlockPredictor(signature.block_size, signature.hidden_size, signature.heads,
-                                       width, rank)
+            str(layer): BlockPredictor.new(signature.block_size, signature.hidden_size,
+                                           signature.heads, width, rank)
             for layer in sorted(layers)
         })
 
@@ -131,6 +164,17 @@ class PredictorBank(nn.Module):
 
     def predictor(self, layer: int) -> BlockPredictor:
         return self.predictors[str(layer)]
+
+    def shrink(self, activity) -> dict[int, dict[str, tuple[int, ...]]]:
+        """Elastic shrinking: remove the hidden ReLU units that `activity` ({layer: merged
+        `BlockPredictor.hidden_activity`}) never saw positive; on the observed inputs they contribute
+        nothing, so the predictions there are unchanged. Returns each layer's new sizes per side."""
+        with torch.no_grad():
+            for layer, sides in activity.items():
+                predictor = self.predictor(layer)
+                for name, side in (("q", predictor.q_side), ("k", predictor.k_side)):
+                    _prune_side(side, sides[name])
+        return {layer: {s: self.predictor(layer).sizes(s) for s in "qk"} for layer in activity}
 
     def check_fits(self, signature: ModelSignature, sparse_layers) -> None:
         """Raise ValueError unless this bank was trained for `signature` and covers every layer of
@@ -149,12 +193,15 @@ class PredictorBank(nn.Module):
             )
 
     def metadata(self) -> dict[str, str]:
+        sizes = {layer: {side: self.predictor(layer).sizes(side) for side in "qk"}
+                 for layer in self.layers}
         return {
             "format": FORMAT,
             "signature": json.dumps(dataclasses.asdict(self.signature)),
             "layers": json.dumps(self.layers),
             "width": str(self.width),
             "rank": str(self.rank),
+            "sizes": json.dumps(sizes),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -174,10 +221,41 @@ class PredictorBank(nn.Module):
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a lemo predictor file (format {meta.get('format')!r})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        bank = cls(ModelSignature(**json.loads(meta["signature"])), json.loads(meta["layers"]),
-                   width=int(meta["width"]), rank=int(meta["rank"]))
+        signature = ModelSignature(**json.loads(meta["signature"]))
+        bank = cls(signature, [], width=int(meta["width"]), rank=int(meta["rank"]))
+        for layer, sizes in json.loads(meta["sizes"]).items():
+            bank.predictors[layer] = BlockPredictor(signature.block_size, signature.heads,
+                                                    sizes["q"], sizes["k"])
         bank.load_state_dict(tensors)
         return bank.requires_grad_(False).eval()
+
+
+def _prune_side(side: nn.Sequential, masks: list[torch.Tensor | None]) -> None:
+    """Keep, in place, only the units of each hidden layer of `side` that `masks` marks active."""
+    linears = [i for i, m in enumerate(side) if isinstance(m, nn.Linear)]
+    for position, keep in enumerate(masks):
+        if keep is None:
+            continue  # never ran: nothing is known, keep all
+        keep = keep.clone()
+        if not keep.any():
+            keep[0] = True  # keep one unit so that shapes stay valid
+        index, following = linears[position], linears[position + 1]
+        side[index] = _linear_rows(side[index], keep)
+        side[following] = _linear_columns(side[following], keep)
+
+
+def _linear_rows(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(layer.in_features, int(keep.sum()), device=layer.weight.device)
+    new.weight.copy_(layer.weight[keep])
+    new.bias.copy_(layer.bias[keep])
+    return new
+
+
+def _linear_columns(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(int(keep.sum()), layer.out_features, device=layer.weight.device)
+    new.weight.copy_(layer.weight[:, keep])
+    new.bias.copy_(layer.bias)
+    return new
 
 
 def as_bank(predictors: PredictorBank | str | os.PathLike) -> PredictorBank:

@@ -125,6 +125,7 @@ def calibrate(
     lr: float = 1e-3,
     width: int = 128,
     rank: int = 32,
+    shrink: bool = False,
     progress: bool = True,
 ) -> PredictorBank:
     """Train a `PredictorBank` for `model`'s sparse layers against the oracle.
@@ -134,6 +135,9 @@ def calibrate(
              or `steps` times (cycling) when given.
     options: lemo options (block_size, keep_ratio, dense_layers) deciding which layers are sparse
              and how many blocks they keep, as they will be used in training.
+    width, rank: the predictors' hidden width and feature count.
+    shrink:  elastic shrinking: hidden units never active during the last quarter of the steps are
+             removed at the end (`PredictorBank.shrink`).
     Returns the bank (frozen, eval mode), on the model's device; save it with `bank.save(path)`.
     """
     config = LemoConfig.from_options(options)
@@ -142,15 +146,19 @@ def calibrate(
         batches = itertools.islice(itertools.cycle(batches), steps)
     bank = optimizer = None
     bar = _progress(steps, progress)
+    activity: dict[int, dict] = {}
     for step, samples in enumerate(_run_frozen(model, capture, batches)):
         if bank is None:
             bank = PredictorBank(capture.signature, samples, width=width, rank=rank)
             bank.to(next(iter(samples.values())).h.device)
             optimizer = torch.optim.Adam(bank.parameters(), lr=lr)
+        observe = shrink and (steps is None or step >= steps * 3 // 4)
         loss = torch.zeros((), device=next(bank.parameters()).device)
         recalls = []
         for layer, sample in samples.items():
             predictor = bank.predictor(layer)
+            if observe:
+                activity[layer] = predictor.hidden_activity(sample.h, activity.get(layer))
             scores = predictor(sample.h)
             loss = loss + _fit_loss(scores, sample.tiles)
             with torch.no_grad():
@@ -166,6 +174,8 @@ def calibrate(
     bar.close()
     if bank is None:
         raise ValueError("lemo calibrate: no batches")
+    if activity:
+        bank.shrink(activity)
     return bank.requires_grad_(False).eval()
 
 

@@ -1,0 +1,192 @@
+"""Predictor quality on a model that has learned something, in one GPU run.
+
+1. Corpus: the Python source of this machine's standard library and installed packages (real text no
+   one here wrote), byte-level; files are split into train / held-out by a hash of their path.
+2. Base model: a small Llama (default 8 layers x 512, ~25M parameters, vocabulary 256) trained
+   from scratch on the train split for --train-minutes at --train-len tokens per sequence.
+3. Predictors: `lemo_compile.calibrate` on train-split sequences of --calib-len tokens, base model
+   frozen, oracle labels from the Triton block-score kernel.
+4. Recall: `lemo_compile.predictor_recall` on held-out sequences at each of --eval-lens.
+
+Writes the results (JSON lines), the predictor bank and the model (as shards of at most 15 MiB, so
+that they can travel back from a machine that returns small files) to --out-dir; prints a table last.
+
+    python benchmarks/predictors.py --out-dir results/predictors
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import random
+import sys
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def corpus(held_out: float, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) byte tokens [N] (uint8 as int64) from .py files, split by file path."""
+    roots = {pathlib.Path(p) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"])}
+    train, test, total = [], [], 0
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*.py")):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            digest = hashlib.sha1(str(path.relative_to(root)).encode()).digest()[0] / 255
+            (test if digest < held_out else train).append(data)
+            total += len(data)
+            if total >= max_bytes:
+                break
+    as_tokens = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()  # noqa: E731
+    return as_tokens(train), as_tokens(test)
+
+
+def build_model(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2, max_position_embeddings=max(args.eval_lens),
+        rope_theta=500000.0, use_cache=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def sequences(tokens: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` random windows [count, length] of the token stream."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - length, (count,), generator=generator)
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+
+def train_base(model, train_tokens, args, device) -> list[float]:
+    """Plain next-byte training for --train-minutes (bf16 autocast, AdamW, cosine decay)."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    step_fn = torch.compile(lambda ids: F.cross_entropy(
+        model(input_ids=ids).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+    losses, begin, step = [], time.time(), 0
+    budget = args.train_minutes * 60
+    while time.time() - begin < budget:
+        ids = sequences(train_tokens, args.train_len, args.train_batch, seed=step).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(
+                min(1.0, (time.time() - begin) / budget) * torch.pi)).item()))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = step_fn(ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            losses.append(loss.item())
+            print(f"base step {step}: loss {losses[-1]:.3f} ({time.time() - begin:.0f} s)", flush=True)
+        step += 1
+    return losses
+
+
+@torch.no_grad()
+def held_out_loss(model, test_tokens, length, device) -> float:
+    model.eval()
+    ids = sequences(test_tokens, length, 4, seed=123).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
+
+
+def save_shards(tensors: dict[str, torch.Tensor], prefix: pathlib.Path, limit: int = 15 << 20) -> int:
+    """Write tensors as safetensors shards of at most `limit` bytes: prefix.0.safetensors, ..."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+    shards.append(current)
+    for i, shard in enumerate(shards):
+        save_file(shard, f"{prefix}.{i}.safetensors")
+    return len(shards)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="predictor_results")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--train-minutes", type=float, default=4.0)
+    parser.add_argument("--train-len", type=int, default=2048)
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-bytes", type=int, default=400 << 20)
+    parser.add_argument("--calib-len", type=int, default=4096)
+    parser.add_argument("--calib-steps", type=int, default=400)
+    parser.add_argument("--eval-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--eval-sequences", type=int, default=8)
+    parser.add_argument("--keep-ratio", type=float, default=0.4)
+    parser.add_argument("--block-size", type=int, default=64)
+    args = parser.parse_args()
+
+    import lemo_compile
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokens, test_tokens = corpus(0.05, args.max_bytes)
+    print(f"corpus: {len(train_tokens) / 1e6:.0f} MB train, {len(test_tokens) / 1e6:.1f} MB held out")
+    model = build_model(args)
+    losses = train_base(model, train_tokens, args, device)
+    model.to(torch.bfloat16).eval().requires_grad_(False)
+    rows = [{"what": "base", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+             "losses": losses, "held_out_loss": {n: held_out_loss(model, test_tokens, n, device)
+                                                 for n in args.eval_lens}}]
+    print(json.dumps(rows[-1]), flush=True)
+
+    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio}
+    random.seed(0)
+    calib = [sequences(train_tokens, args.calib_len, 1, seed=10_000 + i).to(device)
+             for i in range(args.calib_steps)]
+    begin = time.time()
+    bank = lemo_compile.calibrate(model, calib, options=options, progress=False)
+    rows.append({"what": "calibration", "seconds": time.time() - begin, "steps": args.calib_steps,
+                 "seq_len": args.calib_len, "layers": bank.layers})
+    bank.save(out / "predictors.safetensors")
+    for length in args.eval_lens:
+        held = [sequences(test_tokens, length, 1, seed=20_000 + i).to(device)
+                for i in range(args.eval_sequences)]
+        metrics = lemo_compile.predictor_recall(model, bank, held, options=options)
+        recall = sum(m["recall"] for m in metrics.values()) / len(metrics)
+        rows.append({"what": "recall", "seq_len": length, "mean_recall": recall,
+                     "per_layer": {str(k): v for k, v in metrics.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    shards = save_shards(model.state_dict(), out / "model")
+    (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
+    with open(out / "predictors.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"\nbase: {rows[0]['params_M']:.1f}M params, last train loss {losses[-1]:.3f}, "
+          f"held-out loss {rows[0]['held_out_loss']}")
+    print(f"{'tokens':>7} {'mean recall':>12}  per layer")
+    for row in rows:
+        if row["what"] == "recall":
+            per = " ".join(f"{v['recall']:.3f}" for v in row["per_layer"].values())
+            print(f"{row['seq_len']:>7} {row['mean_recall']:>12.3f}  {per}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
