@@ -18,7 +18,9 @@ compiled: `backend = LemoBackend({"keep_ratio": 0.3}); torch.compile(model, back
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,8 +67,29 @@ def lemo_backend(
     options: LemoConfig | Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """The function torch.compile calls for `backend="lemo"`; see the module docstring."""
+    """The function torch.compile calls for `backend="lemo"`; see the module docstring.
+
+    Without `options`, the environment variable LEMO_OPTIONS (a JSON object of options) supplies
+    them: the way to reach lemo through code that calls torch.compile for you (HF `Trainer` with
+    `torch_compile_backend="lemo"`).
+    """
+    if options is None and os.environ.get(OPTIONS_VARIABLE):
+        options = _options_from_environment()
     return LemoBackend(options, mode=mode)(gm, example_inputs)
+
+
+OPTIONS_VARIABLE = "LEMO_OPTIONS"
+
+
+def _options_from_environment() -> dict:
+    text = os.environ[OPTIONS_VARIABLE]
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{OPTIONS_VARIABLE} must be a JSON object of lemo options: {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_VARIABLE} must be a JSON object of lemo options, got {text!r}")
+    return options
 
 
 def _compile(

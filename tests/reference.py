@@ -106,11 +106,14 @@ def random_block_scores(batch: int, n_blocks: int, seed: int, layer: int, device
 
 
 def queries_and_keys(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A Llama attention module's q [B, H, S, d] and k [B, H_kv, S, d] after RoPE, from h [B, S, D]."""
+    """A Llama-family attention module's q [B, H, S, d] and k [B, H_kv, S, d] after RoPE, from
+    h [B, S, D]; per-head q / k norms (Qwen3's q_norm, k_norm) are applied before RoPE."""
     batch, seq_len, _ = h.shape
-    q = attn.q_proj(h).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)
-    return apply_rotary_pos_emb(q, k, cos, sin)
+    q = attn.q_proj(h).view(batch, seq_len, -1, attn.head_dim)
+    k = attn.k_proj(h).view(batch, seq_len, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
