@@ -147,12 +147,18 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
         ]
         index = layer_index[path]
         if len(attention_children) != 1:
-            problem = (
-                f"layer {path}: no scaled_dot_product_attention call found (attention "
-                "implementations other than 'sdpa' are not supported)"
-                if not attention_children
-                else f"layer {path}: {len(attention_children)} attention modules"
-            )
+            if attention_children:
+                problem = f"layer {path}: {len(attention_children)} attention modules"
+            elif any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in nodes):
+                problem = (
+                    f"layer {path}: it runs inside an activation-checkpoint (or other "
+                    "higher-order) region, which lemo does not rewrite yet"
+                )
+            else:
+                problem = (
+                    f"layer {path}: no scaled_dot_product_attention call found (attention "
+                    "implementations other than 'sdpa' are not supported)"
+                )
             layers.append(DecoderLayer(index, path, None, problem))
             continue
         child = attention_children[0]

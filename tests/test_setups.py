@@ -98,3 +98,32 @@ def test_hf_trainer_torch_compile_backend_lemo_is_refused_by_accelerate(tmp_path
                          torch_compile_mode=None)
     with pytest.raises(ValueError, match="not a valid DynamoBackend"):
         Trainer(model=tiny_llama(), args=args, train_dataset=_dataset()).train()
+
+
+def test_gradient_checkpointing_falls_back_to_dense_with_a_clear_warning():
+    """Layers inside activation-checkpoint regions are not rewritten yet: they run dense, lemo
+    says why, and the step still trains (the segmented loss still applies)."""
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers renames the method
+        model.gradient_checkpointing_enable()
+    model.train()
+    backend = lemo_compile.LemoBackend(OPTIONS)
+    ids = token_batch(1, 128)
+    with pytest.warns(lemo_compile.LemoWarning, match="inside an activation-checkpoint"):
+        out = torch.compile(model, backend=backend)(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert backend.reports[-1].counters.get("sparse_layers", 0) == 0
+    assert backend.reports[-1].counters["segmented_losses"] == 1
+    plain = tiny_llama()(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_an_attention_mask_draws_a_padding_warning():
+    model = tiny_llama()
+    ids = token_batch(2, 128)
+    backend = lemo_compile.LemoBackend(OPTIONS)
+    with pytest.warns(lemo_compile.LemoWarning, match="does not yet keep padding out"):
+        torch.compile(model, backend=backend)(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                              labels=ids)
+    assert backend.reports[-1].counters["sparse_layers"] == 3

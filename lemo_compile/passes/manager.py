@@ -79,6 +79,12 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             "lemo: some decoder layers were not recognised and run dense: "
             + "; ".join(regions.problems)
         )
+    if sparse_layers and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
+        report.warn(
+            "lemo: the model is called with an attention_mask. lemo does not yet keep padding out "
+            "of token selection: with padded batches, padding can be kept instead of real tokens. "
+            "Pack or pad-free batches are safe; an all-ones mask is harmless."
+        )
     if sparse_layers:
         report.batch_size, report.seq_len = regions.batch_size, regions.seq_len
         plans = plan_layers(config, len(regions.layers), report.seq_len)
