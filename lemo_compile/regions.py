@@ -179,6 +179,31 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
     return ModelRegions(layers, problems)
 
 
+def checkpointed_layers(gm: fx.GraphModule) -> dict[int, tuple[fx.GraphModule, ModelRegions, DecoderLayer]]:
+    """Decoder layers whose attention block sits inside an activation-checkpoint region: layer index
+    -> (the region's body graph module, its regions, the layer as found there).
+
+    Dynamo captures `torch.utils.checkpoint` (HF's gradient checkpointing) as a
+    `tag_activation_checkpoint` call whose first argument is a `get_attr` of the body; the body is
+    searched like a whole graph (its nodes keep their module stacks)."""
+    found = {}
+    checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not checkpoint or not node.args:
+            continue
+        body_node = node.args[0]
+        if not isinstance(body_node, fx.Node) or body_node.op != "get_attr":
+            continue
+        body = getattr(gm, body_node.target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        body_regions = find_regions(body)
+        for layer in body_regions.layers:
+            if layer.attention is not None:
+                found[layer.index] = (body, body_regions, layer)
+    return found
+
+
 class _NotABlock(Exception):
     pass
 

@@ -100,23 +100,38 @@ def test_hf_trainer_torch_compile_backend_lemo_is_refused_by_accelerate(tmp_path
         Trainer(model=tiny_llama(), args=args, train_dataset=_dataset()).train()
 
 
-def test_gradient_checkpointing_falls_back_to_dense_with_a_clear_warning():
-    """Layers inside activation-checkpoint regions are not rewritten yet: they run dense, lemo
-    says why, and the step still trains (the segmented loss still applies)."""
+def _checkpointed_step(checkpointing: bool, **options):
     model = tiny_llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers renames the method
-        model.gradient_checkpointing_enable()
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers renames the method
+            model.gradient_checkpointing_enable()
     model.train()
-    backend = lemo_compile.LemoBackend(OPTIONS)
-    ids = token_batch(1, 128)
-    with pytest.warns(lemo_compile.LemoWarning, match="inside an activation-checkpoint"):
-        out = torch.compile(model, backend=backend)(input_ids=ids, labels=ids)
+    backend = lemo_compile.LemoBackend({**OPTIONS, **options})
+    ids = token_batch(2, 150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
     out.loss.backward()
-    assert backend.reports[-1].counters.get("sparse_layers", 0) == 0
-    assert backend.reports[-1].counters["segmented_losses"] == 1
-    plain = tiny_llama()(input_ids=ids, labels=ids)
-    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, backend.reports[-1]
+
+
+@pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3}])
+def test_gradient_checkpointing_gives_the_same_results(scorer):
+    """Layers inside activation-checkpoint regions are found and rewritten inside the region."""
+    loss, grads, report = _checkpointed_step(True, **scorer)
+    plain_loss, plain_grads, plain_report = _checkpointed_step(False, **scorer)
+    assert report.counters["sparse_layers"] == plain_report.counters["sparse_layers"] == 3
+    assert [p.kept_tokens for p in report.plans] == [p.kept_tokens for p in plain_report.plans]
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unseeded_random_scorer_stays_dense_in_checkpointed_layers():
+    _, _, report = _checkpointed_step(True, scorer="random")
+    assert report.counters["sparse_layers"] == 0 and report.counters["dense_fallbacks"] == 3
+    assert any("needs a seed" in w for w in report.warnings)
 
 
 def test_an_attention_mask_draws_a_padding_warning():

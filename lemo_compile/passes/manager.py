@@ -3,7 +3,8 @@
 Two stages, each seeing one IR:
 
 * `run_graph_passes` on the torch-level Dynamo graph, before AOTAutograd: regions -> plan ->
-  token selection (`select.py`) -> segmented loss (`loss.py`). It returns a `CompileReport`.
+  token selection (`select.py`; layers inside activation-checkpoint regions are rewritten inside
+  the region's body graph) -> segmented loss (`loss.py`). It returns a `CompileReport`.
 * `PostGradPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
   `post_grad_custom_post_pass`. It holds the kernel-fusion passes; its `uuid()` hashes the source of
   this package's passes so that Inductor's caches never reuse a graph compiled by other pass code.
@@ -22,8 +23,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
 from lemo_compile.passes.loss import segment_loss_pass
-from lemo_compile.passes.select import select_pass
-from lemo_compile.regions import find_regions
+from lemo_compile.passes.select import SelectionResult, select_pass
+from lemo_compile.regions import checkpointed_layers, find_regions
 
 
 class LemoWarning(UserWarning):
@@ -73,12 +74,14 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
         )
         return report
     regions = find_regions(gm)
-    sparse_layers = [layer for layer in regions.layers if layer.attention is not None]
-    if regions.problems:
-        report.warn(
-            "lemo: some decoder layers were not recognised and run dense: "
-            + "; ".join(regions.problems)
-        )
+    checkpointed = checkpointed_layers(gm)
+    layers = [checkpointed[l.index][2] if l.index in checkpointed else l for l in regions.layers]
+    layer_problems = {l.problem for l in regions.layers}
+    problems = [l.problem for l in layers if l.problem]
+    problems += [p for p in regions.problems if p not in layer_problems]
+    sparse_layers = [layer for layer in layers if layer.attention is not None]
+    if problems:
+        report.warn("lemo: some decoder layers were not recognised and run dense: " + "; ".join(problems))
     if sparse_layers and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
         report.warn(
             "lemo: the model is called with an attention_mask. lemo does not yet keep padding out "
@@ -86,12 +89,35 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             "Pack or pad-free batches are safe; an all-ones mask is harmless."
         )
     if sparse_layers:
-        report.batch_size, report.seq_len = regions.batch_size, regions.seq_len
-        plans = plan_layers(config, len(regions.layers), report.seq_len)
-        selection = select_pass(gm, regions, plans, config, fake_mode)
+        residual = sparse_layers[0].attention.residual.meta["example_value"]
+        report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
+        plans = plan_layers(config, len(layers), report.seq_len)
+        selection = SelectionResult([], {})
+        if any(l.attention is not None for l in regions.layers):
+            selection = select_pass(gm, regions, plans, config, fake_mode)
+        bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
+        for body, body_regions in bodies.values():
+            inside = [l.index for l in body_regions.layers if l.attention is not None]
+            if not any(plans[i].sparse for i in inside):
+                continue
+            unsupported = None
+            if config.scorer == "predictor":
+                unsupported = "the predictor scorer is not supported inside checkpointed layers yet"
+            elif config.scorer == "random" and config.seed is None:
+                # the backward recomputes the region: unseeded scores would select other tokens
+                unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
+            if unsupported:
+                selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
+                continue
+            inner = select_pass(body, body_regions, plans, config, fake_mode)
+            selection.sparse += inner.sparse
+            selection.dense.update(inner.dense)
+            selection.placeholder_outputs += inner.placeholder_outputs
+            body.graph.lint()
+            body.recompile()
         report.extra_inputs = selection.extra_inputs
         fallback = dict(selection.dense)
-        fallback.update({l.index: l.problem for l in regions.layers if l.attention is None})
+        fallback.update({l.index: l.problem for l in layers if l.attention is None})
         if selection.dense:
             report.warn(
                 "lemo: these layers run dense because their attention block could not be "
