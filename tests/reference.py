@@ -178,7 +178,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             rows = gather_rows(x, idx)                                         # [B, K, D]
             a = causal_attention(layer, layer.input_layernorm(rows), gather_rows(cos, idx),
                                  gather_rows(sin, idx))                         # [B, K, D]
-            x = torch.stack([x[b].index_add(0, idx[b], a[b]) for b in range(batch)])
+            x = torch.stack([x[b].index_add(0, idx[b], a[b].to(x.dtype)) for b in range(batch)])
         # Dense MLP block.
         x = x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -142,3 +142,27 @@ def test_an_attention_mask_draws_a_padding_warning():
         torch.compile(model, backend=backend)(input_ids=ids, attention_mask=torch.ones_like(ids),
                                               labels=ids)
     assert backend.reports[-1].counters["sparse_layers"] == 3
+
+
+def test_bf16_autocast_matches_the_reference_under_autocast():
+    """A float32 model trained under bf16 autocast: lemo's graph against the eager reference run
+    under the same autocast (bf16 tolerances: the two round at different places)."""
+    from reference import lemo_forward
+
+    model = tiny_llama()
+    ids = token_batch(2, 150)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None})
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = lemo_forward(model, ids, ids, block_size=16, keep_ratio=0.4, dense_layers=[0])
+    loss.backward()
+    assert backend.reports[-1].counters["sparse_layers"] == 3
+    torch.testing.assert_close(out.loss.float(), loss.float(), rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():  # measured when written: at most 0.8% of the scale
+        scale = p.grad.abs().max()
+        assert (got[name] - p.grad).abs().max() <= 0.02 * scale + 1e-6, name
