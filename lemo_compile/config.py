@@ -30,7 +30,11 @@ class LemoConfig:
     scorer:       "oracle" (exact block scores from the layer's queries and keys), "predictor"
                   (trained predictors, needs `predictors`) or "random" (a random-drop baseline).
     predictors:   path or object holding trained predictors (scorer "predictor" only).
-    mlp:          "off" keeps the MLP block dense.
+    mlp:          "off" keeps the MLP block dense; "tokens" runs the MLP block of every sparse layer
+                  on its most active blocks only (oracle: the norm of the MLP's intermediate
+                  activation per token, max over each block).
+    mlp_keep_ratio: fraction of full blocks the MLP keeps with mlp="tokens"; None = the layer's
+                  keep_ratio.
     loss_segment: rows per segment of the LM head + cross-entropy, or None for the plain loss.
     compiler:     "inductor" (real code generation) or "aot_eager" (AOTAutograd with Inductor's
                   decompositions and partitioner but no code generation: fast, for tests).
@@ -47,6 +51,7 @@ class LemoConfig:
     scorer: str = "oracle"
     predictors: Any = None
     mlp: str = "off"
+    mlp_keep_ratio: float | None = None
     loss_segment: int | None = 2048
     compiler: str = "inductor"
     fuse: bool = True
@@ -102,9 +107,11 @@ class LemoConfig:
                     "lemo option 'predictors' must be a PredictorBank or the path of one saved by "
                     f"`lemo calibrate`, got {type(self.predictors).__name__}"
                 )
-        if self.mlp != "off":
+        if self.mlp_keep_ratio is not None:
+            _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
+        if self.mlp == "channels":
             raise NotImplementedError(
-                f"lemo option mlp={self.mlp!r} is not available in this version; use mlp='off'"
+                "lemo option mlp='channels' is not available in this version; use 'off' or 'tokens'"
             )
 
     @classmethod
@@ -145,6 +152,8 @@ class LayerPlan:
     kept_blocks:  full blocks kept (== n_blocks for a dense layer).
     kept_tokens:  kept_blocks * block_size + tail (== S for a dense layer).
     reason:       why the layer is dense, empty for a sparse layer.
+    mlp_kept_blocks, mlp_kept_tokens: the same for the MLP block (== n_blocks / S when it is
+                  dense: mlp="off", a dense layer, or nothing to drop).
     """
 
     layer: int
@@ -154,6 +163,17 @@ class LayerPlan:
     kept_blocks: int
     kept_tokens: int
     reason: str = ""
+    mlp_kept_blocks: int = -1
+    mlp_kept_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.mlp_kept_blocks < 0:
+            object.__setattr__(self, "mlp_kept_blocks", self.n_blocks)
+            object.__setattr__(self, "mlp_kept_tokens", self.seq_len)
+
+    @property
+    def mlp_sparse(self) -> bool:
+        return self.mlp_kept_tokens < self.seq_len
 
 
 def dense_layer_set(config: LemoConfig, num_layers: int) -> frozenset[int]:
@@ -189,11 +209,16 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int) -> list[Layer
             reason = "keeps every block"
         else:
             reason = ""
+        mlp = {}
+        if config.mlp == "tokens" and layer not in dense and n_blocks:
+            ratio = config.mlp_keep_ratio or config.keep_ratio_of(layer)
+            mlp_kept = min(n_blocks, max(1, math.ceil(ratio * n_blocks)))
+            mlp = {"mlp_kept_blocks": mlp_kept, "mlp_kept_tokens": mlp_kept * config.block_size + tail}
         if reason:
-            plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason))
+            plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason, **mlp))
         else:
             kept_tokens = kept * config.block_size + tail
-            plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens))
+            plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens, **mlp))
     return plans
 
 
@@ -202,9 +227,9 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
         raise ValueError(f"lemo option {name!r} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_ratio(value: Any) -> None:
+def _check_ratio(value: Any, name: str = "keep_ratio") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"lemo option 'keep_ratio' must be in (0, 1], got {value!r}")
+        raise ValueError(f"lemo option {name!r} must be in (0, 1], got {value!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -79,6 +79,15 @@ def select_tokens(scores: torch.Tensor, kept_blocks: int, block_size: int, seq_l
     return torch.cat([tokens, tail.expand(batch, -1)], dim=1)
 
 
+def activation_block_scores(intermediate: torch.Tensor, block_size: int) -> torch.Tensor:
+    """MLP block scores [B, n] (float32): per token the L2 norm of the MLP's intermediate activation
+    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then the max over each full block."""
+    batch, seq_len = intermediate.shape[:2]
+    n_blocks = seq_len // block_size
+    norms = intermediate.float().norm(dim=-1)[:, : n_blocks * block_size]
+    return norms.reshape(batch, n_blocks, block_size).amax(dim=-1)
+
+
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Rows of t at per-sample token indices idx [B, K], along each sequence dim in `dims`.
 

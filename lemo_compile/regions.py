@@ -36,7 +36,7 @@ class ResidualBlock:
     output:   the block's result [B, S, D] (the attention's o_proj output).
     add:      the node computing x + output.
     nodes:    the block's nodes in graph order (norm and attention; x excluded).
-    attention: the scaled-dot-product-attention call inside it.
+    attention: the scaled-dot-product-attention call inside it (None for an MLP block).
     cache_outputs: block nodes returned by the graph besides through `add` (a KV cache).
     """
 
@@ -46,7 +46,7 @@ class ResidualBlock:
     output: fx.Node
     add: fx.Node
     nodes: list[fx.Node]
-    attention: fx.Node
+    attention: fx.Node | None
     cache_outputs: list[fx.Node]
 
     @property
@@ -71,12 +71,14 @@ class ResidualBlock:
 
 @dataclasses.dataclass
 class DecoderLayer:
-    """A decoder layer: its index, module path and attention block (None when not recognised)."""
+    """A decoder layer: its index, module path, attention block (None when not recognised) and MLP
+    block (the other child whose output is added into the residual stream; None when none is)."""
 
     index: int
     path: str
     attention: ResidualBlock | None
     problem: str = ""
+    mlp: ResidualBlock | None = None
 
 
 @dataclasses.dataclass
@@ -167,7 +169,16 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
         except _NotABlock as err:
             layers.append(DecoderLayer(index, path, None, f"layer {path}: {err}"))
             continue
-        layers.append(DecoderLayer(index, path, block))
+        mlp = None
+        for other, other_nodes in children[path].items():
+            if other == child:
+                continue
+            try:
+                mlp = _residual_block(index, other, set(other_nodes), nodes, attention=False)
+            except _NotABlock:
+                continue
+            break
+        layers.append(DecoderLayer(index, path, block, mlp=mlp))
     if not layers:
         problems.append(
             "no decoder layers (modules at '<name>.<index>' with sub-modules) were found"
@@ -211,6 +222,15 @@ class _NotABlock(Exception):
 def _attention_block(
     index: int, path: str, attention_nodes: set[fx.Node], layer_nodes: set[fx.Node]
 ) -> ResidualBlock:
+    return _residual_block(index, path, attention_nodes, layer_nodes, attention=True)
+
+
+def _residual_block(
+    index: int, path: str, attention_nodes: set[fx.Node], layer_nodes: set[fx.Node], *,
+    attention: bool,
+) -> ResidualBlock:
+    """The residual block around the child module `path` (module docstring); for an attention block
+    it must hold exactly one SDPA call (then `ResidualBlock.attention`), for another block none."""
     leaving = [n for n in attention_nodes if any(u not in attention_nodes for u in n.users)]
     cache_outputs = [n for n in leaving if all(u.op == "output" for u in n.users if u not in attention_nodes)]
     outputs = [n for n in leaving if n not in cache_outputs]
@@ -247,10 +267,11 @@ def _attention_block(
             if user not in block and user is not add and user.op != "output":
                 raise _NotABlock(f"{node.name} inside the attention block is also used by {user.name}")
     sdpa = [n for n in ordered if _is_sdpa(n)]
-    if len(sdpa) != 1:
+    if len(sdpa) != (1 if attention else 0):
         raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
     return ResidualBlock(
-        index, path, residual, output, add, ordered, sdpa[0], [n for n in cache_outputs if n in block]
+        index, path, residual, output, add, ordered, sdpa[0] if sdpa else None,
+        [n for n in cache_outputs if n in block],
     )
 
 

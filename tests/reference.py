@@ -138,7 +138,8 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
-                 keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0):
+                 keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
+                 mlp: str = "off"):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
@@ -146,6 +147,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
+    mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
+    number of blocks, chosen by the largest per-token norm of act(gate) * up within each block.
     """
     if not callable(scorer) and scorer not in ("oracle", "random"):
         raise ValueError(f"unknown scorer {scorer!r}")
@@ -179,8 +182,20 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             a = causal_attention(layer, layer.input_layernorm(rows), gather_rows(cos, idx),
                                  gather_rows(sin, idx))                         # [B, K, D]
             x = torch.stack([x[b].index_add(0, idx[b], a[b].to(x.dtype)) for b in range(batch)])
-        # Dense MLP block.
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if mlp == "tokens" and k_blocks is not None:
+            # MLP on the blocks whose intermediate activation is largest (no gradient in the choice).
+            with torch.no_grad():
+                h2 = layer.post_attention_layernorm(x)
+                activation = layer.mlp.act_fn(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
+                n = seq_len // block_size
+                norms = activation.float().norm(dim=-1)[:, : n * block_size]
+                scores = norms.reshape(batch, n, block_size).amax(dim=-1)
+                idx = select_token_indices(scores, k_blocks, block_size, seq_len)
+            m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
+            x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
+        else:
+            # Dense MLP block.
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
 
     logits = model.lm_head(inner.norm(x))                                      # [B, S, V]
     loss = None

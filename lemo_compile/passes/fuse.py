@@ -97,7 +97,7 @@ def _token_index(node: fx.Node) -> fx.Node | None:
     idx_val = _val(idx)
     if (
         not isinstance(idx, fx.Node)
-        or not _is_lemo(idx, "select")
+        or not (_is_lemo(idx, "select") or _is_lemo(idx, "mlp_select"))
         or idx_val is None
         or idx_val.dtype != torch.int64
         or tuple(idx_val.shape) != tuple(index_val.shape[:2])

@@ -113,6 +113,8 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             selection.sparse += inner.sparse
             selection.dense.update(inner.dense)
             selection.placeholder_outputs += inner.placeholder_outputs
+            selection.mlp_sparse += inner.mlp_sparse
+            selection.mlp_dense.update(inner.mlp_dense)
             body.graph.lint()
             body.recompile()
         report.extra_inputs = selection.extra_inputs
@@ -129,6 +131,19 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             if p.layer in fallback and p.sparse else p
             for p in plans
         ]
+        mlp_fallback = dict(selection.mlp_dense)
+        mlp_fallback.update({l.index: "no MLP block recognised" for l in layers
+                             if l.mlp is None and plans[l.index].mlp_sparse})
+        if mlp_fallback:
+            report.warn("lemo: these MLP blocks run dense: "
+                        + "; ".join(f"layer {i}: {why}" for i, why in sorted(mlp_fallback.items())))
+        report.plans = [
+            dataclasses.replace(p, mlp_kept_blocks=p.n_blocks, mlp_kept_tokens=p.seq_len)
+            if p.layer in mlp_fallback else p
+            for p in report.plans
+        ]
+        if config.mlp != "off":
+            report.counters["mlp_sparse_layers"] = len(selection.mlp_sparse)
         report.counters["sparse_layers"] = len(selection.sparse)
         report.counters["dense_fallbacks"] = len(selection.dense)
         report.counters["placeholder_outputs"] = selection.placeholder_outputs

@@ -35,6 +35,7 @@ from lemo_compile.passes.compact import CannotCompact, apply_compaction, plan_co
 from lemo_compile.regions import ModelRegions, ResidualBlock
 
 _DROPOUTS = (F.dropout, torch.dropout)
+_LINEARS = (F.linear, torch._C._nn.linear)
 
 
 @dataclasses.dataclass
@@ -47,6 +48,8 @@ class SelectionResult:
     dense: dict[int, str]
     placeholder_outputs: int = 0
     extra_inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    mlp_sparse: list[int] = dataclasses.field(default_factory=list)
+    mlp_dense: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def select_pass(
@@ -61,43 +64,101 @@ def select_pass(
     graph = gm.graph
     batch, seq_len = regions.batch_size, regions.seq_len
     bank = _predictor_bank(regions, plans, config) if config.scorer == "predictor" else None
+    # A block's residual add is replaced by a new node: blocks found before the rewrite that read
+    # the old add (the next block) must read its replacement.
+    replaced: dict[fx.Node, fx.Node] = {}
     for layer in regions.layers:
         plan = plans[layer.index]
-        block = layer.attention
-        if not plan.sparse or block is None:
-            continue
-        residual = block.residual
-        try:
-            compaction = plan_compaction(block, residual, batch, seq_len, plan.kept_tokens, fake_mode)
-        except CannotCompact as err:
-            result.dense[layer.index] = str(err)
-            continue
-
-        def tag(node: fx.Node, role: str, layer_index: int = layer.index, add: fx.Node = block.add) -> None:
-            node.meta["custom"] = {"lemo": role, "lemo_layer": layer_index}
-            node.meta["nn_module_stack"] = dict(add.meta.get("nn_module_stack") or {})
-
-        with graph.inserting_before(block.nodes[0]):
-            if bank is not None:
-                scores = _insert_predictor(gm, block, residual, bank, fake_mode, tag,
-                                           result.extra_inputs)
-            else:
-                scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
-            idx = _call(graph, fake_mode, ops.select_tokens,
-                        (scores, plan.kept_blocks, config.block_size, seq_len))
-            tag(idx, "select")
-        cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
-        output = apply_compaction(graph, block, residual, compaction, idx, tag)
-        with graph.inserting_before(block.add):
-            merged = _call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
-            tag(merged, "scatter_add")
-        for cached, shape in cache_shapes.items():
-            result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
-        block.add.replace_all_uses_with(merged)
-        graph.erase_node(block.add)
-        result.sparse.append(layer.index)
+        for block in (layer.attention, layer.mlp):
+            if block is not None:
+                block.residual = replaced.get(block.residual, block.residual)
+        if plan.sparse and layer.attention is not None:
+            merged = _sparse_attention(gm, layer, plan, config, bank, fake_mode, result)
+            if merged is not None:
+                replaced[layer.attention.add] = merged
+                if layer.mlp is not None and layer.mlp.residual is layer.attention.add:
+                    layer.mlp.residual = merged
+        if plan.mlp_sparse and layer.mlp is not None:
+            merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result)
+            if merged is not None:
+                replaced[layer.mlp.add] = merged
     graph.eliminate_dead_code()
     return result
+
+
+def _tagger(layer_index: int, anchor: fx.Node):
+    def tag(node: fx.Node, role: str) -> None:
+        node.meta["custom"] = {"lemo": role, "lemo_layer": layer_index}
+        node.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack") or {})
+
+    return tag
+
+
+def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result) -> fx.Node | None:
+    """Selection around one attention block; returns the new residual stream (None: left dense)."""
+    graph, block = gm.graph, layer.attention
+    residual = block.residual
+    batch, seq_len = residual.meta["example_value"].shape[:2]
+    try:
+        compaction = plan_compaction(block, residual, batch, seq_len, plan.kept_tokens, fake_mode)
+    except CannotCompact as err:
+        result.dense[layer.index] = str(err)
+        return None
+    tag = _tagger(layer.index, block.add)
+    with graph.inserting_before(block.nodes[0]):
+        if bank is not None:
+            scores = _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs)
+        else:
+            scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
+        idx = _call(graph, fake_mode, ops.select_tokens,
+                    (scores, plan.kept_blocks, config.block_size, seq_len))
+        tag(idx, "select")
+    cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
+    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
+    for cached, shape in cache_shapes.items():
+        result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
+    result.sparse.append(layer.index)
+    return merged
+
+
+def _sparse_mlp(gm, layer, plan, config, fake_mode, result) -> fx.Node | None:
+    """Token elimination in one MLP block (mlp="tokens"): its intermediate activation's norm per
+    token, on all tokens and without gradient, scores the blocks; the block runs on the kept ones."""
+    graph, block = gm.graph, layer.mlp
+    residual = block.residual
+    batch, seq_len = residual.meta["example_value"].shape[:2]
+    if block.output.target not in _LINEARS or not block.output.args:
+        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
+        return None
+    intermediate = block.output.args[0]
+    try:
+        compaction = plan_compaction(block, residual, batch, seq_len, plan.mlp_kept_tokens, fake_mode)
+    except CannotCompact as err:
+        result.mlp_dense[layer.index] = str(err)
+        return None
+    tag = _tagger(layer.index, block.add)
+    with graph.inserting_before(block.nodes[0]):
+        env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
+        scores = _call(graph, fake_mode, ops.activation_block_scores,
+                       (env[intermediate], config.block_size))
+        tag(scores, "mlp_score")
+        idx = _call(graph, fake_mode, ops.select_tokens,
+                    (scores, plan.mlp_kept_blocks, config.block_size, seq_len))
+        tag(idx, "mlp_select")
+    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
+    result.mlp_sparse.append(layer.index)
+    return merged
+
+
+def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag) -> fx.Node:
+    """Run the block on the kept rows and add its result into them: the new residual stream."""
+    output = apply_compaction(graph, block, residual, compaction, idx, tag)
+    with graph.inserting_before(block.add):
+        merged = _call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
+        tag(merged, "scatter_add")
+    block.add.replace_all_uses_with(merged)
+    graph.erase_node(block.add)
+    return merged
 
 
 def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mode, tag) -> fx.Node:
@@ -116,12 +177,13 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     return scores
 
 
-def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag) -> dict:
+def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
+                   role: str = "score") -> dict:
     """Copies of the block's nodes that `roots` depend on, computed from a detached x with dropout
     removed, on all tokens (the block itself is compacted afterwards): original -> copy."""
     wanted = _ancestors_in_block(block, roots)
     detached = _call(graph, fake_mode, torch.Tensor.detach, (residual,))
-    tag(detached, "score")
+    tag(detached, role)
     env: dict[fx.Node, fx.Node] = {residual: detached}
     for node in block.nodes:
         if node not in wanted:
@@ -130,7 +192,7 @@ def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag)
             env[node] = env.get(node.args[0], node.args[0])
             continue
         copy_ = graph.node_copy(node, lambda n: env.get(n, n))
-        tag(copy_, "score")
+        tag(copy_, role)
         env[node] = copy_
     return env
 
