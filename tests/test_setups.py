@@ -116,7 +116,8 @@ def _checkpointed_step(checkpointing: bool, **options):
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, backend.reports[-1]
 
 
-@pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3}])
+@pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3},
+                                    {"scorer": "oracle", "mlp": "tokens"}])
 def test_gradient_checkpointing_gives_the_same_results(scorer):
     """Layers inside activation-checkpoint regions are found and rewritten inside the region."""
     loss, grads, report = _checkpointed_step(True, **scorer)
