@@ -1,4 +1,5 @@
-"""Token selection: run each sparse layer's attention block on its informative tokens only.
+"""Token selection: run each sparse layer's attention block (and, with mlp="tokens", its MLP
+block) on its informative tokens only.
 
 IR seen: the torch-level Dynamo FX graph (before AOTAutograd), with the regions of
 `lemo_compile.regions`. Autograd through everything inserted here comes from AOTAutograd.
@@ -16,9 +17,12 @@ pass through. The oracle scorer runs a copy of the block's query and key computa
 block's attention input h = norm1(x) (a detached copy on all tokens) through the layer's trained
 `BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
 backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them.
+An MLP block is handled the same way, scored by the norm of its intermediate activation per token
+(a detached copy on all tokens), max over each block.
 
 Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
-a block that cannot be compacted stays dense and is reported in `SelectionResult.dense`.
+a block that cannot be compacted stays dense and is reported in `SelectionResult.dense` (attention)
+or `SelectionResult.mlp_dense`.
 """
 
 from __future__ import annotations
@@ -62,26 +66,24 @@ def select_pass(
     """Insert token selection for every sparse layer of `plans` (see module docstring)."""
     result = SelectionResult([], {})
     graph = gm.graph
-    batch, seq_len = regions.batch_size, regions.seq_len
     bank = _predictor_bank(regions, plans, config) if config.scorer == "predictor" else None
-    # A block's residual add is replaced by a new node: blocks found before the rewrite that read
-    # the old add (the next block) must read its replacement.
+    # A rewritten block's residual add is replaced by a new node: a later block that reads the old
+    # add (the layer's MLP, the next layer) must read the replacement.
     replaced: dict[fx.Node, fx.Node] = {}
     for layer in regions.layers:
         plan = plans[layer.index]
-        for block in (layer.attention, layer.mlp):
-            if block is not None:
-                block.residual = replaced.get(block.residual, block.residual)
         if plan.sparse and layer.attention is not None:
+            block = layer.attention
+            block.residual = replaced.get(block.residual, block.residual)
             merged = _sparse_attention(gm, layer, plan, config, bank, fake_mode, result)
             if merged is not None:
-                replaced[layer.attention.add] = merged
-                if layer.mlp is not None and layer.mlp.residual is layer.attention.add:
-                    layer.mlp.residual = merged
+                replaced[block.add] = merged
         if plan.mlp_sparse and layer.mlp is not None:
+            block = layer.mlp
+            block.residual = replaced.get(block.residual, block.residual)
             merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result)
             if merged is not None:
-                replaced[layer.mlp.add] = merged
+                replaced[block.add] = merged
     graph.eliminate_dead_code()
     return result
 
