@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +73,9 @@ class BlockPredictor(nn.Module):
         return cls(block_size, heads, sizes, sizes)
 
     @torch.no_grad()
-    def hidden_activity(self, h: torch.Tensor, seen: dict | None = None) -> dict[str, list[torch.Tensor]]:
+    def hidden_activity(
+        self, h: torch.Tensor, seen: dict | None = None
+    ) -> dict[str, list[torch.Tensor]]:
         """Which hidden ReLU units of each side are positive for some block of h, per hidden layer:
         {"q" | "k": [bool mask]}, OR-ed into `seen` (a previous result) when given."""
         blocks = _blocks(h, self.block_size, self.heads)
