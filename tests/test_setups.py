@@ -167,3 +167,12 @@ def test_bf16_autocast_matches_the_reference_under_autocast():
     for name, p in model.named_parameters():  # measured when written: at most 0.8% of the scale
         scale = p.grad.abs().max()
         assert (got[name] - p.grad).abs().max() <= 0.02 * scale + 1e-6, name
+
+
+def test_predictor_scorer_stays_dense_in_checkpointed_layers():
+    from lemo_compile.predictors import ModelSignature, PredictorBank
+
+    bank = PredictorBank(ModelSignature(64, 4, 16, 4, 16), [1, 2, 3], width=16, rank=4)
+    _, _, report = _checkpointed_step(True, scorer="predictor", predictors=bank)
+    assert report.counters["sparse_layers"] == 0 and report.counters["dense_fallbacks"] == 3
+    assert any("predictor scorer is not supported inside checkpointed" in w for w in report.warnings)
