@@ -45,3 +45,31 @@ def tiny_llama(*, kv_heads: int = 2, layers: int = 4, seed: int = 0, dtype=torch
 def token_batch(batch: int, seq_len: int, vocab: int = 101, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq_len), generator=generator)
+
+
+def assert_matches_reference(model, ids, backend, **reference_options):
+    """One training step of `model` compiled with `backend` (a LemoBackend) against the eager
+    reference `lemo_forward(model, ids, ids, **reference_options)`: logits, loss and every
+    parameter gradient within 1e-4. Leaves no gradients behind; returns the compiled model."""
+    from reference import lemo_forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    logits, loss = lemo_forward(model, ids, ids, **reference_options)
+    loss.backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
+    assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    return compiled
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    """Copies of the parameters' gradients, by name (parameters without one left out)."""
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
+from conftest import assert_matches_reference, grads, tiny_llama, token_batch
 from reference import lemo_forward
 
 FAST = {"compiler": "aot_eager", "block_size": 16}
@@ -25,26 +25,10 @@ def compile_lemo(model, **options):
     return torch.compile(model, backend=backend, fullgraph=True), backend
 
 
-def grads(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_training_step(model, ids, options, **reference_options):
     """One forward + backward, compiled vs eager reference: logits, loss and all grads within 1e-4."""
-    compiled, backend = compile_lemo(model, **options)
-    out = compiled(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got = grads(model)
-    model.zero_grad(set_to_none=True)
-    logits, loss = lemo_forward(model, ids, ids, block_size=FAST["block_size"], **reference_options)
-    loss.backward()
-    want = grads(model)
-    model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
-    assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    backend = lemo_compile.LemoBackend({**FAST, **options})
+    assert_matches_reference(model, ids, backend, block_size=FAST["block_size"], **reference_options)
     return backend.reports[-1]
 
 

@@ -12,8 +12,7 @@ import torch
 import transformers
 
 import lemo_compile
-from conftest import token_batch
-from reference import lemo_forward
+from conftest import assert_matches_reference, token_batch
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -47,17 +46,9 @@ def _compiled(model, **options):
 def test_family_matches_the_reference(family):
     model = _model(family)
     ids = token_batch(2, 150)
-    backend, compiled = _compiled(model, loss_segment=None)
-    out = compiled(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    logits, loss = lemo_forward(model, ids, ids, block_size=16, keep_ratio=0.4, dense_layers=[0])
-    loss.backward()
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    backend = Recording({**OPTIONS, "loss_segment": None})
+    compiled = assert_matches_reference(model, ids, backend, block_size=16, keep_ratio=0.4,
+                                        dense_layers=[0])
     report = backend.reports[-1]
     assert [p.kept_tokens for p in report.plans] == [150, 70, 70, 70]
     # one graph, no recompilation on the next step

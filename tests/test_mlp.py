@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
-from reference import lemo_forward
+from conftest import assert_matches_reference, tiny_llama, token_batch
 
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "dense_layers": [0], "mlp": "tokens"}
 
@@ -26,18 +25,8 @@ def test_mlp_tokens_matches_the_reference(batch, seq_len, kv_heads):
     model = tiny_llama(kv_heads=kv_heads)
     ids = token_batch(batch, seq_len)
     backend = Recording({**OPTIONS, "loss_segment": None})
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    out = compiled(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    logits, loss = lemo_forward(model, ids, ids, block_size=16, keep_ratio=0.4, dense_layers=[0],
-                                mlp="tokens")
-    loss.backward()
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    compiled = assert_matches_reference(model, ids, backend, block_size=16, keep_ratio=0.4,
+                                        dense_layers=[0], mlp="tokens")
     report = backend.reports[-1]
     assert report.counters["mlp_sparse_layers"] == 3 == report.counters["sparse_layers"]
     kept = [p.mlp_kept_tokens for p in report.plans]

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
+from conftest import assert_matches_reference, tiny_llama, token_batch
 from lemo_compile.kernels.block_scores import scores_from_tiles
 from lemo_compile.predictors import ModelSignature, PredictorBank
 from lemo_compile.predictors.calibrate import _recall_and_overlap
-from reference import lemo_forward
 
 BLOCK = 16
 TINY = ModelSignature(hidden_size=64, heads=4, head_dim=16, layers=4, block_size=BLOCK)
@@ -66,30 +65,20 @@ def test_predictors_option_must_be_a_bank_or_a_path():
         lemo_compile.LemoConfig.from_options({"scorer": "predictor", "predictors": 3})
 
 
-def _compiled_step(model, ids, bank, **options):
-    backend = lemo_compile.LemoBackend({
+def _backend(bank) -> lemo_compile.LemoBackend:
+    return lemo_compile.LemoBackend({
         "compiler": "aot_eager", "block_size": BLOCK, "dense_layers": [0, 1], "loss_segment": None,
-        "scorer": "predictor", "predictors": bank, **options,
+        "scorer": "predictor", "predictors": bank,
     })
-    return backend, torch.compile(model, backend=backend, fullgraph=True)
 
 
 def test_predictor_scorer_matches_the_reference_and_is_one_graph():
     model = tiny_llama()
     bank = _bank()
     ids = token_batch(2, 150)
-    backend, compiled = _compiled_step(model, ids, bank)
-    out = compiled(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    logits, loss = lemo_forward(model, ids, ids, block_size=BLOCK, keep_ratio=0.4,
-                                dense_layers=[0, 1], scorer=_predictor_scores(bank))
-    loss.backward()
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    backend = _backend(bank)
+    compiled = assert_matches_reference(model, ids, backend, block_size=BLOCK, keep_ratio=0.4,
+                                        dense_layers=[0, 1], scorer=_predictor_scores(bank))
     report = backend.reports[-1]
     assert report.counters["sparse_layers"] == 2
     assert [p.kept_tokens for p in report.plans] == [150, 150, 70, 70]
@@ -103,7 +92,8 @@ def test_predictor_weights_are_frozen_inputs_the_backend_passes_itself():
     bank = _bank()
     before = {k: v.clone() for k, v in bank.state_dict().items()}
     ids = token_batch(1, 128)
-    backend, compiled = _compiled_step(model, ids, bank)
+    backend = _backend(bank)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     for _ in range(2):
         compiled(input_ids=ids, labels=ids).loss.backward()
@@ -125,7 +115,7 @@ def test_predictor_weights_are_frozen_inputs_the_backend_passes_itself():
 def test_bank_for_another_model_fails_compilation_clearly():
     model = tiny_llama()
     other = _bank(signature=ModelSignature(128, 4, 32, 4, BLOCK))
-    _, compiled = _compiled_step(model, None, other)
+    compiled = torch.compile(model, backend=_backend(other), fullgraph=True)
     with pytest.raises(Exception, match="do not fit this model"):
         compiled(input_ids=token_batch(1, 128))
 

@@ -98,27 +98,19 @@ def _tagger(layer_index: int, anchor: fx.Node):
 
 def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result) -> fx.Node | None:
     """Selection around one attention block; returns the new residual stream (None: left dense)."""
-    graph, block = gm.graph, layer.attention
-    residual = block.residual
-    batch, seq_len = residual.meta["example_value"].shape[:2]
+    block = layer.attention
+
+    def scores(graph, residual, tag):
+        if bank is not None:
+            return _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs)
+        return _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
+
     try:
-        compaction = plan_compaction(block, residual, batch, seq_len, plan.kept_tokens, fake_mode)
+        merged = _sparse_block(gm, layer.index, block, plan.kept_blocks, plan.kept_tokens, scores,
+                               "select", config, fake_mode, result)
     except CannotCompact as err:
         result.dense[layer.index] = str(err)
         return None
-    tag = _tagger(layer.index, block.add)
-    with graph.inserting_before(block.nodes[0]):
-        if bank is not None:
-            scores = _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs)
-        else:
-            scores = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
-        idx = _call(graph, fake_mode, ops.select_tokens,
-                    (scores, plan.kept_blocks, config.block_size, seq_len))
-        tag(idx, "select")
-    cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
-    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
-    for cached, shape in cache_shapes.items():
-        result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
     result.sparse.append(layer.index)
     return merged
 
@@ -126,29 +118,49 @@ def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result) -> fx.No
 def _sparse_mlp(gm, layer, plan, config, fake_mode, result) -> fx.Node | None:
     """Token elimination in one MLP block (mlp="tokens"): its intermediate activation's norm per
     token, on all tokens and without gradient, scores the blocks; the block runs on the kept ones."""
-    graph, block = gm.graph, layer.mlp
-    residual = block.residual
-    batch, seq_len = residual.meta["example_value"].shape[:2]
+    block = layer.mlp
     if block.output.target not in _LINEARS or not block.output.args:
         result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
         return None
     intermediate = block.output.args[0]
+
+    def scores(graph, residual, tag):
+        env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
+        node = _call(graph, fake_mode, ops.activation_block_scores,
+                     (env[intermediate], config.block_size))
+        tag(node, "mlp_score")
+        return node
+
     try:
-        compaction = plan_compaction(block, residual, batch, seq_len, plan.mlp_kept_tokens, fake_mode)
+        merged = _sparse_block(gm, layer.index, block, plan.mlp_kept_blocks, plan.mlp_kept_tokens,
+                               scores, "mlp_select", config, fake_mode, result)
     except CannotCompact as err:
         result.mlp_dense[layer.index] = str(err)
         return None
-    tag = _tagger(layer.index, block.add)
-    with graph.inserting_before(block.nodes[0]):
-        env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
-        scores = _call(graph, fake_mode, ops.activation_block_scores,
-                       (env[intermediate], config.block_size))
-        tag(scores, "mlp_score")
-        idx = _call(graph, fake_mode, ops.select_tokens,
-                    (scores, plan.mlp_kept_blocks, config.block_size, seq_len))
-        tag(idx, "mlp_select")
-    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
     result.mlp_sparse.append(layer.index)
+    return merged
+
+
+def _sparse_block(gm, layer_index, block, kept_blocks, kept_tokens, insert_scores, select_role,
+                  config, fake_mode, result) -> fx.Node:
+    """Selection around one residual block: `insert_scores(graph, residual, tag)` inserts the
+    block scores [B, n], then the top `kept_blocks` are selected and the block is compacted to
+    `kept_tokens` rows and merged into the residual stream, which is returned. Raises
+    CannotCompact, leaving the graph unchanged, when the block cannot run on fewer tokens."""
+    graph = gm.graph
+    residual = block.residual
+    batch, seq_len = residual.meta["example_value"].shape[:2]
+    compaction = plan_compaction(block, residual, batch, seq_len, kept_tokens, fake_mode)
+    tag = _tagger(layer_index, block.add)
+    with graph.inserting_before(block.nodes[0]):
+        scores = insert_scores(graph, residual, tag)
+        idx = _call(graph, fake_mode, ops.select_tokens,
+                    (scores, kept_blocks, config.block_size, seq_len))
+        tag(idx, select_role)
+    cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
+    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
+    for cached, shape in cache_shapes.items():
+        result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
     return merged
 
 
