@@ -151,6 +151,9 @@ def main() -> int:
     model = build_model(args)
     losses = train_base(model, train_tokens, args, device)
     model.to(torch.bfloat16).eval().requires_grad_(False)
+    # Saved before calibration, so that a run cut short still brings the trained model back.
+    shards = save_shards(model.state_dict(), out / "model")
+    (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
     rows = [{"what": "base", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
              "losses": losses, "held_out_loss": {n: held_out_loss(model, test_tokens, n, device)
                                                  for n in args.eval_lens}}]
@@ -164,6 +167,7 @@ def main() -> int:
     bank = lemo_compile.calibrate(model, calib, options=options, progress=False)
     rows.append({"what": "calibration", "seconds": time.time() - begin, "steps": args.calib_steps,
                  "seq_len": args.calib_len, "layers": bank.layers})
+    print(json.dumps(rows[-1]), flush=True)
     bank.save(out / "predictors.safetensors")
     for length in args.eval_lens:
         held = [sequences(test_tokens, length, 1, seed=20_000 + i).to(device)
@@ -173,8 +177,6 @@ def main() -> int:
         rows.append({"what": "recall", "seq_len": length, "mean_recall": recall,
                      "per_layer": {str(k): v for k, v in metrics.items()}})
         print(json.dumps(rows[-1]), flush=True)
-    shards = save_shards(model.state_dict(), out / "model")
-    (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
     with open(out / "predictors.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
