@@ -3,9 +3,11 @@
 1. Corpus: the Python source of this machine's standard library and installed packages (real text no
    one here wrote), byte-level; files are split into train / held-out by a hash of their path.
 2. Base model: a small Llama (default 8 layers x 512, ~25M parameters, vocabulary 256) trained
-   from scratch on the train split for --train-minutes at --train-len tokens per sequence.
-3. Predictors: `lemo_compile.calibrate` on train-split sequences of --calib-len tokens, base model
-   frozen, oracle labels from the Triton block-score kernel.
+   from scratch on the train split for --train-minutes: at --train-len tokens per sequence, then,
+   for the last --long-fraction of the time, at --long-len (same tokens per step), so that its
+   attention is meaningful at the lengths measured.
+3. Predictors: `lemo_compile.calibrate` on train-split sequences of the --calib-lens (cycled),
+   base model frozen, oracle labels from the Triton block-score kernel.
 4. Recall: `lemo_compile.predictor_recall` on held-out sequences at each of --eval-lens.
 
 Writes the results (JSON lines), the predictor bank and the model (as shards of at most 15 MiB, so
@@ -77,7 +79,10 @@ def train_base(model, train_tokens, args, device) -> list[float]:
     losses, begin, step = [], time.time(), 0
     budget = args.train_minutes * 60
     while time.time() - begin < budget:
-        ids = sequences(train_tokens, args.train_len, args.train_batch, seed=step).to(device)
+        long = time.time() - begin > (1 - args.long_fraction) * budget
+        length = args.long_len if long else args.train_len
+        batch = max(1, args.train_batch * args.train_len // length)
+        ids = sequences(train_tokens, length, batch, seed=step).to(device)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(
                 min(1.0, (time.time() - begin) / budget) * torch.pi)).item()))
@@ -89,7 +94,8 @@ def train_base(model, train_tokens, args, device) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0:
             losses.append(loss.item())
-            print(f"base step {step}: loss {losses[-1]:.3f} ({time.time() - begin:.0f} s)", flush=True)
+            print(f"base step {step}: loss {losses[-1]:.3f} at {length} tokens "
+                  f"({time.time() - begin:.0f} s)", flush=True)
         step += 1
     return losses
 
@@ -131,10 +137,12 @@ def main() -> int:
     parser.add_argument("--train-minutes", type=float, default=4.0)
     parser.add_argument("--train-len", type=int, default=2048)
     parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--long-len", type=int, default=16384)
+    parser.add_argument("--long-fraction", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-bytes", type=int, default=400 << 20)
-    parser.add_argument("--calib-len", type=int, default=4096)
-    parser.add_argument("--calib-steps", type=int, default=400)
+    parser.add_argument("--calib-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--calib-steps", type=int, default=1200)
     parser.add_argument("--eval-lens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--eval-sequences", type=int, default=8)
     parser.add_argument("--keep-ratio", type=float, default=0.4)
@@ -161,12 +169,12 @@ def main() -> int:
 
     options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio}
     random.seed(0)
-    calib = [sequences(train_tokens, args.calib_len, 1, seed=10_000 + i).to(device)
-             for i in range(args.calib_steps)]
+    calib = [sequences(train_tokens, args.calib_lens[i % len(args.calib_lens)], 1,
+                       seed=10_000 + i).to(device) for i in range(args.calib_steps)]
     begin = time.time()
     bank = lemo_compile.calibrate(model, calib, options=options, progress=False)
     rows.append({"what": "calibration", "seconds": time.time() - begin, "steps": args.calib_steps,
-                 "seq_len": args.calib_len, "layers": bank.layers})
+                 "seq_lens": args.calib_lens, "layers": bank.layers})
     print(json.dumps(rows[-1]), flush=True)
     bank.save(out / "predictors.safetensors")
     for length in args.eval_lens:

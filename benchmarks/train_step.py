@@ -124,9 +124,12 @@ def main() -> int:
             command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
             for name in ("keep_ratio", "steps", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ))
             if done.returncode != 0:
-                row = {"variant": variant, "seq_len": seq_len, "error": f"exit {done.returncode}"}
+                row = {"variant": variant, "seq_len": seq_len, "error": f"exit {done.returncode}",
+                       "stderr_tail": done.stderr[-3000:]}
+                print(done.stderr[-3000:], file=sys.stderr)
             else:
                 row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)

@@ -48,15 +48,20 @@ class LemoBackend:
                 f"lemo backend got unexpected arguments {sorted(kwargs)}; pass lemo options as "
                 "torch.compile(..., options={...})"
             )
+        fake_mode = _fake_mode(gm, example_inputs)
         if _is_training(gm):
             if self.config.scorer == "predictor":
                 gm = _own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
-            report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
+            report = run_graph_passes(gm, self.config, fake_mode)
         else:
             report = CompileReport(training=False)
         self.reports.append(report)
         extra = report.extra_inputs
-        compiled = _compile(gm, [*example_inputs, *extra], self.config, self.mode, report)
+        # The inputs lemo adds are compiled as static fakes: given as real tensors, AOTAutograd
+        # would give them symbolic sizes that Dynamo has no source for, and any guard Inductor
+        # then puts on those sizes breaks Dynamo's guard building.
+        static = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
+        compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report)
         return _with_extra_inputs(compiled, extra) if extra else compiled
 
 

@@ -100,16 +100,19 @@ def test_predictor_weights_are_frozen_inputs_the_backend_passes_itself():
         optimizer.step()
         optimizer.zero_grad()
     report = backend.reports[-1]
-    # 2 sparse layers x (q, k) sides x 3 linear layers x (weight, bias)
-    assert len(report.extra_inputs) == 2 * 2 * 3 * 2
+    # 2 sparse layers x ((q, k) sides x 3 linear layers x (weight, bias) + the distance bias)
+    assert len(report.extra_inputs) == 2 * (2 * 3 * 2 + 1)
     assert all(not t.requires_grad for t in report.extra_inputs)
     assert report.graphs["select"].count("lemo_predictor_2_q0") >= 1
     assert not any("predictor" in name for name, _ in model.named_parameters())
     for name, tensor in bank.state_dict().items():
         assert torch.equal(tensor, before[name]), name
-    copies = dict(zip([f"{layer}.{name}" for layer in (2, 3) for side in ("q_side", "k_side")
-                       for name in [f"{side}.{i}" for i in range(6)]], report.extra_inputs))
+    names = [f"{layer}.{name}" for layer in (2, 3)
+             for name in [f"{side}.{i}" for side in ("q_side", "k_side") for i in range(6)]
+             + ["distance_bias"]]
+    copies = dict(zip(names, report.extra_inputs, strict=True))
     assert torch.equal(copies["2.q_side.0"], bank.predictor(2).q_side[0].weight)
+    assert torch.equal(copies["3.distance_bias"], bank.predictor(3).distance_bias)
 
 
 def test_bank_for_another_model_fails_compilation_clearly():
@@ -224,3 +227,24 @@ def test_shrunk_bank_round_trips(tmp_path):
     for layer in bank.layers:
         assert loaded.predictor(layer).sizes("q") == bank.predictor(layer).sizes("q")
         torch.testing.assert_close(loaded.predictor(layer)(h), bank.predictor(layer)(h))
+
+
+def test_predictor_inputs_are_compiled_with_static_shapes():
+    """The predictor weights the backend adds must not get symbolic sizes: Dynamo has no source
+    for them, so any guard on such a size (Inductor adds some on CUDA) broke guard building."""
+    from lemo_compile.backend import _fake_mode
+
+    model = tiny_llama()
+    ids = token_batch(1, 128)
+    inner = _backend(_bank())
+    symbols = {}
+
+    def backend(gm, example_inputs):
+        mode = _fake_mode(gm, example_inputs)
+        compiled = inner(gm, example_inputs)
+        symbols.update(mode.shape_env.var_to_val)
+        return compiled
+
+    torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss.backward()
+    assert inner.reports[-1].extra_inputs, "the predictor scorer added no inputs"
+    assert symbols == {}

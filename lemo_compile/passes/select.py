@@ -248,23 +248,25 @@ def _insert_predictor(
     graph = gm.graph
     h_all = _detached_copy(graph, block, residual, (h,), fake_mode, tag)[h]  # on all tokens
     predictor = bank.predictor(block.layer)
-    sides = []
-    for side in ("q", "k"):
-        weights = []
-        for i, tensor in enumerate(predictor.side_tensors(side)):
-            # New graph inputs that the backend passes itself: no optimizer ever sees them.
-            constant = tensor.detach().to(value.device, torch.float32).clone()
-            last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-            with graph.inserting_after(last):
-                weight = graph.placeholder(f"lemo_predictor_{block.layer}_{side}{i}")
-            weight.meta["example_value"] = fake_mode.from_tensor(constant)
-            weight._dynamo_source = None  # AOTAutograd asks every input where it came from
-            tag(weight, "score")
-            extra_inputs.append(constant)
-            weights.append(weight)
-        sides.append(weights)
+
+    def graph_input(tensor: torch.Tensor, name: str) -> fx.Node:
+        # A new graph input that the backend passes itself: no optimizer ever sees it.
+        constant = tensor.detach().to(value.device, torch.float32).clone()
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            node = graph.placeholder(f"lemo_predictor_{block.layer}_{name}")
+        node.meta["example_value"] = fake_mode.from_tensor(constant, static_shapes=True)
+        node._dynamo_source = None  # AOTAutograd asks every input where it came from
+        tag(node, "score")
+        extra_inputs.append(constant)
+        return node
+
+    sides = [[graph_input(t, f"{side}{i}") for i, t in enumerate(predictor.side_tensors(side))]
+             for side in ("q", "k")]
+    distance_bias = graph_input(predictor.distance_bias, "distance_bias")
     node = graph.call_function(
-        predicted_block_scores, (h_all, *sides, predictor.block_size, predictor.heads)
+        predicted_block_scores,
+        (h_all, *sides, distance_bias, predictor.block_size, predictor.heads),
     )
     with fake_mode:
         node.meta["example_value"] = value.new_empty(

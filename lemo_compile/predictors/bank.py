@@ -5,10 +5,16 @@ reshapes it into 64-token blocks and, per block and per head slice, maps the blo
 through a q-side and a k-side network (three linear layers with ReLU between them, weights shared
 across head slices) to rank-r features. The block score matrix is
 
-    P[m, p] = sum_h qhat[m, h] . khat[p, h]                       [B, n, n]
+    P[m, p] = sum_h qhat[m, h] . khat[p, h] + r[min(m - p, R - 1)]     [B, n, n]
 
 which approximates the oracle's tile maxima M up to a positive scale; the block scores are the same
 `sigma` rule applied to P's lower triangle. Everything runs in float32, with no gradient.
+
+The learned bias r over the block distance m - p (R entries, the last shared by all longer
+distances) is lemo's addition to the paper's predictor: the oracle's q and k carry rotary position
+information that h does not, and attention to nearby blocks depends on distance more than on
+content. On the CPU, on a small byte-level model's held-out text at 2K tokens, it raised the mean
+recall after 150 calibration steps from 0.57 to 0.69 (README, "Predictors").
 
 A `PredictorBank` holds the predictors of all sparse layers and the facts they were trained for
 (the model's hidden size, heads, head dim and layer count, the block size); it is saved as a
@@ -25,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMAT = "lemo-predictors-1"
+FORMAT = "lemo-predictors-2"
+DISTANCES = 1024  # R: block distances with their own bias (64K tokens at block size 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +55,14 @@ class BlockPredictor(nn.Module):
 
     q_sizes / k_sizes: the widths of each side, input first: (b * D / H, hidden1, hidden2, rank).
     The two sides start equal (`BlockPredictor.new`) and may differ after elastic shrinking.
+    distances: R, the length of the distance bias r (module docstring).
     """
 
-    def __init__(self, block_size: int, heads: int, q_sizes, k_sizes) -> None:
+    def __init__(self, block_size: int, heads: int, q_sizes, k_sizes,
+                 distances: int = DISTANCES) -> None:
         super().__init__()
         self.block_size, self.heads = block_size, heads
+        self.distance_bias = nn.Parameter(torch.zeros(distances))
 
         def side(sizes) -> nn.Sequential:
             layers: list[nn.Module] = []
@@ -96,7 +106,7 @@ class BlockPredictor(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return block_score_matrix(h, self.side_tensors("q"), self.side_tensors("k"),
-                                  self.block_size, self.heads)
+                                  self.distance_bias, self.block_size, self.heads)
 
     def side_tensors(self, side: str) -> list[torch.Tensor]:
         """The q- or k-side's weights and biases, layer by layer: [W1, b1, W2, b2, W3, b3]."""
@@ -104,12 +114,17 @@ class BlockPredictor(nn.Module):
 
 
 def block_score_matrix(
-    h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor], block_size: int,
-    heads: int,
+    h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor],
+    distance_bias: torch.Tensor, block_size: int, heads: int,
 ) -> torch.Tensor:
-    """P [B, n, n] (float32) of a predictor given as tensors (see `BlockPredictor.side_tensors`)."""
+    """P [B, n, n] (float32) of a predictor given as tensors (see `BlockPredictor.side_tensors`);
+    entries above the diagonal (m < p) carry no distance bias and are never used."""
     blocks = _blocks(h, block_size, heads)
-    return torch.einsum("bmhr,bphr->bmp", _side(blocks, q_side), _side(blocks, k_side))
+    scores = torch.einsum("bmhr,bphr->bmp", _side(blocks, q_side), _side(blocks, k_side))
+    n = scores.shape[-1]
+    position = torch.arange(n, device=scores.device)
+    distance = (position[:, None] - position[None, :]).clamp(0, distance_bias.shape[0] - 1)
+    return scores + distance_bias[distance]
 
 
 def _blocks(h: torch.Tensor, block_size: int, heads: int) -> torch.Tensor:
@@ -130,15 +145,15 @@ def _side(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def predicted_block_scores(
-    h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor], block_size: int,
-    heads: int,
+    h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor],
+    distance_bias: torch.Tensor, block_size: int, heads: int,
 ) -> torch.Tensor:
     """sigma [B, n] (float32) from a predictor's P, with the oracle's rule (causal tiles only).
 
     A graph function: the predictor scorer inserts it with the weights as graph constants."""
     from lemo_compile.kernels.block_scores import scores_from_tiles
 
-    tiles = block_score_matrix(h.detach(), q_side, k_side, block_size, heads)
+    tiles = block_score_matrix(h.detach(), q_side, k_side, distance_bias, block_size, heads)
     return scores_from_tiles(torch.tril(tiles))
 
 
@@ -194,7 +209,8 @@ class PredictorBank(nn.Module):
             )
 
     def metadata(self) -> dict[str, str]:
-        sizes = {layer: {side: self.predictor(layer).sizes(side) for side in "qk"}
+        sizes = {layer: {**{side: self.predictor(layer).sizes(side) for side in "qk"},
+                         "distances": self.predictor(layer).distance_bias.shape[0]}
                  for layer in self.layers}
         return {
             "format": FORMAT,
@@ -226,7 +242,7 @@ class PredictorBank(nn.Module):
         bank = cls(signature, [], width=int(meta["width"]), rank=int(meta["rank"]))
         for layer, sizes in json.loads(meta["sizes"]).items():
             bank.predictors[layer] = BlockPredictor(signature.block_size, signature.heads,
-                                                    sizes["q"], sizes["k"])
+                                                    sizes["q"], sizes["k"], sizes["distances"])
         bank.load_state_dict(tensors)
         return bank.requires_grad_(False).eval()
 
