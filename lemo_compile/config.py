@@ -142,6 +142,10 @@ class LemoConfig:
             return self.keep_ratio[layer]
         return self.keep_ratio
 
+    def mlp_ratio_of(self, layer: int) -> float:
+        """The MLP keep ratio of decoder layer `layer` (mlp="tokens")."""
+        return self.mlp_keep_ratio or self.keep_ratio_of(layer)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
@@ -149,11 +153,17 @@ class LayerPlan:
 
     sparse:       True when the attention block runs on `kept_tokens` tokens instead of all.
     n_blocks:     full blocks in the sequence (S // block_size); the S % block_size tail is kept.
-    kept_blocks:  full blocks kept (== n_blocks for a dense layer).
-    kept_tokens:  kept_blocks * block_size + tail (== S for a dense layer).
+    kept_blocks:  full blocks kept (== n_blocks for a dense layer); with padding, what a row of
+                  all S real tokens keeps (a shorter row keeps its own count, see `padded`).
+    kept_tokens:  the rows the compacted block runs on: kept_blocks * block_size + tail (== S for
+                  a dense layer); with padding, `padded_kept_tokens` (room for any row's kept set).
     reason:       why the layer is dense, empty for a sparse layer.
     mlp_kept_blocks, mlp_kept_tokens: the same for the MLP block (== n_blocks / S when it is
                   dense: mlp="off", a dense layer, or nothing to drop).
+    padded:       the block is planned for a padded batch (an attention mask reaches it): each row
+                  keeps what it would keep alone, `kept_blocks(ratio, L // block_size)` blocks of
+                  its L real tokens plus their tail; the other rows of the compacted block are
+                  fillers whose results are discarded.
     """
 
     layer: int
@@ -165,6 +175,7 @@ class LayerPlan:
     reason: str = ""
     mlp_kept_blocks: int = -1
     mlp_kept_tokens: int = -1
+    padded: bool = False
 
     def __post_init__(self) -> None:
         if self.mlp_kept_blocks < 0:
@@ -189,8 +200,26 @@ def dense_layer_set(config: LemoConfig, num_layers: int) -> frozenset[int]:
     return frozenset(config.dense_layers)
 
 
-def plan_layers(config: LemoConfig, num_layers: int, seq_len: int) -> list[LayerPlan]:
-    """One `LayerPlan` per decoder layer for sequences of `seq_len` tokens."""
+def kept_blocks(ratio: float, n_blocks: int) -> int:
+    """Full blocks a sparse layer keeps out of `n_blocks`: min(n, max(1, ceil(ratio * n))), 0 for
+    n == 0. Keeping all n means the layer (or, with padding, the row) runs dense."""
+    return min(n_blocks, max(1, math.ceil(ratio * n_blocks)))
+
+
+def padded_kept_tokens(ratio: float, seq_len: int, block_size: int) -> int:
+    """The most tokens a row of any length L <= seq_len keeps on its own (its kept blocks plus its
+    L % block_size tail): the static size of a block compacted for a padded batch."""
+    most = 0
+    for n in range(seq_len // block_size + 1):
+        longest = min(seq_len, (n + 1) * block_size - 1)  # the longest row with n full blocks
+        most = max(most, kept_blocks(ratio, n) * block_size + longest - n * block_size)
+    return most
+
+
+def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
+                padded: bool = False) -> list[LayerPlan]:
+    """One `LayerPlan` per decoder layer for sequences of `seq_len` tokens; `padded`: for batches
+    whose rows may hold padding (then a sparse block's `kept_tokens` is `padded_kept_tokens`)."""
     if isinstance(config.keep_ratio, tuple) and len(config.keep_ratio) != num_layers:
         raise ValueError(
             f"lemo option 'keep_ratio' has {len(config.keep_ratio)} entries but the model has "
@@ -200,7 +229,7 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int) -> list[Layer
     n_blocks, tail = divmod(seq_len, config.block_size)
     plans = []
     for layer in range(num_layers):
-        kept = min(n_blocks, max(1, math.ceil(config.keep_ratio_of(layer) * n_blocks)))
+        kept = kept_blocks(config.keep_ratio_of(layer), n_blocks)
         if layer in dense:
             reason = "dense_layers"
         elif n_blocks == 0:
@@ -211,14 +240,22 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int) -> list[Layer
             reason = ""
         mlp = {}
         if config.mlp == "tokens" and layer not in dense and n_blocks:
-            ratio = config.mlp_keep_ratio or config.keep_ratio_of(layer)
-            mlp_kept = min(n_blocks, max(1, math.ceil(ratio * n_blocks)))
-            mlp = {"mlp_kept_blocks": mlp_kept, "mlp_kept_tokens": mlp_kept * config.block_size + tail}
+            ratio = config.mlp_ratio_of(layer)
+            mlp_kept = kept_blocks(ratio, n_blocks)
+            mlp_tokens = mlp_kept * config.block_size + tail
+            if padded and mlp_kept < n_blocks:
+                mlp_tokens = padded_kept_tokens(ratio, seq_len, config.block_size)
+            mlp = {"mlp_kept_blocks": mlp_kept, "mlp_kept_tokens": mlp_tokens}
         if reason:
-            plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason, **mlp))
+            plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason, **mlp,
+                                   padded=padded))
         else:
             kept_tokens = kept * config.block_size + tail
-            plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens, **mlp))
+            if padded:
+                kept_tokens = padded_kept_tokens(config.keep_ratio_of(layer), seq_len,
+                                                 config.block_size)
+            plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens, **mlp,
+                                   padded=padded))
     return plans
 
 

@@ -79,13 +79,124 @@ def select_tokens(scores: torch.Tensor, kept_blocks: int, block_size: int, seq_l
     return torch.cat([tokens, tail.expand(batch, -1)], dim=1)
 
 
-def activation_block_scores(intermediate: torch.Tensor, block_size: int) -> torch.Tensor:
+def activation_block_scores(
+    intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """MLP block scores [B, n] (float32): per token the L2 norm of the MLP's intermediate activation
-    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then the max over each full block."""
+    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then the max over each full block.
+
+    With `real` [B, S] (padding), the blocks are each row's own: its real tokens, in order, cut
+    into blocks (`real_first`); entries past a row's full blocks are meaningless."""
     batch, seq_len = intermediate.shape[:2]
     n_blocks = seq_len // block_size
-    norms = intermediate.float().norm(dim=-1)[:, : n_blocks * block_size]
+    norms = intermediate.float().norm(dim=-1)
+    if real is not None:
+        norms = real_first(norms, real, 1, block_size)
+    norms = norms[:, : n_blocks * block_size]
     return norms.reshape(batch, n_blocks, block_size).amax(dim=-1)
+
+
+# ------------------------------------------------------- padded batches (graph functions)
+#
+# A padded row is computed as if it ran alone: its L real tokens, in order, are cut into blocks of
+# their own (a left-padded row's blocks start at its first real token, not at position 0), scored
+# from real tokens only, and the row keeps `config.kept_blocks(ratio, L // b)` of them plus its
+# L % b tail. The compacted block has a static number of rows K for every row length; a row's
+# remaining rows are fillers (padding first, then unkept real tokens): hidden as keys, and their
+# results are discarded (`hide_invalid_keys`, `scatter_add_kept_tokens`).
+
+
+def real_tokens(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Which tokens are real (not padding), [B, S] bool, read off the attention mask that reaches
+    SDPA, mask [B or 1, h or 1, S, S] (bool: True attends; float: additive, 0 attends).
+
+    Token j is real when it may attend to itself: Hugging Face's masks hide padding keys from every
+    query and keep the diagonal otherwise (causal, sliding-window and chunked alike)."""
+    diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    if diagonal.dtype != torch.bool:
+        diagonal = diagonal > torch.finfo(diagonal.dtype).min / 2
+    return diagonal.expand(batch, -1)
+
+
+def real_first(t: torch.Tensor, real: torch.Tensor, dim: int, block_size: int,
+               zero_partial: bool = False) -> torch.Tensor:
+    """t with each row's tokens reordered along `dim` so that its real tokens come first, in order,
+    then its padding: the frame in which the row's own blocks are t's blocks 0 .. L // b - 1.
+
+    t [B, ..., S (at dim), ...], real [B, S]. zero_partial: zero every entry past the row's full
+    blocks (its tail and its padding), so that they add nothing to block scores."""
+    batch, seq_len = real.shape
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices     # [B, S]
+    view = [batch] + [1] * (t.dim() - 1)
+    view[dim] = seq_len
+    if t.shape[0] != batch:
+        t = t.expand(batch, *t.shape[1:])
+    t = t.gather(dim, order.reshape(view).expand(t.shape))
+    if zero_partial:
+        full = real.sum(dim=1, keepdim=True) // block_size * block_size          # [B, 1]
+        inside = torch.arange(seq_len, device=real.device)[None, :] < full       # [B, S]
+        t = torch.where(inside.reshape(view), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return t
+
+
+def kept_row_tokens(scores: torch.Tensor, real: torch.Tensor, keep_ratio: float,
+                    block_size: int) -> torch.Tensor:
+    """The tokens each row keeps, [B, S] bool, as it would keep them alone.
+
+    scores [B, n]: block scores in each row's own frame (`real_first`); real [B, S]. A row with L
+    real tokens has m = L // b full blocks; it keeps its `kept_blocks(keep_ratio, m)` best ones
+    (ties: the lower block first) and its L % b tail. Padding is never kept."""
+    from lemo_compile.config import kept_blocks
+
+    batch, n_blocks = scores.shape
+    device = scores.device
+    full = real.sum(dim=1) // block_size                                         # [B]
+    table = torch.tensor([kept_blocks(keep_ratio, m) for m in range(n_blocks + 1)], device=device)
+    keep = table[full]                                                           # [B]
+    block = torch.arange(n_blocks, device=device)[None, :]
+    own = block < full[:, None]                                                  # [B, n]
+    ranked = torch.where(own, scores.float(), torch.full((), float("-inf"), device=device))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    rank = torch.argsort(order, dim=1)                                           # block -> rank
+    block_kept = own & (rank < keep[:, None])
+    position = real.long().cumsum(dim=1) - 1          # a real token's index among the row's real
+    token_block = (position // block_size).clamp(0, n_blocks - 1)
+    in_tail = position >= (full * block_size)[:, None]
+    return real & (in_tail | block_kept.gather(1, token_block))
+
+
+def select_kept_tokens(kept: torch.Tensor, real: torch.Tensor, kept_tokens: int) -> torch.Tensor:
+    """Token indices [B, kept_tokens] (int64), sorted per row: every kept token (kept [B, S] holds
+    at most kept_tokens per row), then fillers, padding before unkept real tokens, by position."""
+    seq_len = kept.shape[1]
+    position = torch.arange(seq_len, device=kept.device)[None, :]
+    rank = torch.where(kept, 0, torch.where(real, 2, 1))
+    chosen = torch.sort(position + seq_len * rank, dim=1).indices[:, :kept_tokens]
+    return torch.sort(chosen, dim=1).values
+
+
+def tokens_at(flags: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """flags [B, S] at the token indices idx [B, K] -> [B, K] (which selected rows are kept)."""
+    return flags.gather(1, idx)
+
+
+def hide_invalid_keys(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A compacted attention mask [B, h, K, K] with the filler rows (valid [B, K] False) hidden as
+    keys from every query; a filler query sees only itself, so that no query row is fully masked
+    (its result is discarded, and no gradient reaches it)."""
+    kept_key = valid[:, None, None, :]
+    own_key = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device) & ~valid[:, None, :, None]
+    if mask.dtype == torch.bool:
+        return (mask & kept_key) | own_key
+    visible = ((mask > torch.finfo(mask.dtype).min / 2) & kept_key) | own_key
+    return torch.where(visible, torch.where(own_key, 0, mask), torch.finfo(mask.dtype).min)
+
+
+def scatter_add_kept_tokens(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor,
+                            valid: torch.Tensor) -> torch.Tensor:
+    """`scatter_add_tokens(x, idx, rows)` with the filler rows (valid [B, K] False) dropped."""
+    rows = torch.where(valid[:, :, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return scatter_add_tokens(x, idx, rows)
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

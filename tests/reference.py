@@ -139,7 +139,7 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
-                 mlp: str = "off"):
+                 mlp: str = "off", mlp_keep_ratio: float | None = None):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
@@ -148,7 +148,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
-    number of blocks, chosen by the largest per-token norm of act(gate) * up within each block.
+    number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
+    (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead).
     """
     if not callable(scorer) and scorer not in ("oracle", "random"):
         raise ValueError(f"unknown scorer {scorer!r}")
@@ -190,7 +191,10 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                 n = seq_len // block_size
                 norms = activation.float().norm(dim=-1)[:, : n * block_size]
                 scores = norms.reshape(batch, n, block_size).amax(dim=-1)
-                idx = select_token_indices(scores, k_blocks, block_size, seq_len)
+                k_mlp = k_blocks
+                if mlp_keep_ratio is not None:
+                    k_mlp = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
+                idx = select_token_indices(scores, k_mlp, block_size, seq_len)
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
         else:
@@ -203,3 +207,34 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)
     return logits, loss
+
+
+def lemo_forward_padded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor | None = None, **options):
+    """(logits [B, S, V], loss or None) of a padded batch under LeMo token elimination: every row as
+    if it ran alone.
+
+    Row r's real tokens (attention_mask[r] == 1), in order, go through `lemo_forward` as a batch of
+    one (so with positions 0 .. L-1 and the row's own blocks, plan and selection); their logits go
+    back to their positions, zeros at padding. loss: the mean cross-entropy over every row's counted
+    labels, i.e. the sum over rows of (row loss x its number of counted labels) / their total. This
+    is the padded batch's HF loss when no counted label follows padding (labels -100 at padding
+    and, with left padding, at each row's first real token). options: those of `lemo_forward`; a
+    "random" scorer draws each row's scores as a batch of one, which a batch does not.
+    """
+    batch, seq_len = input_ids.shape
+    rows, total, count = [], 0.0, 0
+    for r in range(batch):
+        real = attention_mask[r].bool()
+        row_labels = labels[r, real][None] if labels is not None else None
+        logits, loss = lemo_forward(model, input_ids[r, real][None], row_labels, **options)
+        padded = logits.new_zeros(seq_len, logits.shape[-1]).index_put(
+            (real.nonzero()[:, 0],), logits[0])
+        rows.append(padded)
+        if row_labels is not None:
+            counted = int((row_labels[0, 1:] != -100).sum())
+            if counted:
+                total = total + loss * counted
+                count += counted
+    loss = total / count if labels is not None else None
+    return torch.stack(rows), loss

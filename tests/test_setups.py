@@ -135,14 +135,17 @@ def test_unseeded_random_scorer_stays_dense_in_checkpointed_layers():
     assert any("needs a seed" in w for w in report.warnings)
 
 
-def test_an_attention_mask_draws_a_padding_warning():
+def test_an_attention_mask_draws_no_warning():
+    """Padding is kept out of selection (tests/test_padding.py), so a mask is no cause to warn."""
     model = tiny_llama()
     ids = token_batch(2, 128)
-    backend = lemo_compile.LemoBackend(OPTIONS)
-    with pytest.warns(lemo_compile.LemoWarning, match="does not yet keep padding out"):
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lemo_compile.LemoWarning)
         torch.compile(model, backend=backend)(input_ids=ids, attention_mask=torch.ones_like(ids),
                                               labels=ids)
     assert backend.reports[-1].counters["sparse_layers"] == 3
+    assert all(p.padded for p in backend.reports[-1].plans)
 
 
 def test_bf16_autocast_matches_the_reference_under_autocast():

@@ -65,6 +65,39 @@ def sequence_dims(value: torch.Tensor, batch: int, seq_len: int) -> tuple[int, .
     return ()
 
 
+def attention_masks(block: ResidualBlock, batch: int, seq_len: int) -> list[fx.Node]:
+    """The attention masks [B|1, h, S, S] that enter `block` from outside it (sequence dims 2 and
+    3), in graph order: what a padded batch's padding is read from."""
+    members = set(block.nodes)
+    found: dict[fx.Node, None] = {}
+    for node in block.nodes:
+        for source in node.all_input_nodes:
+            value = source.meta.get("example_value")
+            if source in members or not isinstance(value, torch.Tensor):
+                continue
+            if sequence_dims(value, batch, seq_len) == (2, 3):
+                found[source] = None
+    return list(found)
+
+
+def input_dependent_masks(gm: fx.GraphModule, batch: int, seq_len: int) -> list[fx.Node]:
+    """Nodes of gm holding an attention mask [B|1, h, S, S] computed from (or equal to) a graph
+    input other than a parameter or buffer: the caller's attention_mask (or position_ids), hence
+    possibly padding. A purely causal mask (built from aranges) is not one of them."""
+    found = []
+    depends: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:  # topological order: inputs are decided before their users
+        if node.op == "placeholder":
+            depends[node] = not _is_parameter(node)
+        else:
+            depends[node] = any(depends.get(n, False) for n in node.all_input_nodes)
+        value = node.meta.get("example_value")
+        if depends[node] and isinstance(value, torch.Tensor):
+            if sequence_dims(value, batch, seq_len) == (2, 3):
+                found.append(node)
+    return found
+
+
 def plan_compaction(
     block: ResidualBlock,
     residual: fx.Node,
@@ -124,14 +157,22 @@ def apply_compaction(
     plan: CompactionPlan,
     idx: fx.Node,
     tag: Callable[[fx.Node, str], None],
+    valid: fx.Node | None = None,
 ) -> fx.Node:
-    """Gather the block's inputs at idx and rewrite its nodes in place; returns the output [B, K, D]."""
+    """Gather the block's inputs at idx and rewrite its nodes in place; returns the output [B, K, D].
+
+    valid [B, K] (padded batches): which gathered rows are kept, the others being fillers; every
+    gathered attention mask then hides the fillers as keys (`ops.hide_invalid_keys`)."""
     gathered: dict[fx.Node, fx.Node] = {}
     with graph.inserting_before(block.nodes[0]):
         for source, dims in plan.gathers.items():
             node = graph.call_function(ops.gather_tokens, (source, idx, dims))
             node.meta["example_value"] = plan.new_values[source]
             tag(node, "gather")
+            if valid is not None and dims == (2, 3):
+                node = graph.call_function(ops.hide_invalid_keys, (node, valid))
+                node.meta["example_value"] = plan.new_values[source]
+                tag(node, "hide_fillers")
             gathered[source] = node
     members = set(block.nodes)
     for node in block.nodes:

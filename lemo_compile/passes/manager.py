@@ -22,6 +22,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
 from lemo_compile.regions import checkpointed_layers, find_regions
@@ -82,19 +83,23 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     sparse_layers = [layer for layer in layers if layer.attention is not None]
     if problems:
         report.warn("lemo: some decoder layers were not recognised and run dense: " + "; ".join(problems))
-    if sparse_layers and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
-        report.warn(
-            "lemo: the model is called with an attention_mask. lemo does not yet keep padding out "
-            "of token selection: with padded batches, padding can be kept instead of real tokens. "
-            "Pack or pad-free batches are safe; an all-ones mask is harmless."
-        )
     if sparse_layers:
         residual = sparse_layers[0].attention.residual.meta["example_value"]
         report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
-        plans = plan_layers(config, len(layers), report.seq_len)
+        # A padded batch: the attention mask depends on the caller's inputs (its attention_mask).
+        # Every sparse attention block then reads the padding off the mask that reaches it.
+        padded = bool(input_dependent_masks(gm, report.batch_size, report.seq_len))
+        if not padded and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
+            report.warn(
+                "lemo: the model is called with an attention_mask, but no attention mask computed "
+                "from it reaches the attention (an attention implementation that takes the 2-D mask "
+                "itself?), so lemo cannot tell padding apart: with padded batches, padding can be "
+                "kept instead of real tokens. Pad-free batches (or an all-ones mask) are safe."
+            )
+        plans = plan_layers(config, len(layers), report.seq_len, padded=padded)
         selection = SelectionResult([], {})
         if any(l.attention is not None for l in regions.layers):
-            selection = select_pass(gm, regions, plans, config, fake_mode)
+            selection = select_pass(gm, regions, plans, config, fake_mode, padded)
         bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
         for body, body_regions in bodies.values():
             inside = [l.index for l in body_regions.layers if l.attention is not None]
@@ -109,7 +114,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             if unsupported:
                 selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
                 continue
-            inner = select_pass(body, body_regions, plans, config, fake_mode)
+            inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
             selection.sparse += inner.sparse
             selection.dense.update(inner.dense)
             selection.placeholder_outputs += inner.placeholder_outputs

@@ -12,13 +12,28 @@ For every layer whose `LayerPlan` is sparse, it inserts, before the block:
 
 rewrites the block in place to run on x_k (`compact.py`), and replaces the residual add with
 `ops.scatter_add_tokens(x, idx, block_output)`: kept rows get the block's result added, the others
-pass through. The oracle scorer runs a copy of the block's query and key computation on all tokens
+pass through.
+
+The oracle scorer runs a copy of the block's query and key computation on all tokens
 (input detached, dropout removed) and feeds `lemo::block_scores`. The predictor scorer reads the
 block's attention input h = norm1(x) (a detached copy on all tokens) through the layer's trained
 `BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
 backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them.
 An MLP block is handled the same way, scored by the norm of its intermediate activation per token
 (a detached copy on all tokens), max over each block.
+
+Padded batches (`padded=True`: an attention mask computed from the caller's inputs exists):
+each row is selected as if it ran alone (README, "Semantics": padded batches). Its real tokens are
+read off the mask that reaches the layer's attention (`ops.real_tokens`); the scorer sees them in
+the row's own frame (`ops.real_first`: real tokens first, so blocks start at the first real token,
+and scores from real full blocks only); then
+
+    kept  = ops.kept_row_tokens(scores, real, ratio, b)  # [B, S]: the row's own kept set
+    idx   = ops.select_kept_tokens(kept, real, K)          # K = plan.kept_tokens, fixed by S
+    valid = ops.tokens_at(kept, idx)                       # [B, K]: False for filler rows
+
+Filler rows are hidden as keys in the gathered mask (`compact.apply_compaction`) and their block
+results are dropped (`ops.scatter_add_kept_tokens`).
 
 Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
 a block that cannot be compacted stays dense and is reported in `SelectionResult.dense` (attention)
@@ -35,7 +50,12 @@ from torch import fx
 
 from lemo_compile import ops
 from lemo_compile.config import LayerPlan, LemoConfig
-from lemo_compile.passes.compact import CannotCompact, apply_compaction, plan_compaction
+from lemo_compile.passes.compact import (
+    CannotCompact,
+    apply_compaction,
+    attention_masks,
+    plan_compaction,
+)
 from lemo_compile.regions import ModelRegions, ResidualBlock
 
 _DROPOUTS = (F.dropout, torch.dropout)
@@ -56,15 +76,49 @@ class SelectionResult:
     mlp_dense: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
+class _Padding:
+    """The real-token flags [B, S] of a padded graph, one node per attention mask, inserted where
+    the first block that needs them starts (masks are computed before every layer)."""
+
+    def __init__(self, fake_mode) -> None:
+        self.fake_mode = fake_mode
+        self.masks: dict[int, fx.Node | None] = {}
+        self.real: dict[fx.Node, fx.Node] = {}
+
+    def note_layer(self, layer) -> None:
+        """Remember the mask that reaches the layer's attention, before the layer is rewritten."""
+        masks = []
+        if layer.attention is not None:
+            batch, seq_len = layer.attention.residual.meta["example_value"].shape[:2]
+            masks = attention_masks(layer.attention, batch, seq_len)
+        self.masks[layer.index] = masks[0] if masks else None
+
+    def real_tokens(self, graph: fx.Graph, layer, batch: int, seq_len: int, tag) -> fx.Node:
+        mask = self.masks.get(layer.index)
+        if mask is None:
+            raise CannotCompact(
+                "the batch is padded (an attention mask computed from the inputs exists) but no "
+                "attention mask reaches this layer's attention, so its padding cannot be told apart"
+            )
+        if mask not in self.real:
+            node = _call(graph, self.fake_mode, ops.real_tokens, (mask, batch))
+            tag(node, "padding")
+            self.real[mask] = node
+        return self.real[mask]
+
+
 def select_pass(
     gm: fx.GraphModule,
     regions: ModelRegions,
     plans: list[LayerPlan],
     config: LemoConfig,
     fake_mode,
+    padded: bool = False,
 ) -> SelectionResult:
-    """Insert token selection for every sparse layer of `plans` (see module docstring)."""
+    """Insert token selection for every sparse layer of `plans` (see module docstring); `padded`:
+    the batch may hold padding, which an attention mask in every attention block tells."""
     result = SelectionResult([], {})
+    padding = _Padding(fake_mode) if padded else None
     graph = gm.graph
     bank = _predictor_bank(regions, plans, config) if config.scorer == "predictor" else None
     # A rewritten block's residual add is replaced by a new node: a later block that reads the old
@@ -72,16 +126,18 @@ def select_pass(
     replaced: dict[fx.Node, fx.Node] = {}
     for layer in regions.layers:
         plan = plans[layer.index]
+        if padding is not None:
+            padding.note_layer(layer)
         if plan.sparse and layer.attention is not None:
             block = layer.attention
             block.residual = replaced.get(block.residual, block.residual)
-            merged = _sparse_attention(gm, layer, plan, config, bank, fake_mode, result)
+            merged = _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding)
             if merged is not None:
                 replaced[block.add] = merged
         if plan.mlp_sparse and layer.mlp is not None:
             block = layer.mlp
             block.residual = replaced.get(block.residual, block.residual)
-            merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result)
+            merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding)
             if merged is not None:
                 replaced[block.add] = merged
     graph.eliminate_dead_code()
@@ -96,18 +152,20 @@ def _tagger(layer_index: int, anchor: fx.Node):
     return tag
 
 
-def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result) -> fx.Node | None:
+def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx.Node | None:
     """Selection around one attention block; returns the new residual stream (None: left dense)."""
     block = layer.attention
 
-    def scores(graph, residual, tag):
+    def scores(graph, residual, tag, real):
         if bank is not None:
-            return _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs)
-        return _insert_scorer(graph, block, residual, plan, config, fake_mode, tag)
+            return _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs,
+                                     real)
+        return _insert_scorer(graph, block, residual, plan, config, fake_mode, tag, real)
 
     try:
-        merged = _sparse_block(gm, layer.index, block, plan.kept_blocks, plan.kept_tokens, scores,
-                               "select", config, fake_mode, result)
+        merged = _sparse_block(gm, layer, block, plan.kept_blocks, plan.kept_tokens, scores,
+                               "select", config, fake_mode, result, padding,
+                               config.keep_ratio_of(layer.index))
     except CannotCompact as err:
         result.dense[layer.index] = str(err)
         return None
@@ -115,7 +173,7 @@ def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result) -> fx.No
     return merged
 
 
-def _sparse_mlp(gm, layer, plan, config, fake_mode, result) -> fx.Node | None:
+def _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding) -> fx.Node | None:
     """Token elimination in one MLP block (mlp="tokens"): its intermediate activation's norm per
     token, on all tokens and without gradient, scores the blocks; the block runs on the kept ones."""
     block = layer.mlp
@@ -124,16 +182,17 @@ def _sparse_mlp(gm, layer, plan, config, fake_mode, result) -> fx.Node | None:
         return None
     intermediate = block.output.args[0]
 
-    def scores(graph, residual, tag):
+    def scores(graph, residual, tag, real):
         env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
-        node = _call(graph, fake_mode, ops.activation_block_scores,
-                     (env[intermediate], config.block_size))
+        args = (env[intermediate], config.block_size) + ((real,) if real is not None else ())
+        node = _call(graph, fake_mode, ops.activation_block_scores, args)
         tag(node, "mlp_score")
         return node
 
     try:
-        merged = _sparse_block(gm, layer.index, block, plan.mlp_kept_blocks, plan.mlp_kept_tokens,
-                               scores, "mlp_select", config, fake_mode, result)
+        merged = _sparse_block(gm, layer, block, plan.mlp_kept_blocks, plan.mlp_kept_tokens,
+                               scores, "mlp_select", config, fake_mode, result, padding,
+                               config.mlp_ratio_of(layer.index))
     except CannotCompact as err:
         result.mlp_dense[layer.index] = str(err)
         return None
@@ -141,42 +200,59 @@ def _sparse_mlp(gm, layer, plan, config, fake_mode, result) -> fx.Node | None:
     return merged
 
 
-def _sparse_block(gm, layer_index, block, kept_blocks, kept_tokens, insert_scores, select_role,
-                  config, fake_mode, result) -> fx.Node:
-    """Selection around one residual block: `insert_scores(graph, residual, tag)` inserts the
-    block scores [B, n], then the top `kept_blocks` are selected and the block is compacted to
-    `kept_tokens` rows and merged into the residual stream, which is returned. Raises
+def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, select_role,
+                  config, fake_mode, result, padding, keep_ratio) -> fx.Node:
+    """Selection around one residual block: `insert_scores(graph, residual, tag, real)` inserts
+    the block scores [B, n], then the top `kept_blocks` are selected and the block is compacted to
+    `kept_tokens` rows and merged into the residual stream, which is returned. With `padding`
+    (a `_Padding`), each row keeps its own top blocks by `keep_ratio` (module docstring). Raises
     CannotCompact, leaving the graph unchanged, when the block cannot run on fewer tokens."""
     graph = gm.graph
     residual = block.residual
     batch, seq_len = residual.meta["example_value"].shape[:2]
     compaction = plan_compaction(block, residual, batch, seq_len, kept_tokens, fake_mode)
-    tag = _tagger(layer_index, block.add)
+    tag = _tagger(layer.index, block.add)
     with graph.inserting_before(block.nodes[0]):
-        scores = insert_scores(graph, residual, tag)
-        idx = _call(graph, fake_mode, ops.select_tokens,
-                    (scores, kept_blocks, config.block_size, seq_len))
+        real = padding.real_tokens(graph, layer, batch, seq_len, tag) if padding else None
+        scores = insert_scores(graph, residual, tag, real)
+        valid = None
+        if real is None:
+            idx = _call(graph, fake_mode, ops.select_tokens,
+                        (scores, kept_blocks, config.block_size, seq_len))
+        else:
+            kept = _call(graph, fake_mode, ops.kept_row_tokens,
+                         (scores, real, keep_ratio, config.block_size))
+            idx = _call(graph, fake_mode, ops.select_kept_tokens, (kept, real, kept_tokens))
+            valid = _call(graph, fake_mode, ops.tokens_at, (kept, idx))
+            tag(kept, select_role + "_kept")
+            tag(valid, select_role + "_valid")
         tag(idx, select_role)
     cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
-    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag)
+    merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, valid)
     for cached, shape in cache_shapes.items():
         result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
     return merged
 
 
-def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag) -> fx.Node:
+def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, valid) -> fx.Node:
     """Run the block on the kept rows and add its result into them: the new residual stream."""
-    output = apply_compaction(graph, block, residual, compaction, idx, tag)
+    output = apply_compaction(graph, block, residual, compaction, idx, tag, valid)
     with graph.inserting_before(block.add):
-        merged = _call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
+        if valid is None:
+            merged = _call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
+        else:
+            merged = _call(graph, fake_mode, ops.scatter_add_kept_tokens,
+                           (residual, idx, output, valid))
         tag(merged, "scatter_add")
     block.add.replace_all_uses_with(merged)
     graph.erase_node(block.add)
     return merged
 
 
-def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mode, tag) -> fx.Node:
+def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mode, tag,
+                   real=None) -> fx.Node:
     if config.scorer == "random":
+        # With padding, row r's scores are read in its own frame: entry p scores its block p.
         node = _call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
                      (residual, plan.n_blocks, block.layer, config.seed))
         tag(node, "score")
@@ -185,8 +261,14 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     env = _detached_copy(graph, block, residual, (block.query, block.key), fake_mode, tag)
     q = _call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
     k = _call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
+    nodes = [q, k]
+    if real is not None:
+        # Each row's real tokens first, zero past its full blocks: the tiles of its own blocks.
+        q = _call(graph, fake_mode, ops.real_first, (q, real, 2, config.block_size, True))
+        k = _call(graph, fake_mode, ops.real_first, (k, real, 2, config.block_size, True))
+        nodes += [q, k]
     scores = _call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
-    for node in (q, k, scores):
+    for node in (*nodes, scores):
         tag(node, "score")
     return scores
 
@@ -234,7 +316,8 @@ def model_signature(block: ResidualBlock, layers: int, block_size: int):
 
 
 def _insert_predictor(
-    gm: fx.GraphModule, block: ResidualBlock, residual, bank, fake_mode, tag, extra_inputs: list
+    gm: fx.GraphModule, block: ResidualBlock, residual, bank, fake_mode, tag, extra_inputs: list,
+    real=None,
 ):
     from lemo_compile.predictors.bank import predicted_block_scores
 
@@ -264,10 +347,8 @@ def _insert_predictor(
     sides = [[graph_input(t, f"{side}{i}") for i, t in enumerate(predictor.side_tensors(side))]
              for side in ("q", "k")]
     distance_bias = graph_input(predictor.distance_bias, "distance_bias")
-    node = graph.call_function(
-        predicted_block_scores,
-        (h_all, *sides, distance_bias, predictor.block_size, predictor.heads),
-    )
+    args = (h_all, *sides, distance_bias, predictor.block_size, predictor.heads)
+    node = graph.call_function(predicted_block_scores, args + ((real,) if real is not None else ()))
     with fake_mode:
         node.meta["example_value"] = value.new_empty(
             (value.shape[0], value.shape[1] // predictor.block_size), dtype=torch.float32

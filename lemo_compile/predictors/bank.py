@@ -146,14 +146,25 @@ def _side(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def predicted_block_scores(
     h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor],
-    distance_bias: torch.Tensor, block_size: int, heads: int,
+    distance_bias: torch.Tensor, block_size: int, heads: int, real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sigma [B, n] (float32) from a predictor's P, with the oracle's rule (causal tiles only).
 
+    With `real` [B, S] (a padded batch), each row's own blocks: its real tokens first
+    (`ops.real_first`), and the tiles of blocks past its full ones (its tail, its padding) zeroed,
+    so that a row's scores are those it would get alone.
     A graph function: the predictor scorer inserts it with the weights as graph constants."""
+    from lemo_compile import ops
     from lemo_compile.kernels.block_scores import scores_from_tiles
 
-    tiles = block_score_matrix(h.detach(), q_side, k_side, distance_bias, block_size, heads)
+    h = h.detach()
+    if real is not None:
+        h = ops.real_first(h, real, 1, block_size)
+    tiles = block_score_matrix(h, q_side, k_side, distance_bias, block_size, heads)
+    if real is not None:
+        full = real.sum(dim=1) // block_size
+        own = torch.arange(tiles.shape[1], device=tiles.device)[None, :] < full[:, None]
+        tiles = torch.where(own[:, :, None] & own[:, None, :], tiles, torch.zeros((), device=tiles.device))
     return scores_from_tiles(torch.tril(tiles))
 
 
