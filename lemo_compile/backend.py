@@ -163,9 +163,15 @@ def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callabl
 
 
 def _record_post_grad(graph: fx.Graph, report: CompileReport) -> None:
-    """Keep the post-grad graph's code: the forward is compiled first, the backward second."""
+    """Keep the post-grad graph's code: the forward is compiled first, the backward second; of the
+    backward, also the shapes of what it reads (`CompileReport.saved_for_backward`)."""
     name = "post_grad_backward" if "post_grad_forward" in report.graphs else "post_grad_forward"
     report.graphs[name] = graph.python_code("self").src
+    if name == "post_grad_backward":
+        for node in graph.find_nodes(op="placeholder"):
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and not node.name.startswith("tangents"):
+                report.saved_for_backward[node.name] = (tuple(value.shape), value.dtype)
 
 
 def _is_training(gm: fx.GraphModule) -> bool:

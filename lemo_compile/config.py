@@ -32,9 +32,14 @@ class LemoConfig:
     predictors:   path or object holding trained predictors (scorer "predictor" only).
     mlp:          "off" keeps the MLP block dense; "tokens" runs the MLP block of every sparse layer
                   on its most active blocks only (oracle: the norm of the MLP's intermediate
-                  activation per token, max over each block).
+                  activation per token, max over each block); "channels" keeps the MLP's forward
+                  exact in every layer not in dense_layers, and sends its backward through the
+                  top channels of the intermediate activation only (`ops.channel_linear`).
     mlp_keep_ratio: fraction of full blocks the MLP keeps with mlp="tokens"; None = the layer's
                   keep_ratio.
+    mlp_channel_ratio: with mlp="channels", the fraction of the intermediate activation's channels
+                  (per sample, by L2 norm over the tokens) that the backward goes through, in
+                  (0, 1]; C = min(I, max(1, ceil(ratio * I))) of I. Default 0.5 (not tuned).
     loss_segment: rows per segment of the LM head + cross-entropy, or None for the plain loss.
     compiler:     "inductor" (real code generation) or "aot_eager" (AOTAutograd with Inductor's
                   decompositions and partitioner but no code generation: fast, for tests).
@@ -52,6 +57,7 @@ class LemoConfig:
     predictors: Any = None
     mlp: str = "off"
     mlp_keep_ratio: float | None = None
+    mlp_channel_ratio: float = 0.5
     loss_segment: int | None = 2048
     compiler: str = "inductor"
     fuse: bool = True
@@ -109,10 +115,7 @@ class LemoConfig:
                 )
         if self.mlp_keep_ratio is not None:
             _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
-        if self.mlp == "channels":
-            raise NotImplementedError(
-                "lemo option mlp='channels' is not available in this version; use 'off' or 'tokens'"
-            )
+        _check_ratio(self.mlp_channel_ratio, "mlp_channel_ratio")
 
     @classmethod
     def from_options(cls, options: LemoConfig | Mapping[str, Any] | None) -> LemoConfig:
@@ -164,6 +167,11 @@ class LayerPlan:
                   keeps what it would keep alone, `kept_blocks(ratio, L // block_size)` blocks of
                   its L real tokens plus their tail; the other rows of the compacted block are
                   fillers whose results are discarded.
+    mlp_channel_ratio: mlp="channels": the fraction of the MLP's intermediate channels its backward
+                  keeps (None: the MLP's backward is exact; also for a ratio of 1).
+    mlp_kept_channels, mlp_channels: as applied (set in `CompileReport.plans`), the channels the
+                  backward keeps and the intermediate size I; None when the MLP's backward is
+                  exact (mlp != "channels", a dense layer, C == I, or a fallback).
     """
 
     layer: int
@@ -176,6 +184,9 @@ class LayerPlan:
     mlp_kept_blocks: int = -1
     mlp_kept_tokens: int = -1
     padded: bool = False
+    mlp_channel_ratio: float | None = None
+    mlp_kept_channels: int | None = None
+    mlp_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.mlp_kept_blocks < 0:
@@ -246,6 +257,8 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
             if padded and mlp_kept < n_blocks:
                 mlp_tokens = padded_kept_tokens(ratio, seq_len, config.block_size)
             mlp = {"mlp_kept_blocks": mlp_kept, "mlp_kept_tokens": mlp_tokens}
+        if config.mlp == "channels" and config.mlp_channel_ratio < 1 and layer not in dense:
+            mlp = {"mlp_channel_ratio": config.mlp_channel_ratio}
         if reason:
             plans.append(LayerPlan(layer, False, seq_len, n_blocks, n_blocks, seq_len, reason, **mlp,
                                    padded=padded))
@@ -257,6 +270,11 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
             plans.append(LayerPlan(layer, True, seq_len, n_blocks, kept, kept_tokens, **mlp,
                                    padded=padded))
     return plans
+
+
+def kept_channels(ratio: float, channels: int) -> int:
+    """Channels an MLP of intermediate size `channels` keeps in its backward with mlp="channels"."""
+    return min(channels, max(1, math.ceil(ratio * channels)))
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -6,8 +6,9 @@ Two kinds live here, each named for what it computes:
   launch the kernel for CUDA tensors (through `wrap_triton`, so Inductor compiles the kernel into its
   own code) and run the pure-torch reference otherwise; fake implementations come from tracing the
   body. The segmented loss is an opaque `custom_op`, so that its segment loop is never unrolled into
-  a graph. Differentiable ops carry an autograd formula (the fusion pass inserts some of them
-  after autograd, where the formula is not used; it is there for eager callers).
+  a graph; so is `lemo::channel_linear` (mlp="channels"), whose autograd formula defines that
+  mode's gradient. Differentiable ops carry an autograd formula (the fusion pass inserts some of
+  them after autograd, where the formula is not used; it is there for eager callers).
 * Plain graph functions (`select_tokens`, `gather_tokens`, `scatter_add_tokens`, ...): inserted as
   `call_function` nodes on the Dynamo graph; AOTAutograd traces through them into aten ops, so
   autograd and Inductor fusion come for free.
@@ -227,6 +228,92 @@ def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -
 def nan_placeholder(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A NaN tensor of `shape` that holds one element (stride 0): an output lemo does not compute."""
     return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
+# ----------------------------------------------------------------- MLP channels (mlp="channels")
+
+
+def select_channels(intermediate: torch.Tensor, kept: int) -> torch.Tensor:
+    """Channel indices [B, kept] (int64, sorted per row) of the MLP intermediate activation
+    intermediate [B, S, I]: per sample, the `kept` channels of largest L2 norm over all S tokens
+    (computed in float32; ties: lower channel index first). No gradient."""
+    norms = intermediate.detach().float().norm(dim=1)                           # [B, I]
+    order = torch.sort(norms, dim=1, descending=True, stable=True).indices
+    return torch.sort(order[:, :kept], dim=1).values
+
+
+def gather_channels(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[b, :, idx[b, c]]: t [B, S, I], idx [B, C] -> [B, S, C] (its gradient scatters back)."""
+    batch, seq_len = t.shape[:2]
+    return t.gather(2, idx[:, None, :].expand(batch, seq_len, idx.shape[1]))
+
+
+@torch.library.custom_op("lemo::channel_linear", mutates_args=())
+def channel_linear(
+    a: torch.Tensor,
+    a_kept: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The down projection of mlp="channels": an exact forward, a backward through kept channels.
+
+    a [B, S, I]: the MLP's intermediate activation (act(gate) * up; OPT: relu(fc1)); idx [B, C]:
+    per sample the kept channels (`select_channels`); a_kept [B, S, C] = a[b, :, idx[b]], the same
+    values computed by a separate path that carries the gradient; weight [D, I], bias [D] or None.
+
+    Forward: `F.linear(a, weight, bias)` computed in `dtype` (what the dense linear would give,
+    autocast included): exactly the dense MLP's output. `a` gets no gradient.
+    Backward, with m[b, j] = 1 if channel j is in idx[b] else 0 and g = dL/dout [B, S, D]; it is the
+    exact gradient of  out = (m * a) @ W^T + b + stopgrad(((1 - m) * a) @ W^T),  that is:
+
+        dL/da_kept[b, s, c] = sum_d g[b, s, d] W[d, idx[b, c]]       (= dL/da on kept channels; the
+                                                                       other channels get none)
+        dL/dW[d, j]         = sum_b m[b, j] sum_s g[b, s, d] a[b, s, j]   (dropped columns of a
+                                                                       sample contribute nothing)
+        dL/db[d]            = sum_{b, s} g[b, s, d]                   (exact)
+
+    Only a_kept, idx and weight are saved for backward.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.nn.functional.linear(
+            a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        )
+
+
+@channel_linear.register_fake
+def _(a, a_kept, idx, weight, bias, dtype):
+    return a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=dtype)
+
+
+def _channel_linear_setup(ctx, inputs, output) -> None:
+    _, a_kept, idx, weight, bias, dtype = inputs
+    ctx.dtype = dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(a_kept, idx, weight)
+
+
+def _channel_linear_grad(ctx, grad):
+    a_kept, idx, weight = ctx.saved_tensors
+    batch, kept = idx.shape
+    out_features = weight.shape[0]
+    grad = grad.to(ctx.dtype)
+    grad_kept = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1]:
+        columns = weight.to(ctx.dtype).t()[idx]                                # [B, C, D]
+        grad_kept = torch.matmul(grad, columns.transpose(1, 2)).to(a_kept.dtype)  # [B, S, C]
+    if ctx.needs_input_grad[3]:
+        per_sample = torch.matmul(grad.transpose(1, 2), a_kept.to(ctx.dtype))  # [B, D, C]
+        flat = per_sample.to(weight.dtype).permute(1, 0, 2).reshape(out_features, batch * kept)
+        grad_weight = weight.new_zeros(weight.shape).index_add(1, idx.reshape(-1), flat)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.sum(dim=tuple(range(grad.dim() - 1))).to(ctx.bias_dtype)
+    return None, grad_kept, None, grad_weight, grad_bias, None
+
+
+channel_linear.register_autograd(_channel_linear_grad, setup_context=_channel_linear_setup)
 
 
 # ------------------------------------------------------------- row movement (fused Triton ops)

@@ -47,10 +47,11 @@ def token_batch(batch: int, seq_len: int, vocab: int = 101, seed: int = 1) -> to
     return torch.randint(0, vocab, (batch, seq_len), generator=generator)
 
 
-def assert_matches_reference(model, ids, backend, **reference_options):
+def assert_matches_reference(model, ids, backend, *, tol: float = 1e-4, **reference_options):
     """One training step of `model` compiled with `backend` (a LemoBackend) against the eager
     reference `lemo_forward(model, ids, ids, **reference_options)`: logits, loss and every
-    parameter gradient within 1e-4. Leaves no gradients behind; returns the compiled model."""
+    parameter gradient within `tol` (rtol and atol). Leaves no gradients behind; returns the
+    compiled model."""
     from reference import lemo_forward
 
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -62,11 +63,11 @@ def assert_matches_reference(model, ids, backend, **reference_options):
     loss.backward()
     want = grads(model)
     model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits, logits, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.loss, loss, rtol=tol, atol=tol)
     assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol, msg=name)
     return compiled
 
 

@@ -14,7 +14,8 @@ Semantics, per pre-norm decoder layer (h = norm1(x); x1 = x + Attn(h); y = x1 + 
   random numbers), the k best blocks plus the tail give sorted token indices idx [B, K], and only
   the residual rows x[:, idx] go through norm1 and attention (a causal attention over the compacted
   sequence, with the RoPE cos/sin of the kept positions). The attention output is added back into
-  those rows; the eliminated rows pass through the attention block unchanged. The MLP is dense.
+  those rows; the eliminated rows pass through the attention block unchanged. The MLP is dense,
+  unless `mlp` says otherwise (see `lemo_forward`).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
-                 mlp: str = "off", mlp_keep_ratio: float | None = None):
+                 mlp: str = "off", mlp_keep_ratio: float | None = None,
+                 mlp_channel_ratio: float = 0.5):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
@@ -149,10 +151,17 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
     number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
-    (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead).
+    (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead);
+    or "channels": in each layer not in `dense_layers` the MLP's output is the dense one, but its
+    gradient flows only through C = min(I, max(1, ceil(mlp_channel_ratio * I))) channels of the
+    intermediate activation a = act(gate) * up [B, S, I]: per sample those of largest L2 norm over
+    the tokens (ties: lower channel first). With m the 0/1 mask of kept channels, the down
+    projection is  (m * a) @ W^T + b + ((1 - m) * a) @ W^T  with the last term detached.
     """
     if not callable(scorer) and scorer not in ("oracle", "random"):
         raise ValueError(f"unknown scorer {scorer!r}")
+    if mlp not in ("off", "tokens", "channels"):
+        raise ValueError(f"unknown mlp {mlp!r}")
     inner = model.model
     batch, seq_len = input_ids.shape
     plan = sparse_layer_plan(len(inner.layers), seq_len, block_size=block_size, keep_ratio=keep_ratio,
@@ -197,6 +206,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                 idx = select_token_indices(scores, k_mlp, block_size, seq_len)
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
+        elif mlp == "channels" and not _listed_dense(layer_index, len(inner.layers), dense_layers):
+            x = x + channel_mlp(layer.mlp, layer.post_attention_layernorm(x), mlp_channel_ratio)
         else:
             # Dense MLP block.
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -238,3 +249,26 @@ def lemo_forward_padded(model, input_ids: torch.Tensor, attention_mask: torch.Te
                 count += counted
     loss = total / count if labels is not None else None
     return torch.stack(rows), loss
+def _listed_dense(layer_index: int, num_layers: int, dense_layers) -> bool:
+    """Whether `dense_layers` ("auto" or a list) names this layer."""
+    if dense_layers == "auto":
+        return layer_index < num_layers // 2 or layer_index == num_layers - 1
+    return layer_index in dense_layers
+
+
+def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
+    """A Llama-layout MLP (gate_proj, up_proj, act_fn, down_proj) on h [B, S, D] whose gradient goes
+    through the top channels of its intermediate activation only (see `lemo_forward`)."""
+    a = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)                         # [B, S, I]
+    batch, _, channels = a.shape
+    kept = min(channels, max(1, math.ceil(ratio * channels)))
+    mask = torch.zeros(batch, 1, channels, dtype=a.dtype, device=a.device)
+    with torch.no_grad():
+        for b in range(batch):
+            norms = [float(torch.linalg.vector_norm(a[b, :, j].float())) for j in range(channels)]
+            ranked = sorted(range(channels), key=lambda j: (-norms[j], j))
+            mask[b, 0, ranked[:kept]] = 1
+    weight, bias = mlp.down_proj.weight, mlp.down_proj.bias
+    through_kept = F.linear(a * mask, weight, bias)
+    through_dropped = F.linear(a * (1 - mask), weight).detach()
+    return through_kept + through_dropped

@@ -12,6 +12,7 @@ def test_defaults():
     assert (config.block_size, config.keep_ratio, config.dense_layers) == (64, 0.4, "auto")
     assert (config.scorer, config.mlp, config.loss_segment, config.compiler) == (
         "oracle", "off", 2048, "inductor")
+    assert config.mlp_channel_ratio == 0.5
 
 
 @pytest.mark.parametrize(
@@ -31,6 +32,13 @@ def test_defaults():
         ({"compiler": "eager"}, "compiler"),
         ({"seed": -3}, "seed"),
         ({"keep": 0.4}, "keep"),
+        ({"mlp_channel_ratio": 0.0}, "mlp_channel_ratio"),
+        ({"mlp_channel_ratio": -0.5}, "mlp_channel_ratio"),
+        ({"mlp_channel_ratio": 1.01}, "mlp_channel_ratio"),
+        ({"mlp_channel_ratio": "0.5"}, "mlp_channel_ratio"),
+        ({"mlp_channel_ratio": True}, "mlp_channel_ratio"),
+        ({"mlp_channel_ratio": None}, "mlp_channel_ratio"),
+        ({"mlp": "channels", "mlp_channel_ratio": 2}, "mlp_channel_ratio"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):
@@ -84,3 +92,22 @@ def test_keeping_every_block_is_dense():
     plans = plan_layers(LemoConfig(dense_layers=[], keep_ratio=1.0), num_layers=2, seq_len=640)
     assert not any(p.sparse for p in plans)
     assert plans[1].reason == "keeps every block"
+
+
+def test_mlp_channels_plans_every_layer_not_listed_dense():
+    config = LemoConfig(mlp="channels", mlp_channel_ratio=0.25, dense_layers=[0], block_size=16,
+                        keep_ratio=[0.5, 0.5, 1.0, 0.5])
+    plans = plan_layers(config, num_layers=4, seq_len=100)
+    # layer 2 keeps every block (its attention is dense) but its MLP is still channel-sparse
+    assert [p.mlp_channel_ratio for p in plans] == [None, 0.25, 0.25, 0.25]
+    assert [p.sparse for p in plans] == [False, True, False, True]
+    assert all(p.mlp_kept_tokens == 100 and not p.mlp_sparse for p in plans)
+    assert all(p.mlp_kept_channels is None for p in plans)  # set once applied, in CompileReport
+    every_channel = LemoConfig(mlp="channels", mlp_channel_ratio=1.0, dense_layers=[0])
+    assert all(p.mlp_channel_ratio is None for p in plan_layers(every_channel, 4, 100))
+
+
+def test_kept_channels():
+    from lemo_compile.config import kept_channels
+
+    assert [kept_channels(r, 96) for r in (0.001, 0.5, 0.3, 0.995, 1.0)] == [1, 48, 29, 96, 96]

@@ -1,4 +1,5 @@
-"""MLP-block token elimination (mlp="tokens") against the eager reference of the same semantics."""
+"""MLP-block token elimination (mlp="tokens") against the eager reference of the same semantics
+(mlp="channels": `test_mlp_channels.py`)."""
 
 from __future__ import annotations
 
@@ -78,8 +79,3 @@ def test_mlp_tokens_fuses_its_gathers_and_norms():
     assert counters["fused_gather_norm"] == 2 * 3
     assert counters["fused_scatter_add"] == 2 * 3
     assert counters["folded_zero_scatter"] == 2 * 3
-
-
-def test_mlp_channels_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="channels"):
-        lemo_compile.LemoConfig.from_options({"mlp": "channels"})

@@ -117,7 +117,8 @@ def _checkpointed_step(checkpointing: bool, **options):
 
 
 @pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3},
-                                    {"scorer": "oracle", "mlp": "tokens"}])
+                                    {"scorer": "oracle", "mlp": "tokens"},
+                                    {"scorer": "oracle", "mlp": "channels"}])
 def test_gradient_checkpointing_gives_the_same_results(scorer):
     """Layers inside activation-checkpoint regions are found and rewritten inside the region."""
     loss, grads, report = _checkpointed_step(True, **scorer)

@@ -39,14 +39,19 @@ class CompileReport:
     training:  whether the graph was rewritten at all (eval graphs are compiled unchanged).
     plans:     one LayerPlan per decoder layer, as applied (a layer that had to stay dense says why).
     counters:  pass counters: sparse_layers, dense_fallbacks, segmented_losses, placeholder_outputs,
-               and the post-grad fusion's (`passes/fuse.py`), summed over the forward graph and,
-               once it is compiled at the first backward, the backward graph.
+               mlp_sparse_layers (mlp="tokens"), mlp_channel_layers (mlp="channels": MLP blocks
+               whose backward keeps only their top channels), and the post-grad fusion's
+               (`passes/fuse.py`), summed over the forward graph and, once it is compiled at the
+               first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.
     extra_inputs: tensors the passes appended to the graph's inputs (predictor weights); the
                backend passes them after the caller's inputs.
     graphs:    readable graph code: "dynamo" (as received), after each pass that changed it, and
                Inductor's post-grad graphs after lemo's post-grad passes ("post_grad_forward",
                and "post_grad_backward" once the backward is compiled).
+    saved_for_backward: once the backward is compiled, its post-grad graph's inputs other than the
+               incoming gradients, name -> (shape, dtype): what the forward saved for it, plus the
+               graph inputs it reads (names "primals_*": parameters and the caller's inputs).
     """
 
     training: bool
@@ -57,6 +62,8 @@ class CompileReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)
     extra_inputs: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
+    saved_for_backward: dict[str, tuple[tuple[int, ...], torch.dtype]] = dataclasses.field(
+        default_factory=dict, repr=False)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -103,7 +110,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
         bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
         for body, body_regions in bodies.values():
             inside = [l.index for l in body_regions.layers if l.attention is not None]
-            if not any(plans[i].sparse for i in inside):
+            if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
                 continue
             unsupported = None
             if config.scorer == "predictor":
@@ -120,6 +127,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             selection.placeholder_outputs += inner.placeholder_outputs
             selection.mlp_sparse += inner.mlp_sparse
             selection.mlp_dense.update(inner.mlp_dense)
+            selection.mlp_channels.update(inner.mlp_channels)
             body.graph.lint()
             body.recompile()
         report.extra_inputs = selection.extra_inputs
@@ -138,7 +146,8 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
         ]
         mlp_fallback = dict(selection.mlp_dense)
         mlp_fallback.update({l.index: "no MLP block recognised" for l in layers
-                             if l.mlp is None and plans[l.index].mlp_sparse})
+                             if l.mlp is None and (plans[l.index].mlp_sparse
+                                                   or plans[l.index].mlp_channel_ratio is not None)})
         if mlp_fallback:
             report.warn("lemo: these MLP blocks run dense: "
                         + "; ".join(f"layer {i}: {why}" for i, why in sorted(mlp_fallback.items())))
@@ -147,8 +156,16 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             if p.layer in mlp_fallback else p
             for p in report.plans
         ]
-        if config.mlp != "off":
+        report.plans = [
+            dataclasses.replace(p, mlp_kept_channels=selection.mlp_channels[p.layer][0],
+                                mlp_channels=selection.mlp_channels[p.layer][1])
+            if p.layer in selection.mlp_channels else dataclasses.replace(p, mlp_channel_ratio=None)
+            for p in report.plans
+        ]
+        if config.mlp == "tokens":
             report.counters["mlp_sparse_layers"] = len(selection.mlp_sparse)
+        if config.mlp == "channels":
+            report.counters["mlp_channel_layers"] = len(selection.mlp_channels)
         report.counters["sparse_layers"] = len(selection.sparse)
         report.counters["dense_fallbacks"] = len(selection.dense)
         report.counters["placeholder_outputs"] = selection.placeholder_outputs

@@ -1,5 +1,6 @@
 """Token selection: run each sparse layer's attention block (and, with mlp="tokens", its MLP
-block) on its informative tokens only.
+block) on its informative tokens only; with mlp="channels", send the MLP's backward through its
+most active intermediate channels only.
 
 IR seen: the torch-level Dynamo FX graph (before AOTAutograd), with the regions of
 `lemo_compile.regions`. Autograd through everything inserted here comes from AOTAutograd.
@@ -35,21 +36,33 @@ and scores from real full blocks only); then
 Filler rows are hidden as keys in the gathered mask (`compact.apply_compaction`) and their block
 results are dropped (`ops.scatter_add_kept_tokens`).
 
+With mlp="channels" the MLP block keeps all its tokens; its down projection `F.linear(a, W, b)`
+becomes (roles tagged "mlp_channels"):
+
+    idx    = ops.select_channels(a.detach(), C)            # [B, C], top channels per sample
+    leaf_k = ops.gather_channels(leaf, idx)                # each [B, S, I] input of a's pointwise
+    a_k    = <a's pointwise chain replayed on the leaf_k>  #   chain (gate and up projections)
+    out    = lemo.channel_linear(a.detach(), a_k, idx, W, b, dtype)
+
+so the forward is exact and the gradient reaches the MLP only through a_k: what autograd saves for
+the MLP's activation is [B, S, C] instead of [B, S, I] (see `ops.channel_linear` for the gradient).
+
 Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
 a block that cannot be compacted stays dense and is reported in `SelectionResult.dense` (attention)
-or `SelectionResult.mlp_dense`.
+or `SelectionResult.mlp_dense` (with the reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.config import LayerPlan, LemoConfig
+from lemo_compile.config import LayerPlan, LemoConfig, kept_channels
 from lemo_compile.passes.compact import (
     CannotCompact,
     apply_compaction,
@@ -66,7 +79,9 @@ _LINEARS = (F.linear, torch._C._nn.linear)
 class SelectionResult:
     """Which layers the pass made sparse, which it had to leave dense (layer -> reason), the graph
     outputs it replaced by placeholders, and the tensors it appended to the graph's inputs (the
-    predictor scorer's weights, in placeholder order), which the caller must pass."""
+    predictor scorer's weights, in placeholder order), which the caller must pass. MLP blocks:
+    `mlp_sparse` (mlp="tokens"), `mlp_channels` (mlp="channels": layer -> (kept C, size I)), and
+    `mlp_dense` (either mode, layer -> why it stayed dense)."""
 
     sparse: list[int]
     dense: dict[int, str]
@@ -74,6 +89,7 @@ class SelectionResult:
     extra_inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
     mlp_sparse: list[int] = dataclasses.field(default_factory=list)
     mlp_dense: dict[int, str] = dataclasses.field(default_factory=dict)
+    mlp_channels: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class _Padding:
@@ -140,6 +156,8 @@ def select_pass(
             merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding)
             if merged is not None:
                 replaced[block.add] = merged
+        elif plan.mlp_channel_ratio is not None and layer.mlp is not None:
+            _channel_mlp(gm, layer, plan, fake_mode, result)
     graph.eliminate_dead_code()
     return result
 
@@ -198,6 +216,122 @@ def _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding) -> fx.Node 
         return None
     result.mlp_sparse.append(layer.index)
     return merged
+
+
+# Pointwise ops that may sit between the MLP's projections and its intermediate activation
+# (activations, the gate product, LoRA's scaled adds, dtype casts): computing them on a subset of
+# channels gives those channels of the full result.
+_POINTWISE_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
+    torch.exp, torch.erf, torch.relu, torch.square,
+    F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.sigmoid, F.tanh, F.mish, F.softplus,
+}
+_POINTWISE_METHODS = {
+    "mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "relu", "square",
+    "to", "float", "half", "bfloat16", "type_as",
+}
+
+
+def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
+    """mlp="channels" in one MLP block (module docstring); a block whose down projection or
+    intermediate activation is not recognised stays dense, its reason in `result.mlp_dense`."""
+    block = layer.mlp
+    output = block.output
+    args = list(output.args) + [None] * (3 - len(output.args))
+    a, weight, bias = args[:3]
+    bias = output.kwargs.get("bias", bias)
+    plain = output.target in _LINEARS and not set(output.kwargs) - {"bias"}
+    if not (plain and isinstance(a, fx.Node) and isinstance(weight, fx.Node)):
+        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
+        return
+    shape = tuple(a.meta["example_value"].shape)
+    residual_shape = tuple(block.residual.meta["example_value"].shape)
+    if len(shape) != 3 or shape[:2] != residual_shape[:2]:
+        result.mlp_dense[layer.index] = (
+            f"the MLP's intermediate activation has shape {list(shape)}, not [batch, seq, channels]")
+        return
+    channels = shape[2]
+    kept = kept_channels(plan.mlp_channel_ratio, channels)
+    if kept == channels:
+        return  # nothing to drop: the MLP stays exact
+    chain, leaves = _pointwise_chain(block, a, shape)
+    if chain is None:
+        result.mlp_dense[layer.index] = leaves
+        return
+    graph = gm.graph
+    tag = _tagger(layer.index, block.add)
+    with graph.inserting_before(output):
+        detached = _call(graph, fake_mode, torch.Tensor.detach, (a,))
+        idx = _call(graph, fake_mode, ops.select_channels, (detached, kept))
+        env: dict[fx.Node, fx.Node] = {}
+        for leaf in leaves:
+            env[leaf] = _call(graph, fake_mode, ops.gather_channels, (leaf, idx))
+        for node in chain:
+            env[node] = _copy_with_values(graph, fake_mode, node, env)
+        dtype = output.meta["example_value"].dtype
+        new = _call(graph, fake_mode, torch.ops.lemo.channel_linear.default,
+                    (detached, env[a], idx, weight, bias, dtype))
+    for node in (detached, idx, *env.values(), new):
+        tag(node, "mlp_channels")
+    new.meta["stack_trace"] = output.meta.get("stack_trace")
+    output.replace_all_uses_with(new)
+    graph.erase_node(output)
+    block.output = new
+    result.mlp_channels[layer.index] = (kept, channels)
+
+
+def _pointwise_chain(block: ResidualBlock, a: fx.Node, shape):
+    """(chain, leaves): the pointwise nodes of the block that `a` [B, S, I] is computed by, in
+    graph order, and the [B, S, I] tensors they start from (the projections' outputs); or
+    (None, reason) when a node on the way has another shape or is not known to be pointwise."""
+    members = set(block.nodes)
+    chain: set[fx.Node] = set()
+    leaves: list[fx.Node] = []
+    pending = [a]
+    while pending:
+        node = pending.pop()
+        if node in chain or node in leaves:
+            continue
+        if not _is_pointwise(node) or node not in members:
+            leaves.append(node)
+            continue
+        for arg in node.all_input_nodes:
+            value = arg.meta.get("example_value")
+            if not isinstance(value, torch.Tensor):
+                return None, f"the MLP's activation reads {arg.name}, which is not a tensor"
+            if value.dim() == 0:
+                continue
+            if tuple(value.shape) != shape:
+                return None, (f"the MLP's activation combines [batch, seq, channels] tensors with "
+                              f"{arg.name} of shape {list(value.shape)}")
+            pending.append(arg)
+        chain.add(node)
+    order = {n: i for i, n in enumerate(a.graph.nodes)}
+    return sorted(chain, key=order.__getitem__), sorted(leaves, key=order.__getitem__)
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _POINTWISE_FUNCTIONS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in _POINTWISE_METHODS
+
+
+def _copy_with_values(graph, fake_mode, node: fx.Node, env) -> fx.Node:
+    """A copy of `node` reading env's replacements, with its example_value recomputed."""
+    copy_ = graph.node_copy(node, lambda n: env.get(n, n))
+
+    def value(arg):
+        return arg.meta["example_value"] if isinstance(arg, fx.Node) else arg
+
+    args = fx.node.map_aggregate(copy_.args, value)
+    kwargs = fx.node.map_aggregate(copy_.kwargs, value)
+    with fake_mode:
+        if copy_.op == "call_method":
+            copy_.meta["example_value"] = getattr(args[0], copy_.target)(*args[1:], **kwargs)
+        else:
+            copy_.meta["example_value"] = copy_.target(*args, **kwargs)
+    return copy_
 
 
 def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, select_role,

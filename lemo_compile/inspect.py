@@ -1,0 +1,460 @@
+"""Seeing what lemo did: `explain()`, and the artefacts of `lemo inspect` and LEMO_DEBUG_DIR.
+
+`explain(model, *args, options=..., **kwargs)` compiles the model's training forward with lemo's
+graph passes, runs the rewritten graph once, eagerly, on the given inputs, and returns an
+`Explanation`:
+
+* the Dynamo graph before and after each pass (readable code) with unified diffs between them, and
+  per decoder layer a diff of that layer's nodes (empty exactly for layers lemo left unchanged);
+* the per-layer plan, pass counters and warnings (`CompileReport`);
+* the blocks each sparse layer kept for these inputs, per sample (attention, and MLP with
+  mlp="tokens");
+* per layer, the activation memory saved for backward, dense and with lemo, from AOTAutograd's
+  partition of the two graphs (forward outputs kept for the backward, by shape: an estimate that
+  ignores storage shared between views and Inductor's own buffer reuse).
+
+`Explanation.write(folder)` writes the artefacts: graphs per pass and their diffs, the plan as a
+table and as JSON, the keep map (layers x blocks, PNG), the region graph (DOT) and the rewritten
+forward graph as ONNX with lemo's operations as functions of a custom domain. Pictures, DOT and ONNX
+need the `inspect` extra (`pip install lemo_compile[inspect]`).
+
+With `LEMO_DEBUG_DIR=path` in the environment, the backend writes the same artefacts for every
+graph it compiles (`write_debug_artefacts`), the selection taken from the graph's first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from lemo_compile.config import LayerPlan, LemoConfig
+from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_passes
+from lemo_compile.regions import find_regions, module_stack
+
+DEBUG_DIR_VARIABLE = "LEMO_DEBUG_DIR"
+SELECT_ROLES = {"select": "attention", "mlp_select": "mlp"}
+
+
+@dataclasses.dataclass
+class Explanation:
+    """What lemo does to one model for one input (module docstring).
+
+    config:     the options, validated.
+    report:     the CompileReport of the graph holding the decoder layers (plans, counters,
+                warnings, and `graphs`: code per stage, "dynamo" first, then each pass that ran).
+    layer_diffs: per decoder layer, a unified diff of the layer's nodes before and after lemo's
+                passes; "" for a layer lemo did not change.
+    selected:   {"attention" | "mlp": {layer: kept block indices [B, k], ascending}} for this input.
+    activation_bytes: per decoder layer, {"dense": bytes, "lemo": bytes} of the forward values the
+                backward keeps (see the module docstring for what the estimate ignores).
+    """
+
+    config: LemoConfig
+    report: CompileReport
+    layer_diffs: dict[int, str]
+    selected: dict[str, dict[int, torch.Tensor]]
+    activation_bytes: dict[int, dict[str, int]]
+    _graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+    _inputs: list[Any] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def plans(self) -> list[LayerPlan]:
+        return self.report.plans
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.report.counters
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        return self.report.graphs
+
+    def diffs(self) -> dict[str, str]:
+        """Per pass that changed the graph, the unified diff from the stage before it."""
+        stages = list(self.report.graphs.items())
+        return {
+            after: "".join(difflib.unified_diff(
+                before_code.splitlines(keepends=True), after_code.splitlines(keepends=True),
+                fromfile=before, tofile=after))
+            for (before, before_code), (after, after_code) in zip(stages, stages[1:])
+        }
+
+    def keep_map(self, block: str = "attention", sample: int = 0) -> torch.Tensor:
+        """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, and -1 for
+        every block of a layer whose `block` ("attention" or "mlp") runs dense."""
+        plans = self.report.plans
+        if not plans:
+            return torch.zeros(0, 0, dtype=torch.int8)
+        result = torch.full((len(plans), plans[0].n_blocks), -1, dtype=torch.int8)
+        for layer, blocks in self.selected[block].items():
+            result[layer] = 0
+            result[layer, blocks[sample]] = 1
+        return result
+
+    def table(self) -> str:
+        """The plan as a text table: one row per decoder layer."""
+        header = ("layer", "attention", "mlp", "activations dense -> lemo")
+        rows = [header]
+        for plan in self.report.plans:
+            memory = self.activation_bytes.get(plan.layer, {})
+            rows.append((
+                str(plan.layer),
+                _block_summary(plan.sparse, plan.kept_blocks, plan.n_blocks, plan.kept_tokens,
+                               plan.reason),
+                _block_summary(plan.mlp_sparse, plan.mlp_kept_blocks, plan.n_blocks,
+                               plan.mlp_kept_tokens, "" if plan.mlp_sparse else "dense"),
+                f"{_mib(memory.get('dense', 0))} -> {_mib(memory.get('lemo', 0))}",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        saved = sum(m["dense"] - m["lemo"] for m in self.activation_bytes.values())
+        summary = (f"{self.report.batch_size} x {self.report.seq_len} tokens, block size "
+                   f"{self.config.block_size}, scorer {self.config.scorer!r}, mlp {self.config.mlp!r}; "
+                   f"activations kept for backward: {_mib(saved)} less with lemo")
+        return "\n".join([summary, *lines])
+
+    def to_json(self) -> dict:
+        """Plans, counters, warnings, selections and memory as plain JSON values."""
+        return {
+            "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "predictors"},
+            "batch_size": self.report.batch_size,
+            "seq_len": self.report.seq_len,
+            "plans": [dataclasses.asdict(p) for p in self.report.plans],
+            "counters": self.report.counters,
+            "warnings": self.report.warnings,
+            "selected_blocks": {block: {str(layer): blocks.tolist() for layer, blocks in per.items()}
+                                for block, per in self.selected.items()},
+            "activation_bytes": {str(k): v for k, v in self.activation_bytes.items()},
+        }
+
+    def write(self, folder: str | os.PathLike, *, onnx: bool = True) -> dict[str, pathlib.Path]:
+        """Write every artefact under `folder` (created); returns {artefact: path}.
+
+        graphs/NN_<stage>.py, graphs/NN_<stage>.diff, layers/layer_<i>.diff, plan.txt, plan.json,
+        keep_map.png, regions.dot and (with `onnx`) model.onnx."""
+        root = pathlib.Path(folder)
+        (root / "graphs").mkdir(parents=True, exist_ok=True)
+        (root / "layers").mkdir(exist_ok=True)
+        written: dict[str, pathlib.Path] = {}
+        diffs = self.diffs()
+        for i, (stage, code) in enumerate(self.report.graphs.items()):
+            written[f"graph:{stage}"] = _write(root / "graphs" / f"{i:02d}_{stage}.py", code)
+            if stage in diffs:
+                written[f"diff:{stage}"] = _write(root / "graphs" / f"{i:02d}_{stage}.diff", diffs[stage])
+        for layer, diff in self.layer_diffs.items():
+            written[f"layer:{layer}"] = _write(root / "layers" / f"layer_{layer}.diff", diff)
+        written["plan.txt"] = _write(root / "plan.txt", self.table() + "\n")
+        written["plan.json"] = _write(root / "plan.json", json.dumps(self.to_json(), indent=1))
+        written["keep_map.png"] = write_keep_map(self, root / "keep_map.png")
+        written["regions.dot"] = write_region_graph(self, root / "regions.dot")
+        if onnx:
+            if self._graph is None:
+                raise ValueError("this Explanation has no rewritten graph to export (training=False)")
+            from lemo_compile.onnx_export import export_onnx
+
+            export_onnx(self._graph, self._inputs, root / "model.onnx")
+            written["model.onnx"] = root / "model.onnx"
+        return written
+
+
+def explain(
+    model: torch.nn.Module,
+    *args: Any,
+    options: LemoConfig | Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Explanation:
+    """What lemo does to `model` called as `model(*args, **kwargs)` in training (module docstring).
+
+    The model is put in training mode for the call (lemo only rewrites training graphs) and
+    restored afterwards; no backward runs and no parameter changes. Returns the `Explanation` of
+    the graph that holds the decoder layers (with graph breaks, the first such graph).
+    """
+    config = LemoConfig.from_options(options)
+    explainer = _Explainer(config)
+    compiled = torch.compile(model, backend=explainer, dynamic=False)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            compiled(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    if not explainer.explanations:
+        raise ValueError("lemo explain: torch.compile produced no graph for this call")
+    with_layers = [e for e in explainer.explanations if e.report.plans]
+    return (with_layers or explainer.explanations)[0]
+
+
+class _Explainer:
+    """A torch.compile backend that applies lemo's graph passes, keeps an Explanation per graph,
+    and runs the rewritten graph eagerly (recording the selections of its first call)."""
+
+    def __init__(self, config: LemoConfig) -> None:
+        self.config = config
+        self.explanations: list[Explanation] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        from lemo_compile.backend import _fake_mode, _own_copy
+
+        dense = _own_copy(gm)
+        report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
+        inputs = [*example_inputs, *report.extra_inputs]
+        explanation = Explanation(
+            self.config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
+            activation_bytes(dense, gm, list(example_inputs), report.extra_inputs),
+            _graph=gm, _inputs=inputs,
+        )
+        self.explanations.append(explanation)
+
+        def run(*args):
+            outputs, explanation.selected = run_recording_selection(gm, [*args, *report.extra_inputs])
+            return outputs
+
+        return run
+
+
+def run_recording_selection(
+    gm: fx.GraphModule, inputs: Sequence[Any]
+) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
+    """Run a lemo-rewritten graph eagerly; returns its outputs and, per block kind and layer, the
+    kept block indices [B, k] of its selection nodes (layers inside activation-checkpoint bodies
+    run as one call and are not recorded)."""
+    selected: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            value = super().run_node(node)
+            tag = node.meta.get("custom") or {}
+            block = SELECT_ROLES.get(tag.get("lemo"))
+            if block is not None:
+                block_size, kept_blocks = node.args[2], node.args[1]
+                selected[block][tag["lemo_layer"]] = (value[:, : kept_blocks * block_size : block_size]
+                                                      // block_size).cpu()
+            return value
+
+    outputs = Recorder(gm).run(*inputs)
+    return outputs, selected
+
+
+def layer_diffs(before: fx.GraphModule, after: fx.GraphModule) -> dict[int, str]:
+    """Per decoder layer (located in `before`), a unified diff of its node listing between the two
+    graphs. A node reading a value from outside the layer shows it as `<in>`, so a layer that only
+    reads a rewritten residual stream lists the same."""
+    regions = find_regions(before)
+    paths = {layer.path: layer.index for layer in regions.layers}
+    diffs = {}
+    listings = {name: _layer_listings(gm, paths) for name, gm in (("before", before), ("after", after))}
+    for index in sorted(paths.values()):
+        old = listings["before"].get(index, [])
+        new = listings["after"].get(index, [])
+        diffs[index] = "".join(difflib.unified_diff(
+            old, new, fromfile=f"layer {index} (dynamo)", tofile=f"layer {index} (lemo)"))
+    return diffs
+
+
+def _layer_listings(gm: fx.GraphModule, paths: dict[str, int]) -> dict[int, list[str]]:
+    owner = {node: _layer_of(node, paths) for node in gm.graph.nodes}
+    listings: dict[int, list[str]] = {}
+    for node, layer in owner.items():
+        if layer is None:
+            continue
+
+        def show(arg, layer=layer):
+            if isinstance(arg, fx.Node):
+                return arg.name if owner.get(arg) == layer else "<in>"
+            return repr(arg)
+
+        args = ", ".join([str(fx.node.map_aggregate(node.args, show))[1:-1].rstrip(",")]
+                         + [f"{k}={fx.node.map_aggregate(v, show)}" for k, v in node.kwargs.items()])
+        target = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__qualname__", None) or str(node.target)
+        listings.setdefault(layer, []).append(f"{node.name} = {node.op}[{target}]({args})\n")
+    return listings
+
+
+def _layer_of(node: fx.Node, paths: dict[str, int]) -> int | None:
+    tag = node.meta.get("custom") or {}
+    if "lemo_layer" in tag:
+        return tag["lemo_layer"]
+    for path, _cls in module_stack(node):
+        if path in paths:
+            return paths[path]
+    return None
+
+
+def activation_bytes(
+    dense: fx.GraphModule, lemo: fx.GraphModule, example_inputs: list, extra_inputs: list
+) -> dict[int, dict[str, int]]:
+    """Per decoder layer, the bytes of forward values that AOTAutograd's partition (Inductor's
+    min-cut, as lemo compiles) keeps for the backward: {"dense": ..., "lemo": ...}."""
+    paths = {layer.path: layer.index for layer in find_regions(dense).layers}
+    result = {index: {"dense": 0, "lemo": 0} for index in paths.values()}
+    for name, gm, inputs in (("dense", dense, example_inputs),
+                             ("lemo", lemo, example_inputs + extra_inputs)):
+        for node in _saved_for_backward(gm, inputs):
+            layer = _layer_of(node, paths)
+            value = node.meta.get("val")
+            if layer is not None and isinstance(value, torch.Tensor):
+                result[layer][name] += value.numel() * value.element_size()
+    return result
+
+
+def _saved_for_backward(gm: fx.GraphModule, inputs: list) -> list[fx.Node]:
+    """The forward-graph nodes whose values the partitioned backward reads."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.compile_fx import select_decomp_table
+
+    from lemo_compile.backend import _own_copy
+
+    captured: dict[str, fx.GraphModule] = {}
+
+    def forward_compiler(graph: fx.GraphModule, _inputs):
+        captured["forward"] = graph
+        return graph
+
+    def partition(joint, joint_inputs, **kwargs):
+        forward, backward = min_cut_rematerialization_partition(
+            joint, joint_inputs, compiler="inductor", **kwargs)
+        captured["backward"] = backward
+        return forward, backward
+
+    aot_module_simplified(_own_copy(gm), inputs, fw_compiler=forward_compiler,
+                          partition_fn=partition, decompositions=select_decomp_table())
+    forward, backward = captured["forward"], captured["backward"]
+    saved_names = {n.name for n in backward.graph.find_nodes(op="placeholder")
+                   if not n.name.startswith("tangents")}
+    outputs = forward.graph.find_nodes(op="output")[0].args[0]
+    return [n for n in outputs if isinstance(n, fx.Node) and n.name in saved_names]
+
+
+def _block_summary(sparse: bool, kept: int, n_blocks: int, tokens: int, reason: str) -> str:
+    if sparse:
+        return f"{kept}/{n_blocks} blocks ({tokens} tokens)"
+    return f"dense ({reason})" if reason and reason != "dense" else "dense"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+def _write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.write_text(text)
+    return path
+
+
+def write_keep_map(explanation: Explanation, path: pathlib.Path, sample: int = 0) -> pathlib.Path:
+    """A PNG of `Explanation.keep_map` (one panel for attention, one for the MLP when it is
+    sparse): rows are layers, columns are blocks of `block_size` tokens."""
+    plt = _import("matplotlib.pyplot", "keep-map pictures")
+    from matplotlib.colors import ListedColormap
+
+    panels = ["attention"] + (["mlp"] if explanation.selected["mlp"] else [])
+    figure, axes = plt.subplots(len(panels), 1, squeeze=False,
+                                figsize=(10, 1.5 + 0.35 * len(explanation.plans) * len(panels)))
+    colours = ListedColormap(["#d9d9d9", "#ffffff", "#1f4e99"])  # dense layer, eliminated, kept
+    for axis, block in zip(axes[:, 0], panels):
+        keep = explanation.keep_map(block, sample).float()
+        axis.imshow(keep, cmap=colours, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        axis.set_ylabel("layer")
+        axis.set_xlabel(f"block ({explanation.config.block_size} tokens each)")
+        axis.set_title(f"{block}: kept blocks (blue), eliminated (white), dense layer (grey); "
+                       f"sample {sample}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_region_graph(explanation: Explanation, path: pathlib.Path) -> pathlib.Path:
+    """The region graph as DOT: the residual stream through each layer's attention and MLP block,
+    each block labelled with what lemo does to it, and the selection feeding each sparse block."""
+    nx = _import("networkx", "region graphs")
+    _import("pydot", "DOT files")
+    graph = nx.DiGraph(name="lemo_regions")
+    previous = "embeddings"
+    graph.add_node(previous, label="embeddings", shape="box")
+    for plan in explanation.plans:
+        for block, sparse, kept, tokens in (
+            ("attention", plan.sparse, plan.kept_blocks, plan.kept_tokens),
+            ("mlp", plan.mlp_sparse, plan.mlp_kept_blocks, plan.mlp_kept_tokens),
+        ):
+            name = f"layer{plan.layer}_{block}"
+            summary = _block_summary(sparse, kept, plan.n_blocks, tokens,
+                                     plan.reason if block == "attention" else "")
+            graph.add_node(name, label=f"layer {plan.layer} {block}\\n{summary}", shape="box",
+                           style="filled", fillcolor="lightblue" if sparse else "lightgrey")
+            graph.add_edge(previous, name, label="residual")
+            if sparse:
+                select = f"{name}_select"
+                scorer = explanation.config.scorer if block == "attention" else "activation norm"
+                graph.add_node(select, label=f"select top {kept} blocks\\n({scorer})", shape="ellipse")
+                graph.add_edge(previous, select)
+                graph.add_edge(select, name, label="idx")
+            previous = name
+    graph.add_node("output", label="LM head + loss", shape="box")
+    graph.add_edge(previous, "output", label="residual")
+    nx.nx_pydot.write_dot(graph, path)
+    return path
+
+
+def write_debug_artefacts(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
+                          config: LemoConfig, example_inputs: Sequence[Any]):
+    """For LEMO_DEBUG_DIR: returns a wrapper for the compiled callable that, at its first call,
+    runs the rewritten graph once eagerly (no grad, random state restored) to record the
+    selection, then writes the artefacts to $LEMO_DEBUG_DIR/graph_<n>/. Failures to write warn."""
+    root = pathlib.Path(os.environ[DEBUG_DIR_VARIABLE])
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [p for p in root.iterdir() if re.fullmatch(r"graph_\d+", p.name)]
+    folder = root / f"graph_{len(taken)}"
+    folder.mkdir()
+    explanation = Explanation(config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
+                              activation_bytes(dense, gm, list(example_inputs), report.extra_inputs),
+                              _graph=gm, _inputs=[*example_inputs, *report.extra_inputs])
+
+    def wrap(compiled):
+        done = False
+
+        def run(*args):
+            nonlocal done
+            if not done:
+                done = True
+                with torch.no_grad(), torch.random.fork_rng(_devices(args)):
+                    _, explanation.selected = run_recording_selection(
+                        gm, [*args, *report.extra_inputs])
+                try:
+                    explanation.write(folder)
+                except Exception as err:  # a debug dump never stops training
+                    warnings.warn(f"lemo: LEMO_DEBUG_DIR: could not write every artefact to "
+                                  f"{folder}: {err}", LemoWarning, stacklevel=2)
+            return compiled(*args)
+
+        return run
+
+    return wrap
+
+
+def _devices(args) -> list[int]:
+    return sorted({a.device.index or 0 for a in args
+                   if isinstance(a, torch.Tensor) and a.device.type == "cuda"})
+
+
+def _import(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"lemo: {what} need {module.split('.')[0]}: "
+                          "pip install 'lemo_compile[inspect]'") from None
