@@ -8,6 +8,7 @@ See README.md for the options and LEMO.md-style semantics; `LemoBackend` keeps a
 from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)
 from lemo_compile.backend import LemoBackend, lemo_backend
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.inspect import Explanation, explain
 from lemo_compile.passes.manager import CompileReport, LemoWarning
 from lemo_compile.predictors import PredictorBank, calibrate, predictor_recall
 
@@ -15,12 +16,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompileReport",
+    "Explanation",
     "LayerPlan",
     "LemoBackend",
     "LemoConfig",
     "LemoWarning",
     "PredictorBank",
     "calibrate",
+    "explain",
     "lemo_backend",
     "plan_layers",
     "predictor_recall",

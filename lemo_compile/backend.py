@@ -13,6 +13,8 @@ group `torch_dynamo_backends`. For each Dynamo graph it:
 
 `LemoBackend` is the same thing as an object that keeps the `CompileReport` of every graph it
 compiled: `backend = LemoBackend({"keep_ratio": 0.3}); torch.compile(model, backend=backend)`.
+With LEMO_DEBUG_DIR set, every training graph also dumps `explain()`'s artefacts there
+(`inspect.debug_dump`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import fx
 
 from lemo_compile.config import LemoConfig
+from lemo_compile.inspect import DEBUG_DIR_VARIABLE
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.manager import CompileReport, PostGradPasses, run_graph_passes
 
@@ -49,7 +52,10 @@ class LemoBackend:
                 "torch.compile(..., options={...})"
             )
         fake_mode = _fake_mode(gm, example_inputs)
+        debug = None
         if _is_training(gm):
+            if os.environ.get(DEBUG_DIR_VARIABLE):
+                debug = _own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
             if self.config.scorer == "predictor":
                 gm = _own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
             report = run_graph_passes(gm, self.config, fake_mode)
@@ -62,7 +68,12 @@ class LemoBackend:
         # then puts on those sizes breaks Dynamo's guard building.
         static = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
         compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report)
-        return _with_extra_inputs(compiled, extra) if extra else compiled
+        compiled = _with_extra_inputs(compiled, extra) if extra else compiled
+        if debug is not None:
+            from lemo_compile.inspect import debug_dump
+
+            compiled = debug_dump(gm, debug, report, self.config, list(example_inputs))(compiled)
+        return compiled
 
 
 def lemo_backend(

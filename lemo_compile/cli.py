@@ -2,6 +2,8 @@
 
 `lemo demo`: dense vs lemo fine-tuning side by side on a small Llama.
 `lemo calibrate`: train block-score predictors for a model against the oracle (`lemo_compile.calibrate`).
+`lemo inspect`: what lemo does to a model at a sequence length: the plan as a table, and
+`lemo_compile.explain`'s artefacts (graphs, diffs, keep map, region graph, ONNX) in a folder.
 """
 
 from __future__ import annotations
@@ -53,10 +55,24 @@ def main(argv: list[str] | None = None) -> int:
                            help="elastic shrinking: drop predictor units that are never active")
     calibrate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     calibrate.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    inspect = commands.add_parser(
+        "inspect", help="show what lemo does to a model: plan table, graphs, keep map, DOT, ONNX")
+    inspect.add_argument("model", help="a Hugging Face checkpoint folder, or a config.json (random "
+                                       "weights)")
+    inspect.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    inspect.add_argument("--batch-size", type=int, default=1)
+    inspect.add_argument("--text", help="a text file to take the tokens from (default: random ids)")
+    inspect.add_argument("--out", default="lemo_inspect", help="the folder for the artefacts")
+    inspect.add_argument("--options", default="{}",
+                         help='lemo options as JSON, e.g. \'{"keep_ratio": 0.3, "mlp": "tokens"}\'')
+    inspect.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    inspect.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
 
     if args.command == "calibrate":
         return run_calibrate(args)
+    if args.command == "inspect":
+        return run_inspect(args)
     if args.variant:
         settings = DemoSettings(**json.loads(args.settings))
         print(json.dumps(run_variant(args.variant, settings)))
@@ -103,6 +119,52 @@ def run_calibrate(args: argparse.Namespace) -> int:
             print(f"  layer {layer:3d}  recall {values['recall']:.3f}  overlap {values['overlap']:.3f}")
         mean = sum(v["recall"] for v in metrics.values()) / len(metrics)
         print(f"  mean       recall {mean:.3f}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """`lemo inspect`: explain() on one batch, print the plan, write the artefacts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lemo_compile
+
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"lemo inspect: --options is not JSON: {err}") from None
+    path = pathlib.Path(args.model)
+    dtype = getattr(torch, args.dtype)
+    if not path.exists():
+        raise SystemExit(f"lemo inspect: {path} does not exist")
+    has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+    if has_weights:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        print(f"{path}: no weights, random initialisation from the config")
+    vocab = model.config.vocab_size
+    if args.text:
+        encode = _encoder(args.model, vocab) if has_weights else (lambda t: list(t.encode("utf-8")))
+        tokens = encode(pathlib.Path(args.text).read_text(encoding="utf-8", errors="replace"))
+        needed = args.seq_len * args.batch_size
+        if len(tokens) < needed:
+            raise SystemExit(f"lemo inspect: {args.text} holds {len(tokens)} tokens, "
+                             f"{needed} are needed")
+        ids = torch.tensor(tokens[:needed]).reshape(args.batch_size, args.seq_len) % vocab
+    else:
+        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len),
+                            generator=torch.Generator().manual_seed(0))
+    print(f"explaining {type(model).__name__} at {args.batch_size} x {args.seq_len} tokens ...",
+          flush=True)
+    explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, use_cache=False,
+                                       options=options)
+    print(explanation.table())
+    written = explanation.write(args.out, onnx=not args.no_onnx)
+    print(f"wrote {len(written)} files to {args.out}/: "
+          + ", ".join(sorted({p.relative_to(args.out).parts[0] for p in written.values()})))
     return 0
 
 

@@ -10,8 +10,10 @@ graph passes, runs the rewritten graph once, eagerly, on the given inputs, and r
 * the blocks each sparse layer kept for these inputs, per sample (attention, and MLP with
   mlp="tokens");
 * per layer, the activation memory saved for backward, dense and with lemo, from AOTAutograd's
-  partition of the two graphs (forward outputs kept for the backward, by shape: an estimate that
-  ignores storage shared between views and Inductor's own buffer reuse).
+  partition of the two graphs (forward outputs kept for the backward, by shape, each charged to
+  the layer that computes it: an estimate that ignores storage shared between views and
+  Inductor's own buffer reuse). A layer's output that the next layer's norm keeps is charged to
+  the layer that computed it, so the dense layer just before a sparse one shows a change too.
 
 `Explanation.write(folder)` writes the artefacts: graphs per pass and their diffs, the plan as a
 table and as JSON, the keep map (layers x blocks, PNG), the region graph (DOT) and the rewritten
@@ -19,7 +21,7 @@ forward graph as ONNX with lemo's operations as functions of a custom domain. Pi
 need the `inspect` extra (`pip install lemo_compile[inspect]`).
 
 With `LEMO_DEBUG_DIR=path` in the environment, the backend writes the same artefacts for every
-graph it compiles (`write_debug_artefacts`), the selection taken from the graph's first call.
+training graph it compiles (`debug_dump`), the selection taken from the graph's first call.
 """
 
 from __future__ import annotations
@@ -209,12 +211,7 @@ class _Explainer:
 
         dense = _own_copy(gm)
         report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
-        inputs = [*example_inputs, *report.extra_inputs]
-        explanation = Explanation(
-            self.config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
-            activation_bytes(dense, gm, list(example_inputs), report.extra_inputs),
-            _graph=gm, _inputs=inputs,
-        )
+        explanation = _explanation(self.config, report, dense, gm, list(example_inputs))
         self.explanations.append(explanation)
 
         def run(*args):
@@ -222,6 +219,16 @@ class _Explainer:
             return outputs
 
         return run
+
+
+def _explanation(config: LemoConfig, report: CompileReport, dense: fx.GraphModule,
+                 gm: fx.GraphModule, example_inputs: list) -> Explanation:
+    """The compile-time part of an Explanation (no selection yet) of `gm`, rewritten from `dense`."""
+    return Explanation(
+        config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
+        activation_bytes(dense, gm, example_inputs, report.extra_inputs),
+        _graph=gm, _inputs=[*example_inputs, *report.extra_inputs],
+    )
 
 
 def run_recording_selection(
@@ -267,19 +274,21 @@ def _layer_listings(gm: fx.GraphModule, paths: dict[str, int]) -> dict[int, list
     owner = {node: _layer_of(node, paths) for node in gm.graph.nodes}
     listings: dict[int, list[str]] = {}
     for node, layer in owner.items():
-        if layer is None:
+        if layer is None or node.op == "placeholder":
             continue
 
-        def show(arg, layer=layer):
+        def show(arg, layer=layer) -> str:
             if isinstance(arg, fx.Node):
                 return arg.name if owner.get(arg) == layer else "<in>"
+            if isinstance(arg, (tuple, list)):
+                inner = ", ".join(show(a) for a in arg)
+                return f"({inner})" if isinstance(arg, tuple) else f"[{inner}]"
             return repr(arg)
 
-        args = ", ".join([str(fx.node.map_aggregate(node.args, show))[1:-1].rstrip(",")]
-                         + [f"{k}={fx.node.map_aggregate(v, show)}" for k, v in node.kwargs.items()])
+        args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()]
         target = node.target if isinstance(node.target, str) else getattr(
             node.target, "__qualname__", None) or str(node.target)
-        listings.setdefault(layer, []).append(f"{node.name} = {node.op}[{target}]({args})\n")
+        listings.setdefault(layer, []).append(f"{node.name} = {target}({', '.join(args)})\n")
     return listings
 
 
@@ -365,7 +374,7 @@ def write_keep_map(explanation: Explanation, path: pathlib.Path, sample: int = 0
                                 figsize=(10, 1.5 + 0.35 * len(explanation.plans) * len(panels)))
     colours = ListedColormap(["#d9d9d9", "#ffffff", "#1f4e99"])  # dense layer, eliminated, kept
     for axis, block in zip(axes[:, 0], panels):
-        keep = explanation.keep_map(block, sample).float()
+        keep = explanation.keep_map(block, sample).numpy()
         axis.imshow(keep, cmap=colours, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         axis.set_ylabel("layer")
         axis.set_xlabel(f"block ({explanation.config.block_size} tokens each)")
@@ -409,19 +418,18 @@ def write_region_graph(explanation: Explanation, path: pathlib.Path) -> pathlib.
     return path
 
 
-def write_debug_artefacts(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
-                          config: LemoConfig, example_inputs: Sequence[Any]):
-    """For LEMO_DEBUG_DIR: returns a wrapper for the compiled callable that, at its first call,
-    runs the rewritten graph once eagerly (no grad, random state restored) to record the
-    selection, then writes the artefacts to $LEMO_DEBUG_DIR/graph_<n>/. Failures to write warn."""
+def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
+               config: LemoConfig, example_inputs: list):
+    """For LEMO_DEBUG_DIR: a wrapper for the compiled callable of `gm` (rewritten from `dense`)
+    that, at its first call, runs `gm` once eagerly (no grad, random state restored) to record the
+    selection, then writes `Explanation.write`'s artefacts to $LEMO_DEBUG_DIR/graph_<n>/. A
+    failure to write warns (LemoWarning) and training goes on."""
     root = pathlib.Path(os.environ[DEBUG_DIR_VARIABLE])
     root.mkdir(parents=True, exist_ok=True)
     taken = [p for p in root.iterdir() if re.fullmatch(r"graph_\d+", p.name)]
     folder = root / f"graph_{len(taken)}"
     folder.mkdir()
-    explanation = Explanation(config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
-                              activation_bytes(dense, gm, list(example_inputs), report.extra_inputs),
-                              _graph=gm, _inputs=[*example_inputs, *report.extra_inputs])
+    explanation = _explanation(config, report, dense, gm, example_inputs)
 
     def wrap(compiled):
         done = False

@@ -7,9 +7,7 @@ computed from q and k (the Triton kernel on CUDA). So calibration works for any 
 supports, with no per-family code.
 
 Training: per sparse layer, SmoothL1 between the lower triangle of the predictor's P and M divided
-by its per-sample maximum (the selection only depends on the ranking, so the scale is free), plus
-SmoothL1 between the block scores sigma of the two, divided by the oracle's largest block score
-(the quantity the selection ranks; on the CPU it lifted held-out recall, README "Predictors").
+by its per-sample maximum (the selection only depends on the ranking, so the scale is free).
 Metrics, per layer, with the plan's k kept blocks:
 
 * recall: the fraction of the oracle's kept blocks that the predictor also keeps;
@@ -182,16 +180,11 @@ def calibrate(
 
 
 def _fit_loss(predicted: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    """SmoothL1 between P and M / max(M) per sample over the causal (lower) triangle, plus SmoothL1
-    between their block scores sigma(P) and sigma(M / max(M)), both over max sigma(M / max(M))."""
+    """SmoothL1 between P and M / max(M) per sample, over the causal (lower) triangle."""
     n = tiles.shape[-1]
     lower = torch.ones(n, n, dtype=torch.bool, device=tiles.device).tril()
     target = tiles / tiles.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-    tile_loss = F.smooth_l1_loss(predicted[:, lower], target[:, lower], beta=0.1)
-    target_scores = scores_from_tiles(target)
-    scale = target_scores.amax(dim=1, keepdim=True).clamp_min(1e-30)
-    predicted_scores = scores_from_tiles(torch.tril(predicted))
-    return tile_loss + F.smooth_l1_loss(predicted_scores / scale, target_scores / scale, beta=0.1)
+    return F.smooth_l1_loss(predicted[:, lower], target[:, lower], beta=0.1)
 
 
 def predictor_recall(

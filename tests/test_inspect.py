@@ -1,0 +1,182 @@
+"""explain(), `lemo inspect` and LEMO_DEBUG_DIR: what lemo shows of its work, checked against the plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama, token_batch
+
+import lemo_compile
+from lemo_compile.config import LemoConfig
+from lemo_compile.inspect import explain
+
+OPTIONS = {"keep_ratio": 0.5, "block_size": 8, "dense_layers": [0], "loss_segment": None}
+
+
+def _lemo_nodes(gm) -> dict[int, dict[str, list]]:
+    """Per layer, the lemo-tagged nodes of a graph, by role."""
+    found: dict[int, dict[str, list]] = {}
+    for node in gm.graph.nodes:
+        tag = node.meta.get("custom") or {}
+        if "lemo" in tag:
+            found.setdefault(tag["lemo_layer"], {}).setdefault(tag["lemo"], []).append(node)
+    return found
+
+
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_explain_matches_the_plan(mlp):
+    model = tiny_llama().eval()
+    ids = token_batch(2, 64)
+    explanation = explain(model, input_ids=ids, labels=ids, options={**OPTIONS, "mlp": mlp})
+    assert not model.training, "explain must restore the model's mode"
+    assert all(p.grad is None for p in model.parameters())
+    plans = explanation.plans
+    assert [p.sparse for p in plans] == [False, True, True, True]
+    inserted = _lemo_nodes(explanation._graph)
+    assert sorted(inserted) == [1, 2, 3]  # nothing inserted in the dense layer
+    for plan in plans[1:]:
+        (select,) = inserted[plan.layer]["select"]
+        assert select.args[1] == plan.kept_blocks == 4
+        assert ("mlp_select" in inserted[plan.layer]) == (mlp == "tokens")
+        blocks = explanation.selected["attention"][plan.layer]
+        assert blocks.shape == (2, plan.kept_blocks)
+        assert all(row.tolist() == sorted(set(row.tolist())) for row in blocks)
+        assert 0 <= blocks.min() and blocks.max() < plan.n_blocks
+        keep = explanation.keep_map("attention", sample=1)[plan.layer]
+        assert keep.tolist() == [int(b in blocks[1].tolist()) for b in range(plan.n_blocks)]
+    assert explanation.keep_map()[0].tolist() == [-1] * 8  # dense layer
+    assert set(explanation.selected["mlp"]) == ({1, 2, 3} if mlp == "tokens" else set())
+    assert explanation.counters["sparse_layers"] == 3
+
+
+def test_explain_selects_what_the_compiled_model_selects():
+    """The recorded selection is the oracle's: the same step through the eager reference, fed the
+    recorded blocks as its scores, gives the compiled model's loss."""
+    from reference import lemo_forward
+
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids, options=OPTIONS)
+    selected = explanation.selected["attention"]
+
+    def recorded(layer, h):
+        scores = torch.zeros(h.shape[0], 8)
+        scores.scatter_(1, selected[layer], 1.0)
+        return scores
+
+    backend = lemo_compile.LemoBackend({**OPTIONS, "compiler": "aot_eager"})
+    compiled = torch.compile(model, backend=backend)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    _, want = lemo_forward(model, ids, ids, keep_ratio=0.5, block_size=8, dense_layers=[0],
+                           scorer=recorded)
+    _, other = lemo_forward(model, ids, ids, keep_ratio=0.5, block_size=8, dense_layers=[0],
+                            scorer=lambda layer, h: -recorded(layer, h))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loss, other, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_diffs_are_non_empty_exactly_for_sparse_layers():
+    model = tiny_llama(layers=5)
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids,
+                          options={**OPTIONS, "dense_layers": [0, 2]})
+    changed = {layer for layer, diff in explanation.layer_diffs.items() if diff}
+    assert changed == {p.layer for p in explanation.plans if p.sparse} == {1, 3, 4}
+    assert "select_tokens" in explanation.layer_diffs[1]
+    assert list(explanation.diffs()) == ["select"]
+    assert explanation.diffs()["select"].startswith("--- dynamo\n+++ select\n")
+
+
+def test_activation_memory_is_lower_for_sparse_layers_only():
+    model = tiny_llama(layers=5)
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids, options={**OPTIONS, "dense_layers": [0, 1]})
+    memory = explanation.activation_bytes
+    # layer 1 hands its output to sparse layer 2 (module docstring); layer 0 is untouched
+    assert memory[0]["dense"] == memory[0]["lemo"] > 0
+    for layer in (2, 3, 4):
+        assert 0 < memory[layer]["lemo"] < memory[layer]["dense"]
+    assert sum(m["lemo"] for m in memory.values()) < sum(m["dense"] for m in memory.values())
+    table = explanation.table()
+    assert table.count("4/8 blocks (32 tokens)") == 3 and table.count("dense (dense_layers)") == 2
+
+
+def test_write_produces_parseable_artefacts(tmp_path):
+    networkx = pytest.importorskip("networkx")
+    pytest.importorskip("pydot")
+    image = pytest.importorskip("PIL.Image")
+    onnx = pytest.importorskip("onnx")
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids, options=OPTIONS)
+    written = explanation.write(tmp_path)
+    assert (tmp_path / "graphs" / "00_dynamo.py").read_text() == explanation.graphs["dynamo"]
+    assert (tmp_path / "graphs" / "01_select.diff").read_text() == explanation.diffs()["select"]
+    assert (tmp_path / "layers" / "layer_0.diff").read_text() == ""
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [p["kept_blocks"] for p in plan["plans"]] == [8, 4, 4, 4]
+    assert plan["selected_blocks"]["attention"]["1"] == explanation.selected["attention"][1].tolist()
+    with image.open(written["keep_map.png"]) as picture:
+        picture.verify()
+        assert picture.format == "PNG" and picture.size[0] > 100
+    graph = networkx.nx_pydot.read_dot(written["regions.dot"])
+    labels = {name: data.get("label", "") for name, data in graph.nodes(data=True)}
+    assert sum("select top 4 blocks" in label for label in labels.values()) == 3
+    assert "layer0_attention" in graph and graph.has_edge("layer0_attention", "layer0_mlp")
+    model_proto = onnx.load(written["model.onnx"])
+    onnx.checker.check_model(model_proto)
+    assert {f.name for f in model_proto.functions if f.domain == "lemo"} >= {
+        "block_scores", "select_tokens", "gather_tokens", "scatter_add_tokens"}
+
+
+def test_lemo_debug_dir_dumps_every_training_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEMO_DEBUG_DIR", str(tmp_path))
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "compiler": "aot_eager"})
+    compiled = torch.compile(model, backend=backend)
+    before = torch.random.get_rng_state()
+    for _ in range(2):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    folder = tmp_path / "graph_0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_0"]  # one graph, dumped once
+    for name in ("plan.txt", "plan.json", "keep_map.png", "regions.dot", "model.onnx"):
+        assert (folder / name).stat().st_size > 0, name
+    plan = json.loads((folder / "plan.json").read_text())
+    assert sorted(plan["selected_blocks"]["attention"]) == ["1", "2", "3"]
+
+
+def test_lemo_inspect_command(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from lemo_compile.cli import main
+
+    LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "model")
+    out = tmp_path / "report"
+    code = main(["inspect", str(tmp_path / "model"), "--seq-len", "64", "--no-onnx", "--out",
+                 str(out), "--options", json.dumps({"keep_ratio": 0.5, "block_size": 16})])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "random initialisation" in printed and "2/4 blocks (32 tokens)" in printed
+    assert (out / "keep_map.png").exists() and not (out / "model.onnx").exists()
+    assert json.loads((out / "plan.json").read_text())["seq_len"] == 64
+
+
+def test_lemo_inspect_rejects_bad_options(tmp_path):
+    from lemo_compile.cli import main
+
+    with pytest.raises(SystemExit, match="not JSON"):
+        main(["inspect", str(tmp_path), "--seq-len", "64", "--options", "{keep"])
+    with pytest.raises(ValueError, match="keep_ratio"):
+        explain(tiny_llama(), input_ids=token_batch(1, 64), options={"keep_ratio": 2})
+
+
+def test_explain_of_a_model_without_decoder_layers_has_an_empty_plan():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    explanation = explain(model, torch.randn(2, 4), options=LemoConfig())
+    assert explanation.plans == [] and explanation.layer_diffs == {}
+    assert "layer" in explanation.table()
