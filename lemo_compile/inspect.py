@@ -6,7 +6,8 @@ graph passes, runs the rewritten graph once, eagerly, on the given inputs, and r
 
 * the Dynamo graph before and after each pass (readable code) with unified diffs between them, and
   per decoder layer a diff of that layer's nodes (empty exactly for layers lemo left unchanged);
-* the per-layer plan, pass counters and warnings (`CompileReport`);
+* the per-layer plan, pass counters (with "nodes_inserted" and the post-grad fusions the compiled
+  graph gets) and warnings (`CompileReport`);
 * the blocks each sparse layer kept for these inputs, per sample (attention, and MLP with
   mlp="tokens");
 * per layer, the activation memory saved for backward, dense and with lemo, from AOTAutograd's
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from lemo_compile import ops
 from lemo_compile.config import LayerPlan, LemoConfig
 from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_passes
 from lemo_compile.regions import find_regions, module_stack
@@ -92,12 +94,17 @@ class Explanation:
         }
 
     def keep_map(self, block: str = "attention", sample: int = 0) -> torch.Tensor:
-        """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, and -1 for
-        every block of a layer whose `block` ("attention" or "mlp") runs dense."""
+        """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, -1 for
+        every block of a layer whose `block` ("attention" or "mlp") runs dense, and -2 for a sparse
+        layer whose selection was not recorded (inside a checkpointed region, or a padded batch,
+        whose rows each select on their own grid)."""
         plans = self.report.plans
         if not plans:
             return torch.zeros(0, 0, dtype=torch.int8)
         result = torch.full((len(plans), plans[0].n_blocks), -1, dtype=torch.int8)
+        for plan in plans:
+            if plan.sparse if block == "attention" else plan.mlp_sparse:
+                result[plan.layer] = -2
         for layer, blocks in self.selected[block].items():
             result[layer] = 0
             result[layer, blocks[sample]] = 1
@@ -211,7 +218,8 @@ class _Explainer:
 
         dense = _own_copy(gm)
         report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
-        explanation = _explanation(self.config, report, dense, gm, list(example_inputs))
+        explanation = _explanation(self.config, report, dense, gm, list(example_inputs),
+                                   count_fusions=True)
         self.explanations.append(explanation)
 
         def run(*args):
@@ -222,21 +230,28 @@ class _Explainer:
 
 
 def _explanation(config: LemoConfig, report: CompileReport, dense: fx.GraphModule,
-                 gm: fx.GraphModule, example_inputs: list) -> Explanation:
-    """The compile-time part of an Explanation (no selection yet) of `gm`, rewritten from `dense`."""
-    return Explanation(
-        config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
-        activation_bytes(dense, gm, example_inputs, report.extra_inputs),
-        _graph=gm, _inputs=[*example_inputs, *report.extra_inputs],
-    )
+                 gm: fx.GraphModule, example_inputs: list, *, count_fusions: bool) -> Explanation:
+    """The compile-time part of an Explanation (no selection yet) of `gm`, rewritten from `dense`.
+    Adds the counter "nodes_inserted" (lemo's nodes in gm) and, with `count_fusions` (when the
+    report's graph is not compiled for real), the post-grad fusion pass's counters as that pass
+    would count them on the two partitioned graphs."""
+    if report.training:
+        report.counters["nodes_inserted"] = sum(
+            1 for node in gm.graph.nodes if "lemo" in (node.meta.get("custom") or {}))
+    fusions = {} if count_fusions and config.fuse and report.training else None
+    memory = activation_bytes(dense, gm, example_inputs, report.extra_inputs, fusions)
+    report.counters.update(fusions or {})
+    return Explanation(config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
+                       memory, _graph=gm, _inputs=[*example_inputs, *report.extra_inputs])
 
 
 def run_recording_selection(
     gm: fx.GraphModule, inputs: Sequence[Any]
 ) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
     """Run a lemo-rewritten graph eagerly; returns its outputs and, per block kind and layer, the
-    kept block indices [B, k] of its selection nodes (layers inside activation-checkpoint bodies
-    run as one call and are not recorded)."""
+    kept block indices [B, k] of its selection nodes. Not recorded: layers inside
+    activation-checkpoint bodies (they run as one call) and padded batches (each row selects on
+    its own block grid)."""
     selected: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
 
     class Recorder(fx.Interpreter):
@@ -244,7 +259,7 @@ def run_recording_selection(
             value = super().run_node(node)
             tag = node.meta.get("custom") or {}
             block = SELECT_ROLES.get(tag.get("lemo"))
-            if block is not None:
+            if block is not None and node.target is ops.select_tokens:
                 block_size, kept_blocks = node.args[2], node.args[1]
                 selected[block][tag["lemo_layer"]] = (value[:, : kept_blocks * block_size : block_size]
                                                       // block_size).cpu()
@@ -303,24 +318,36 @@ def _layer_of(node: fx.Node, paths: dict[str, int]) -> int | None:
 
 
 def activation_bytes(
-    dense: fx.GraphModule, lemo: fx.GraphModule, example_inputs: list, extra_inputs: list
+    dense: fx.GraphModule, lemo: fx.GraphModule, example_inputs: list, extra_inputs: list,
+    fusion_counters: dict[str, int] | None = None,
 ) -> dict[int, dict[str, int]]:
     """Per decoder layer, the bytes of forward values that AOTAutograd's partition (Inductor's
-    min-cut, as lemo compiles) keeps for the backward: {"dense": ..., "lemo": ...}."""
+    min-cut, as lemo compiles) keeps for the backward: {"dense": ..., "lemo": ...}. With
+    `fusion_counters`, the post-grad fusion pass then runs on lemo's two partitioned graphs and
+    adds its counts there."""
     paths = {layer.path: layer.index for layer in find_regions(dense).layers}
     result = {index: {"dense": 0, "lemo": 0} for index in paths.values()}
     for name, gm, inputs in (("dense", dense, example_inputs),
                              ("lemo", lemo, example_inputs + extra_inputs)):
-        for node in _saved_for_backward(gm, inputs):
+        saved, graphs = _saved_for_backward(gm, inputs)
+        for node in saved:
             layer = _layer_of(node, paths)
             value = node.meta.get("val")
             if layer is not None and isinstance(value, torch.Tensor):
                 result[layer][name] += value.numel() * value.element_size()
+        if name == "lemo" and fusion_counters is not None:
+            from lemo_compile.passes.fuse import fuse_row_movements
+
+            for graph in graphs:
+                fuse_row_movements(graph.graph, fusion_counters)
     return result
 
 
-def _saved_for_backward(gm: fx.GraphModule, inputs: list) -> list[fx.Node]:
-    """The forward-graph nodes whose values the partitioned backward reads."""
+def _saved_for_backward(
+    gm: fx.GraphModule, inputs: list
+) -> tuple[list[fx.Node], tuple[fx.GraphModule, fx.GraphModule]]:
+    """The forward-graph nodes whose values the partitioned backward reads, and the partitioned
+    (forward, backward) graphs."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.compile_fx import select_decomp_table
@@ -345,7 +372,8 @@ def _saved_for_backward(gm: fx.GraphModule, inputs: list) -> list[fx.Node]:
     saved_names = {n.name for n in backward.graph.find_nodes(op="placeholder")
                    if not n.name.startswith("tangents")}
     outputs = forward.graph.find_nodes(op="output")[0].args[0]
-    return [n for n in outputs if isinstance(n, fx.Node) and n.name in saved_names]
+    saved = [n for n in outputs if isinstance(n, fx.Node) and n.name in saved_names]
+    return saved, (forward, backward)
 
 
 def _block_summary(sparse: bool, kept: int, n_blocks: int, tokens: int, reason: str) -> str:
@@ -372,14 +400,15 @@ def write_keep_map(explanation: Explanation, path: pathlib.Path, sample: int = 0
     panels = ["attention"] + (["mlp"] if explanation.selected["mlp"] else [])
     figure, axes = plt.subplots(len(panels), 1, squeeze=False,
                                 figsize=(10, 1.5 + 0.35 * len(explanation.plans) * len(panels)))
-    colours = ListedColormap(["#d9d9d9", "#ffffff", "#1f4e99"])  # dense layer, eliminated, kept
+    # not recorded, dense layer, eliminated, kept
+    colours = ListedColormap(["#f4c28f", "#d9d9d9", "#ffffff", "#1f4e99"])
     for axis, block in zip(axes[:, 0], panels):
         keep = explanation.keep_map(block, sample).numpy()
-        axis.imshow(keep, cmap=colours, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        axis.imshow(keep, cmap=colours, vmin=-2, vmax=1, aspect="auto", interpolation="nearest")
         axis.set_ylabel("layer")
         axis.set_xlabel(f"block ({explanation.config.block_size} tokens each)")
-        axis.set_title(f"{block}: kept blocks (blue), eliminated (white), dense layer (grey); "
-                       f"sample {sample}", fontsize=9)
+        axis.set_title(f"{block}: kept blocks (blue), eliminated (white), dense layer (grey), "
+                       f"selection not recorded (orange); sample {sample}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -429,7 +458,7 @@ def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
     taken = [p for p in root.iterdir() if re.fullmatch(r"graph_\d+", p.name)]
     folder = root / f"graph_{len(taken)}"
     folder.mkdir()
-    explanation = _explanation(config, report, dense, gm, example_inputs)
+    explanation = _explanation(config, report, dense, gm, example_inputs, count_fusions=False)
 
     def wrap(compiled):
         done = False

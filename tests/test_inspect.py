@@ -49,6 +49,13 @@ def test_explain_matches_the_plan(mlp):
     assert explanation.keep_map()[0].tolist() == [-1] * 8  # dense layer
     assert set(explanation.selected["mlp"]) == ({1, 2, 3} if mlp == "tokens" else set())
     assert explanation.counters["sparse_layers"] == 3
+    assert explanation.counters["nodes_inserted"] == sum(
+        len(nodes) for roles in inserted.values() for nodes in roles.values())
+    # one gather + RMSNorm chain per sparse block, as the compiled model fuses them
+    blocks = 3 * (2 if mlp == "tokens" else 1)
+    assert explanation.counters["fused_gather_norm"] == blocks
+    assert explanation.counters["fused_scatter_add"] + explanation.counters.get(
+        "folded_zero_scatter", 0) >= blocks
 
 
 def test_explain_selects_what_the_compiled_model_selects():
@@ -75,6 +82,11 @@ def test_explain_selects_what_the_compiled_model_selects():
                             scorer=lambda layer, h: -recorded(layer, h))
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(loss, other, rtol=1e-5, atol=1e-5)
+    loss.backward()  # compiles the backward graph, whose fusions count too
+    compiled_counters = backend.reports[-1].counters
+    fused = {k: v for k, v in compiled_counters.items() if k.startswith(("fused", "folded"))}
+    assert fused and all(explanation.counters[k] == v for k, v in fused.items()), (
+        fused, explanation.counters)
 
 
 def test_layer_diffs_are_non_empty_exactly_for_sparse_layers():
@@ -180,3 +192,16 @@ def test_explain_of_a_model_without_decoder_layers_has_an_empty_plan():
     explanation = explain(model, torch.randn(2, 4), options=LemoConfig())
     assert explanation.plans == [] and explanation.layer_diffs == {}
     assert "layer" in explanation.table()
+
+
+def test_padded_batch_selection_is_marked_not_recorded():
+    model = tiny_llama()
+    ids = token_batch(2, 64)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, 40:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    explanation = explain(model, input_ids=ids, attention_mask=mask, labels=labels, options=OPTIONS)
+    assert [p.sparse for p in explanation.plans] == [False, True, True, True]
+    assert explanation.selected["attention"] == {}
+    keep = explanation.keep_map()
+    assert keep[0].tolist() == [-1] * 8 and (keep[1:] == -2).all()
