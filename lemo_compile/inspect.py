@@ -120,6 +120,8 @@ class Explanation:
                 str(plan.layer),
                 _block_summary(plan.sparse, plan.kept_blocks, plan.n_blocks, plan.kept_tokens,
                                plan.reason),
+                f"backward through {plan.mlp_kept_channels}/{plan.mlp_channels} channels"
+                if plan.mlp_kept_channels is not None else
                 _block_summary(plan.mlp_sparse, plan.mlp_kept_blocks, plan.n_blocks,
                                plan.mlp_kept_tokens, "" if plan.mlp_sparse else "dense"),
                 f"{_mib(memory.get('dense', 0))} -> {_mib(memory.get('lemo', 0))}",

@@ -205,3 +205,11 @@ def test_padded_batch_selection_is_marked_not_recorded():
     assert explanation.selected["attention"] == {}
     keep = explanation.keep_map()
     assert keep[0].tolist() == [-1] * 8 and (keep[1:] == -2).all()
+
+
+def test_table_shows_the_mlp_channels_kept_for_backward():
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids,
+                          options={**OPTIONS, "mlp": "channels", "mlp_channel_ratio": 0.25})
+    assert explanation.table().count("backward through 24/96 channels") == 3
