@@ -5,11 +5,17 @@ parameters as placeholders, `node.meta["nn_module_stack"]` and `node.meta["examp
 Nothing here changes the graph.
 
 A *residual block* is the part of a pre-norm decoder layer that reads the residual stream x and adds
-one result back: `x1 = x + Attn(norm1(x))`. It is found from the graph, not from module names:
+one result back: `x1 = x + Attn(norm1(x))` (or `x + dropout(Attn(norm1(x)))`, OPT: a dropout or view
+between the module's result and the add belongs to the block). It is found from the graph, not from module names:
 the attention module is the child of a decoder layer that contains a scaled-dot-product-attention
-call; its output's one consumer outside it must be an add whose other operand is x; the block is
+call; its output's one consumer outside it (after dropouts and views) must be an add whose other operand
+is x; the block is
 everything that output depends on back to x, inside the layer. Layers are the modules at
-`<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules.
+`<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules. A layer
+whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
+
+Flattened residual adds (OPT's MLP: `(x.reshape(-1, D) + out).view(B, S, D)`) must first be
+rewritten by `unflatten_residual_adds` to `x + out.view(B, S, D)`, the one rewrite in this module.
 """
 
 from __future__ import annotations
@@ -178,6 +184,14 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
             except _NotABlock:
                 continue
             break
+        if mlp is not None and mlp.residual is not block.add:
+            # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
+            # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
+            layers.append(DecoderLayer(index, path, None, (
+                f"layer {path}: the residual stream is transformed between its attention and MLP "
+                "blocks (a post-norm layer, e.g. OPT with do_layer_norm_before=False); lemo "
+                "supports pre-norm layers only")))
+            continue
         layers.append(DecoderLayer(index, path, block, mlp=mlp))
     if not layers:
         problems.append(
@@ -237,6 +251,14 @@ def _residual_block(
     if len(outputs) != 1:
         raise _NotABlock(f"the attention module {path} has {len(outputs)} results used in the layer")
     output = outputs[0]
+    # Nodes of the layer between the module's result and the residual add that change neither its
+    # values per token nor which tokens it holds (OPT's dropout; a view back to [B, S, D]): they
+    # belong to the block, whose output is then the last of them.
+    while True:
+        users = [u for u in output.users if u not in attention_nodes and u.op != "output"]
+        if len(users) != 1 or users[0] not in layer_nodes or not _passes_through(users[0], output):
+            break
+        output = users[0]
     adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
     if len(adds) != 1 or not _is_add(adds[0]) or len(adds[0].args) != 2:
         raise _NotABlock(f"the output of {path} is not added into the residual stream")
@@ -275,6 +297,19 @@ def _residual_block(
     )
 
 
+DROPOUT_TARGETS = (F.dropout, torch.dropout)
+_VIEWS = ("view", "reshape")
+
+
+def _passes_through(node: fx.Node, source: fx.Node) -> bool:
+    """Whether `node` is a dropout or a view / reshape of `source` (its first argument)."""
+    if not node.args or node.args[0] is not source:
+        return False
+    if node.op == "call_function":
+        return node.target in DROPOUT_TARGETS or node.target is torch.reshape
+    return node.op == "call_method" and node.target in _VIEWS
+
+
 def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
@@ -292,3 +327,58 @@ def _arg(node: fx.Node, position: int, name: str):
 def _shape(node) -> tuple[int, ...] | None:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
+    """Rewrite `(x.reshape(-1, D) + out).view(B, S, D)` (x [B, S, D], out [B*S, D]; OPT's MLP)
+    to `x + out.view(B, S, D)`, so that the MLP block reads and adds into x like any other
+    residual block. Same values; returns how many adds were rewritten."""
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if not (_is_add(node) and len(node.args) == 2 and not node.kwargs and len(node.users) == 1):
+            continue
+        (back,) = node.users
+        shape = _shape(back)
+        if not (_is_view(back) and back.args[0] is node and shape is not None and len(shape) == 3):
+            continue
+        for flat, out in (node.args, node.args[::-1]):
+            if not (isinstance(flat, fx.Node) and isinstance(out, fx.Node) and _is_view(flat)
+                    and flat.args[0] is not None and isinstance(flat.args[0], fx.Node)
+                    and _shape(flat.args[0]) == shape and _shape(flat) == _shape(out)
+                    and len(_shape(flat)) == 2):
+                continue
+            x = flat.args[0]
+            with graph.inserting_before(node):
+                out3 = graph.call_method("view", (out, shape))
+                new = graph.call_function(operator.add, (x, out3))
+            for created in (out3, new):
+                for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                    if key in node.meta:
+                        created.meta[key] = node.meta[key]
+            value = out.meta["example_value"]
+            if fake_mode is not None:
+                with fake_mode:
+                    out3.meta["example_value"] = value.view(shape)
+            else:
+                out3.meta["example_value"] = value.view(shape)
+            new.meta["example_value"] = back.meta["example_value"]
+            back.replace_all_uses_with(new)
+            graph.erase_node(back)
+            graph.erase_node(node)
+            if not flat.users:
+                graph.erase_node(flat)
+            count += 1
+            break
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def _is_view(node) -> bool:
+    if not isinstance(node, fx.Node) or not node.args:
+        return False
+    if node.op == "call_function":
+        return node.target is torch.reshape
+    return node.op == "call_method" and node.target in _VIEWS

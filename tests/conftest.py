@@ -47,12 +47,15 @@ def token_batch(batch: int, seq_len: int, vocab: int = 101, seed: int = 1) -> to
     return torch.randint(0, vocab, (batch, seq_len), generator=generator)
 
 
-def assert_matches_reference(model, ids, backend, *, tol: float = 1e-4, **reference_options):
+def assert_matches_reference(model, ids, backend, *, tol: float = 1e-4, reference=None,
+                             **reference_options):
     """One training step of `model` compiled with `backend` (a LemoBackend) against the eager
-    reference `lemo_forward(model, ids, ids, **reference_options)`: logits, loss and every
-    parameter gradient within `tol` (rtol and atol). Leaves no gradients behind; returns the
-    compiled model."""
+    reference `lemo_forward(model, ids, ids, **reference_options)` (or `reference(...)`, e.g.
+    `opt_lemo_forward`): logits, loss and every parameter gradient within `tol` (rtol and atol).
+    Leaves no gradients behind; returns the compiled model."""
     from reference import lemo_forward
+
+    lemo_forward = reference or lemo_forward
 
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out = compiled(input_ids=ids, labels=ids)

@@ -272,3 +272,88 @@ def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
     through_kept = F.linear(a * mask, weight, bias)
     through_dropped = F.linear(a * (1 - mask), weight).detach()
     return through_kept + through_dropped
+
+
+def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                     block_size: int = 64, keep_ratio=0.4, dense_layers="auto", scorer="oracle",
+                     seed: int = 0, mlp: str = "off", mlp_keep_ratio: float | None = None):
+    """(logits [B, S, V], loss or None) of a pre-norm HF OPTForCausalLM under LeMo token
+    elimination: the semantics of `lemo_forward` on OPT's layout.
+
+    x = embed_tokens(ids) (through project_in if any) + learned positions (0 .. S-1), added once
+    before the first layer, so nothing per layer depends on the position. Per layer:
+    x1 = x + dropout(Attn(self_attn_layer_norm(x))), y = x1 + dropout(fc2(act(fc1(final_layer_norm(x1))))).
+    Oracle queries are q_proj(h) (without OPT's own 1/sqrt(d) factor, which the score's 1/sqrt(d)
+    replaces) and keys k_proj(h), both per head. Attention in a sparse layer runs on the kept rows
+    only (causal over them), and its dropout is applied to those rows only. mlp="tokens": the MLP
+    block's per-token score is ||act(fc1(final_layer_norm(x1)))||_2, max per block. mlp="channels"
+    is not covered here. Requires do_layer_norm_before=True.
+    """
+    if mlp not in ("off", "tokens"):
+        raise ValueError(f"opt_lemo_forward: unsupported mlp {mlp!r}")
+    decoder = model.model.decoder
+    config = model.config
+    assert config.do_layer_norm_before, "post-norm OPT has no lemo semantics"
+    batch, seq_len = input_ids.shape
+    plan = sparse_layer_plan(len(decoder.layers), seq_len, block_size=block_size,
+                             keep_ratio=keep_ratio, dense_layers=dense_layers)
+    n = seq_len // block_size
+
+    embeds = decoder.embed_tokens(input_ids)
+    if decoder.project_in is not None:
+        embeds = decoder.project_in(embeds)
+    positions = torch.arange(seq_len, device=input_ids.device)[None].expand(batch, seq_len)
+    x = embeds + decoder.embed_positions(torch.ones_like(input_ids), 0, position_ids=positions)
+
+    def attention(layer, rows):                              # rows [B, T, D] -> [B, T, D]
+        a, _ = layer.self_attn(hidden_states=layer.self_attn_layer_norm(rows), attention_mask=None)
+        return F.dropout(a, p=layer.dropout, training=model.training)
+
+    def mlp_block(layer, rows):
+        hidden = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(rows))))
+        return F.dropout(hidden, p=layer.dropout, training=model.training)
+
+    def add_rows(x, idx, out):
+        return torch.stack([x[b].index_add(0, idx[b], out[b].to(x.dtype)) for b in range(batch)])
+
+    for layer_index, layer in enumerate(decoder.layers):
+        k_blocks = plan[layer_index]
+        if k_blocks is None:
+            x = x + attention(layer, x)
+        else:
+            with torch.no_grad():
+                if callable(scorer):
+                    scores = scorer(layer_index, layer.self_attn_layer_norm(x))
+                elif scorer == "oracle":
+                    attn = layer.self_attn
+                    h = layer.self_attn_layer_norm(x)
+                    q = attn.q_proj(h).view(batch, seq_len, attn.num_heads, attn.head_dim).transpose(1, 2)
+                    k = attn.k_proj(h).view(batch, seq_len, attn.num_heads, attn.head_dim).transpose(1, 2)
+                    scores = oracle_block_scores(q, k, block_size)
+                else:
+                    scores = random_block_scores(batch, n, seed, layer_index, x.device)
+                idx = select_token_indices(scores, k_blocks, block_size, seq_len)
+            x = add_rows(x, idx, attention(layer, gather_rows(x, idx)))
+        if mlp == "tokens" and k_blocks is not None:
+            with torch.no_grad():
+                activation = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))   # [B, S, F]
+                norms = activation.float().norm(dim=-1)[:, : n * block_size]
+                scores = norms.reshape(batch, n, block_size).amax(dim=-1)
+                k_mlp = k_blocks
+                if mlp_keep_ratio is not None:
+                    k_mlp = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
+                idx = select_token_indices(scores, k_mlp, block_size, seq_len)
+            x = add_rows(x, idx, mlp_block(layer, gather_rows(x, idx)))
+        else:
+            x = x + mlp_block(layer, x)
+
+    if decoder.final_layer_norm is not None:
+        x = decoder.final_layer_norm(x)
+    if decoder.project_out is not None:
+        x = decoder.project_out(x)
+    logits = model.lm_head(x)
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               labels[:, 1:].reshape(-1), ignore_index=-100)
+    return logits, loss

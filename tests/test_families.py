@@ -1,6 +1,7 @@
 """Model families beyond Llama: tiny random-init models compiled with lemo against the eager
 reference of the same semantics, keep_ratio 1.0 against the plain model, one graph, and what lemo
-inserted; OPT (not supported yet) falls back to dense with a warning."""
+inserted; OPT (pre-norm) against its own reference, post-norm OPT falls back to dense with a
+warning."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import transformers
 
 import lemo_compile
 from conftest import assert_matches_reference, token_batch
+from reference import opt_lemo_forward
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -89,18 +91,102 @@ def test_family_structural_summary(family):
         assert counts["score"] > 10  # the oracle's copy of norm, q / k projections and RoPE
 
 
-def test_opt_falls_back_to_dense_with_a_warning():
-    """OPT (dropout before its residual adds, LayerNorm, learned positions) is not recognised yet:
-    every layer runs dense, lemo says which and why, and training still works."""
-    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                                    num_attention_heads=4, max_position_embeddings=512,
-                                    word_embed_proj_dim=64)
+def _opt(*, layers: int = 4, pre_norm: bool = True, dropout: float = 0.0):
+    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96,
+                                    num_hidden_layers=layers, num_attention_heads=4,
+                                    max_position_embeddings=1024, word_embed_proj_dim=64,
+                                    dropout=dropout, do_layer_norm_before=pre_norm,
+                                    attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(config).train()
+    return transformers.OPTForCausalLM(config).train()
+
+
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_opt_matches_the_reference(mlp):
+    """OPT (learned positions, LayerNorm, dropout before each residual add, biases): attention
+    blocks and, with mlp="tokens", MLP blocks (scored by ||relu(fc1)||) run on kept tokens."""
+    model = _opt()
+    ids = token_batch(2, 150)
+    backend = Recording({**OPTIONS, "loss_segment": None, "mlp": mlp})
+    compiled = assert_matches_reference(model, ids, backend, reference=opt_lemo_forward,
+                                        block_size=16, keep_ratio=0.4, dense_layers=[0], mlp=mlp)
+    report = backend.reports[-1]
+    assert [p.kept_tokens for p in report.plans] == [150, 70, 70, 70]
+    assert report.counters["sparse_layers"] == 3
+    assert report.counters.get("mlp_sparse_layers", 0) == (3 if mlp == "tokens" else 0)
+    assert not report.warnings
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert len(backend.reports) == 1  # one graph, no recompilation
+
+
+def test_opt_reference_is_not_the_dense_model():
+    """The equality above is not vacuous: the sparse reference differs from the plain model."""
+    model = _opt()
+    ids = token_batch(1, 150)
+    with torch.no_grad():
+        logits, _ = opt_lemo_forward(model, ids, block_size=16, keep_ratio=0.4, dense_layers=[0])
+        dense, _ = opt_lemo_forward(model, ids, block_size=16, keep_ratio=1.0, dense_layers=[0])
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
+    assert (logits - plain).abs().max() > 1e-3
+
+
+def test_opt_keep_ratio_one_is_the_plain_model():
+    model = _opt()
+    ids = token_batch(1, 128)
+    _, compiled = _compiled(model, keep_ratio=1.0, loss_segment=None)
+    got = compiled(input_ids=ids, labels=ids)
+    want = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_opt_structural_summary():
+    model = _opt()
+    ids = token_batch(1, 150)
+    backend, compiled = _compiled(model, mlp="tokens")
+    compiled(input_ids=ids, labels=ids)
+    report = backend.reports[-1]
+    assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
+    # not yet: OPT returns `logits.contiguous()`, which the loss pass reads as a second use of
+    # the logits, so the loss stays unsegmented
+    assert report.counters["segmented_losses"] == 0
+    roles: dict[int, Counter] = {}
+    for node in backend.gm.graph.nodes:
+        tag = node.meta.get("custom") or {}
+        if "lemo_layer" in tag:
+            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    assert sorted(roles) == [1, 2, 3]
+    for counts in roles.values():
+        # learned positions are added before the layers and sdpa gets is_causal=True, no mask:
+        # per block only x is gathered; one selection and one residual scatter-add each
+        assert counts["gather"] == 2 and counts["scatter_add"] == 2
+        assert counts["select"] == 1 and counts["mlp_select"] == 1
+        assert counts["score"] > 5 and counts["mlp_score"] > 3
+
+
+def test_opt_with_dropout_trains():
+    """dropout > 0: the dropout runs on the kept rows of each sparse block; not equality-tested."""
+    model = _opt(dropout=0.1)
+    ids = token_batch(1, 150)
+    backend, compiled = _compiled(model, mlp="tokens")
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    report = backend.reports[-1]
+    assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_post_norm_opt_falls_back_to_dense_with_a_warning():
+    """OPT-350m's layout (do_layer_norm_before=False: x1 = norm(x + Attn(x))) is not a pre-norm
+    layer: every layer runs dense, lemo says which and why, and training still works."""
+    model = _opt(layers=2, pre_norm=False)
     ids = token_batch(1, 128)
     backend = lemo_compile.LemoBackend(OPTIONS)
-    with pytest.warns(lemo_compile.LemoWarning, match="model.decoder.layers.0.*not added into"):
+    with pytest.warns(lemo_compile.LemoWarning, match="model.decoder.layers.0.*post-norm"):
         out = torch.compile(model, backend=backend)(input_ids=ids, labels=ids)
     out.loss.backward()
     assert backend.reports[-1].counters.get("sparse_layers", 0) == 0
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out.loss) and model.lm_head.weight.grad is not None

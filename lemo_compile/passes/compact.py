@@ -234,6 +234,22 @@ def _reshape_target(old_in, new_in, old_out, name) -> tuple[int, ...]:
             shape[out_dim] = size // old_in[dim] * new_in[dim]
             return tuple(shape)
         prefix *= size
+    # A merged dim split back (OPT's MLP output [B*S, D] viewed as [B, S, D]): the output dims
+    # start..end-1 hold exactly the shrunk dim's elements, and the innermost of them shrinks.
+    start, prefix = 0, 1
+    while start < len(old_out) and prefix < before:
+        prefix *= old_out[start]
+        start += 1
+    end, span = start, 1
+    while end < len(old_out) and span < old_in[dim]:
+        span *= old_out[end]
+        end += 1
+    inner = end - 1
+    if (prefix == before and span == old_in[dim] and end - start >= 2
+            and (old_out[inner] * new_in[dim]) % old_in[dim] == 0):
+        shape = list(old_out)
+        shape[inner] = old_out[inner] * new_in[dim] // old_in[dim]
+        return tuple(shape)
     raise CannotCompact(f"{name} splits the sequence dim")
 
 

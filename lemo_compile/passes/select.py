@@ -55,6 +55,7 @@ or `SelectionResult.mlp_dense` (with the reason).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -69,9 +70,9 @@ from lemo_compile.passes.compact import (
     attention_masks,
     plan_compaction,
 )
-from lemo_compile.regions import ModelRegions, ResidualBlock
+from lemo_compile.regions import DROPOUT_TARGETS, ModelRegions, ResidualBlock, _passes_through
 
-_DROPOUTS = (F.dropout, torch.dropout)
+_DROPOUTS = DROPOUT_TARGETS
 _LINEARS = (F.linear, torch._C._nn.linear)
 
 
@@ -195,14 +196,22 @@ def _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding) -> fx.Node 
     """Token elimination in one MLP block (mlp="tokens"): its intermediate activation's norm per
     token, on all tokens and without gradient, scores the blocks; the block runs on the kept ones."""
     block = layer.mlp
-    if block.output.target not in _LINEARS or not block.output.args:
+    down = block.output
+    while down.op != "placeholder" and down.args and _passes_through(down, down.args[0]):
+        down = down.args[0]  # OPT: the block ends in dropout(fc2(...)).view(B, S, D)
+    if down.target not in _LINEARS or not down.args or not isinstance(down.args[0], fx.Node):
         result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
         return None
-    intermediate = block.output.args[0]
+    intermediate = down.args[0]
 
     def scores(graph, residual, tag, real):
         env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
-        args = (env[intermediate], config.block_size) + ((real,) if real is not None else ())
+        activation = env[intermediate]
+        batch, seq_len = residual.meta["example_value"].shape[:2]
+        if activation.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
+            activation = _call(graph, fake_mode, torch.Tensor.view, (activation, (batch, seq_len, -1)))
+            tag(activation, "mlp_score")
+        args = (activation, config.block_size) + ((real,) if real is not None else ())
         node = _call(graph, fake_mode, ops.activation_block_scores, args)
         tag(node, "mlp_score")
         return node
@@ -396,6 +405,16 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     q = _call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
     k = _call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
     nodes = [q, k]
+    # block_scores divides q.k by sqrt(d). An attention called with its own `scale` (OPT scales q
+    # itself and passes scale=1) has logits q.k * scale: rescale q so the scores see those logits.
+    scale = block.attention.kwargs.get("scale")
+    if scale is None and len(block.attention.args) > 6:
+        scale = block.attention.args[6]
+    if isinstance(scale, (int, float)):
+        factor = float(scale) * math.sqrt(block.query.meta["example_value"].shape[-1])
+        if abs(factor - 1.0) > 1e-6:
+            q = _call(graph, fake_mode, operator.mul, (q, factor))
+            nodes.append(q)
     if real is not None:
         # Each row's real tokens first, zero past its full blocks: the tiles of its own blocks.
         q = _call(graph, fake_mode, ops.real_first, (q, real, 2, config.block_size, True))
