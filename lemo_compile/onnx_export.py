@@ -88,8 +88,13 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     (a near-tie of block scores could in principle select another block), except that the
     random scorer's scores are a stand-in (module docstring).
     Raises ValueError when example_inputs are not one per placeholder, TypeError for an input
-    that is not a tensor.
+    that is not a tensor, NotImplementedError for the graph of a padded batch.
     """
+    if any((node.meta.get("custom") or {}).get("lemo") == "padding"
+           for module in gm.modules() if isinstance(module, fx.GraphModule)
+           for node in module.graph.nodes):  # checkpointed bodies included
+        raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
+                                  "selection) are not supported yet")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
@@ -265,6 +270,12 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         if name is None:
             return None
         args = _bound(node)
+    if node.target is not torch.ops.lemo.block_scores.default and "real" in inspect.signature(
+            node.target).parameters:
+        if args[-1] is not None:
+            raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
+                                      "selection) are not supported yet")
+        args = args[:-1]  # the unpadded form of the operation
         if name == "gather_tokens":
             args = (*args[:2], list(args[2]))
     custom = node.meta.get("custom") or {}
@@ -319,10 +330,10 @@ def _block_scores_like(x, blocks: int):
     return x.new_empty((x.shape[0], blocks), dtype=torch.float32)
 
 
-def _predicted(h, q_side, k_side, block_size, heads):
+def _predicted(h, q_side, k_side, distance_bias, block_size, heads):
     from lemo_compile.predictors.bank import predicted_block_scores
 
-    return predicted_block_scores(h, q_side, k_side, block_size, heads)
+    return predicted_block_scores(h, q_side, k_side, distance_bias, block_size, heads)
 
 
 _EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)
@@ -344,9 +355,10 @@ _EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)
         ops.activation_block_scores,
         lambda x, block_size: _block_scores_like(x, x.shape[1] // block_size)),
     "predicted_block_scores": (
-        "Tensor h, Tensor[] q_side, Tensor[] k_side, int block_size, int heads",
+        "Tensor h, Tensor[] q_side, Tensor[] k_side, Tensor distance_bias, int block_size, int heads",
         _predicted,
-        lambda h, q_side, k_side, block_size, heads: _block_scores_like(h, h.shape[1] // block_size)),
+        lambda h, q_side, k_side, distance_bias, block_size, heads: _block_scores_like(
+            h, h.shape[1] // block_size)),
     "random_block_scores": (
         "Tensor like, int n_blocks, int layer, int? seed",
         lambda like, n_blocks, layer, seed: torch.ops.lemo.random_block_scores(like, n_blocks, layer,
@@ -478,10 +490,11 @@ def activation_block_scores(intermediate: _T, block_size: int) -> FLOAT:
 @script(_lemo, default_opset=op)
 def predicted_block_scores(h: _T, q_w1: FLOAT, q_b1: FLOAT, q_w2: FLOAT, q_b2: FLOAT, q_w3: FLOAT,
                            q_b3: FLOAT, k_w1: FLOAT, k_b1: FLOAT, k_w2: FLOAT, k_b2: FLOAT,
-                           k_w3: FLOAT, k_b3: FLOAT, block_size: int, heads: int) -> FLOAT:
+                           k_w3: FLOAT, k_b3: FLOAT, distance_bias: FLOAT, block_size: int,
+                           heads: int) -> FLOAT:
     """The predictor scorer's block scores [B, n] (float32) from the attention input h
-    [B, S, D] and a predictor's q-side and k-side weights (three linear layers each):
-    lemo_compile.predictors.bank.predicted_block_scores."""
+    [B, S, D], a predictor's q-side and k-side weights (three linear layers each) and its
+    block-distance bias [R]: lemo_compile.predictors.bank.predicted_block_scores."""
     size = op.Reshape(op.Constant(value_int=block_size), [1])
     count = op.Reshape(op.Constant(value_int=heads), [1])
     batch = op.Shape(h, start=0, end=1)
@@ -498,7 +511,13 @@ def predicted_block_scores(h: _T, q_w1: FLOAT, q_b1: FLOAT, q_w2: FLOAT, q_b2: F
     k = op.Relu(op.Add(op.MatMul(blocks, op.Transpose(k_w1)), k_b1))
     k = op.Relu(op.Add(op.MatMul(k, op.Transpose(k_w2)), k_b2))
     k = op.Add(op.MatMul(k, op.Transpose(k_w3)), k_b3)
-    tiles = op.Trilu(op.Einsum(q, k, equation="bmhr,bphr->bmp"), upper=0)  # P, causal tiles
+    # the bias of each tile's block distance m - p, clamped to [0, R - 1]
+    positions = op.Range(op.Constant(value_int=0), op.Squeeze(n, [0]), op.Constant(value_int=1))
+    distance = op.Sub(op.Unsqueeze(positions, [1]), op.Unsqueeze(positions, [0]))
+    last = op.Sub(op.Shape(distance_bias), [1])
+    distance = op.Clip(distance, op.Constant(value_int=0), op.Squeeze(last, [0]))
+    products = op.Einsum(q, k, equation="bmhr,bphr->bmp")
+    tiles = op.Trilu(op.Add(products, op.Gather(distance_bias, distance)), upper=0)  # causal P
     diagonal = op.ReduceSum(op.Trilu(op.Trilu(tiles, upper=1), upper=0), [2], keepdims=0)
     attended = op.Add(op.ReduceSum(tiles, [1], keepdims=0), op.ReduceSum(tiles, [2], keepdims=0))
     scores = op.Sub(attended, diagonal)
@@ -596,9 +615,9 @@ def _translation_table() -> dict:
         return emit("activation_block_scores", intermediate, block_size=block_size,
                     lemo_role=role, lemo_layer=layer)
 
-    def predicted_block_scores_(h, q_side, k_side, block_size, heads, role, layer):
-        return emit("predicted_block_scores", h, *q_side, *k_side, block_size=block_size,
-                    heads=heads, lemo_role=role, lemo_layer=layer)
+    def predicted_block_scores_(h, q_side, k_side, distance_bias, block_size, heads, role, layer):
+        return emit("predicted_block_scores", h, *q_side, *k_side, distance_bias,
+                    block_size=block_size, heads=heads, lemo_role=role, lemo_layer=layer)
 
     def random_block_scores_(like, n_blocks, generator_layer, seed, role, layer):
         return emit("random_block_scores", like, n_blocks=n_blocks, layer=generator_layer,

@@ -194,7 +194,7 @@ def test_explain_of_a_model_without_decoder_layers_has_an_empty_plan():
     assert "layer" in explanation.table()
 
 
-def test_padded_batch_selection_is_marked_not_recorded():
+def test_padded_batch_selection_is_marked_not_recorded(tmp_path):
     model = tiny_llama()
     ids = token_batch(2, 64)
     mask = torch.ones(2, 64, dtype=torch.long)
@@ -205,6 +205,9 @@ def test_padded_batch_selection_is_marked_not_recorded():
     assert explanation.selected["attention"] == {}
     keep = explanation.keep_map()
     assert keep[0].tolist() == [-1] * 8 and (keep[1:] == -2).all()
+    pytest.importorskip("onnxscript")
+    with pytest.raises(NotImplementedError, match="padded batches"):
+        explanation.write(tmp_path)
 
 
 def test_table_shows_the_mlp_channels_kept_for_backward():

@@ -114,9 +114,10 @@ def test_predicted_block_scores_function():
     h = torch.randn(2, 70, 32)
     q_side = [t.detach() for t in predictor.side_tensors("q")]
     k_side = [t.detach() for t in predictor.side_tensors("k")]
-    want = predicted_block_scores(h, q_side, k_side, 8, 4)
-    got = run_function(ox.predicted_block_scores, [h, *q_side, *k_side], want, block_size=8,
-                       heads=4)
+    distance_bias = torch.randn(5)  # fewer entries than the 8 blocks' distances: clamped
+    want = predicted_block_scores(h, q_side, k_side, distance_bias, 8, 4)
+    got = run_function(ox.predicted_block_scores, [h, *q_side, *k_side, distance_bias], want,
+                       block_size=8, heads=4)
     torch.testing.assert_close(got, want, **TOLERANCE)
 
 
