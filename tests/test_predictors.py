@@ -243,7 +243,9 @@ def test_predictor_inputs_are_compiled_with_static_shapes():
     def backend(gm, example_inputs):
         mode = _fake_mode(gm, example_inputs)
         compiled = inner(gm, example_inputs)
-        symbols.update(mode.shape_env.var_to_val)
+        env = mode.shape_env
+        symbols.update(env.backed_var_to_val if hasattr(env, "backed_var_to_val")
+                       else env.var_to_val)
         return compiled
 
     torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss.backward()
