@@ -149,7 +149,8 @@ def _compile(
 
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule over a copy of gm's graph, keeping what AOTAutograd reads of Dynamo's (node
-    metadata, placeholder sources, the parameter source table)."""
+    metadata, placeholder sources, the parameter source table). The graph modules gm calls
+    (activation-checkpoint bodies, which lemo's passes rewrite in place) are copied too."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -158,6 +159,10 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
             new._dynamo_source = old._dynamo_source
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
+    for node in graph.find_nodes(op="get_attr"):
+        value = getattr(copy, node.target, None)
+        if isinstance(value, fx.GraphModule) and "." not in node.target:
+            setattr(copy, node.target, _own_copy(value))
     if hasattr(gm, "_param_name_to_source"):
         copy._param_name_to_source = gm._param_name_to_source
     return copy

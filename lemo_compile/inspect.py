@@ -32,7 +32,6 @@ import difflib
 import json
 import os
 import pathlib
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -347,7 +346,7 @@ def activation_bytes(
 
 def _saved_for_backward(
     gm: fx.GraphModule, inputs: list
-) -> tuple[list[fx.Node], tuple[fx.GraphModule, fx.GraphModule]]:
+) -> tuple[list[fx.Node], tuple[fx.GraphModule, ...]]:
     """The forward-graph nodes whose values the partitioned backward reads, and the partitioned
     (forward, backward) graphs."""
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -370,6 +369,8 @@ def _saved_for_backward(
 
     aot_module_simplified(_own_copy(gm), inputs, fw_compiler=forward_compiler,
                           partition_fn=partition, decompositions=select_decomp_table())
+    if "backward" not in captured:  # nothing in the graph needs a gradient: nothing is saved
+        return [], (captured["forward"],)
     forward, backward = captured["forward"], captured["backward"]
     saved_names = {n.name for n in backward.graph.find_nodes(op="placeholder")
                    if not n.name.startswith("tangents")}
@@ -453,14 +454,16 @@ def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
                config: LemoConfig, example_inputs: list):
     """For LEMO_DEBUG_DIR: a wrapper for the compiled callable of `gm` (rewritten from `dense`)
     that, at its first call, runs `gm` once eagerly (no grad, random state restored) to record the
-    selection, then writes `Explanation.write`'s artefacts to $LEMO_DEBUG_DIR/graph_<n>/. A
-    failure to write warns (LemoWarning) and training goes on."""
-    root = pathlib.Path(os.environ[DEBUG_DIR_VARIABLE])
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [p for p in root.iterdir() if re.fullmatch(r"graph_\d+", p.name)]
-    folder = root / f"graph_{len(taken)}"
-    folder.mkdir()
-    explanation = _explanation(config, report, dense, gm, example_inputs, count_fusions=False)
+    selection, then writes `Explanation.write`'s artefacts to $LEMO_DEBUG_DIR/graph_<n>/ (n: the
+    first number not taken). Any failure of the dump warns (LemoWarning) and training goes on."""
+    try:
+        root = pathlib.Path(os.environ[DEBUG_DIR_VARIABLE])
+        root.mkdir(parents=True, exist_ok=True)
+        folder = _new_folder(root)
+        explanation = _explanation(config, report, dense, gm, example_inputs, count_fusions=False)
+    except Exception as err:  # a debug dump never stops training
+        _warn_dump_failed(err)
+        return lambda compiled: compiled
 
     def wrap(compiled):
         done = False
@@ -469,19 +472,36 @@ def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
             nonlocal done
             if not done:
                 done = True
-                with torch.no_grad(), torch.random.fork_rng(_devices(args)):
-                    _, explanation.selected = run_recording_selection(
-                        gm, [*args, *report.extra_inputs])
                 try:
+                    with torch.no_grad(), torch.random.fork_rng(_devices(args)):
+                        _, explanation.selected = run_recording_selection(
+                            gm, [*args, *report.extra_inputs])
                     explanation.write(folder)
                 except Exception as err:  # a debug dump never stops training
-                    warnings.warn(f"lemo: LEMO_DEBUG_DIR: could not write every artefact to "
-                                  f"{folder}: {err}", LemoWarning, stacklevel=2)
+                    _warn_dump_failed(err, folder)
             return compiled(*args)
 
         return run
 
     return wrap
+
+
+def _new_folder(root: pathlib.Path) -> pathlib.Path:
+    """root/graph_<n> for the first n not taken, created (safe against another process taking it)."""
+    n = 0
+    while True:
+        folder = root / f"graph_{n}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def _warn_dump_failed(err: Exception, folder: pathlib.Path | None = None) -> None:
+    where = f" to {folder}" if folder is not None else ""
+    warnings.warn(f"lemo: LEMO_DEBUG_DIR: could not write every artefact{where}: {err}",
+                  LemoWarning, stacklevel=3)
 
 
 def _devices(args) -> list[int]:

@@ -193,6 +193,16 @@ def _export_copy(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
+        if node.target is torch.ops.lemo.channel_linear.default:
+            # mlp="channels" changes only the backward: its forward, the dense down projection,
+            # is what a forward graph shows
+            a, _kept, _idx, weight, bias, dtype = node.args
+            with graph.inserting_before(node):
+                new = graph.call_function(_exact_channel_linear, (a, weight, bias, dtype))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            continue
         replacement = _replacement(node)
         if replacement is None:
             continue
@@ -241,6 +251,12 @@ def _inline_checkpoint(gm: fx.GraphModule, call: fx.Node) -> None:
     graph.erase_node(call)
     if not body_node.users:
         graph.erase_node(body_node)
+
+
+def _exact_channel_linear(a, weight, bias, dtype):
+    """The forward of `lemo::channel_linear`: the dense down projection, in `dtype`."""
+    return torch.nn.functional.linear(a.to(dtype), weight.to(dtype),
+                                      None if bias is None else bias.to(dtype))
 
 
 def _attribute(module: torch.nn.Module, target: str):

@@ -210,9 +210,52 @@ def test_padded_batch_selection_is_marked_not_recorded(tmp_path):
         explanation.write(tmp_path)
 
 
-def test_table_shows_the_mlp_channels_kept_for_backward():
+def test_mlp_channels_in_the_table_and_the_onnx_file(tmp_path):
+    onnx = pytest.importorskip("onnx")
     model = tiny_llama()
     ids = token_batch(1, 64)
     explanation = explain(model, input_ids=ids, labels=ids,
                           options={**OPTIONS, "mlp": "channels", "mlp_channel_ratio": 0.25})
     assert explanation.table().count("backward through 24/96 channels") == 3
+    # the ONNX file shows the forward, where the channel MLP is the dense down projection
+    onnx.checker.check_model(onnx.load(explanation.write(tmp_path)["model.onnx"]))
+
+
+def test_the_dense_copy_does_not_share_checkpoint_bodies():
+    """explain's and LEMO_DEBUG_DIR's "before" graph is a copy whose checkpoint bodies are its
+    own: lemo's passes rewrite the bodies of the graph they compile in place."""
+    from torch import fx
+
+    from lemo_compile.backend import _own_copy
+
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids,
+                          options={**OPTIONS, "scorer": "random", "seed": 0})
+    gm = explanation._graph
+    bodies = {name: m for name, m in gm.named_children() if isinstance(m, fx.GraphModule)}
+    assert bodies and any("select_tokens" in body.code for body in bodies.values())
+    copy = _own_copy(gm)
+    for name, body in bodies.items():
+        assert getattr(copy, name) is not body and getattr(copy, name).code == body.code
+
+
+def test_a_graph_without_gradients_explains_without_memory(tmp_path):
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    model.requires_grad_(False)
+    explanation = explain(model, input_ids=ids, labels=ids, options=OPTIONS)
+    assert all(m == {"dense": 0, "lemo": 0} for m in explanation.activation_bytes.values())
+    assert sorted(explanation.selected["attention"]) == [1, 2, 3]
+
+
+def test_debug_dump_takes_the_first_free_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEMO_DEBUG_DIR", str(tmp_path))
+    (tmp_path / "graph_0").mkdir()
+    (tmp_path / "graph_2").mkdir()
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "compiler": "aot_eager"})
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    assert (tmp_path / "graph_1" / "plan.json").exists()
