@@ -180,3 +180,13 @@ def test_predictor_scorer_stays_dense_in_checkpointed_layers():
     _, _, report = _checkpointed_step(True, scorer="predictor", predictors=bank)
     assert report.counters["sparse_layers"] == 0 and report.counters["dense_fallbacks"] == 3
     assert any("predictor scorer is not supported inside checkpointed" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("mlp", [{"mlp": "tokens"}, {"mlp": "channels", "mlp_channel_ratio": 0.5}])
+def test_predictor_scorer_keeps_checkpointed_mlp_blocks_dense_and_says_so(mlp):
+    from lemo_compile.predictors import ModelSignature, PredictorBank
+
+    bank = PredictorBank(ModelSignature(64, 4, 16, 4, 16), [1, 2, 3], width=16, rank=4)
+    _, _, report = _checkpointed_step(True, scorer="predictor", predictors=bank, **mlp)
+    assert any("these MLP blocks run dense" in w and "predictor scorer" in w for w in report.warnings)
+    assert all(not p.mlp_sparse and p.mlp_kept_channels is None for p in report.plans)

@@ -123,6 +123,9 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
                 unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
             if unsupported:
                 selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
+                selection.mlp_dense.update({i: unsupported for i in inside
+                                            if plans[i].mlp_sparse
+                                            or plans[i].mlp_channel_ratio is not None})
                 continue
             inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
             selection.sparse += inner.sparse
