@@ -15,7 +15,7 @@ everything that output depends on back to x, inside the layer. Layers are the mo
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
 
 Flattened residual adds (OPT's MLP: `(x.reshape(-1, D) + out).view(B, S, D)`) must first be
-rewritten by `unflatten_residual_adds` to `x + out.view(B, S, D)`, the one rewrite in this module.
+rewritten by `unflatten_residual_adds` to `x + out.reshape(B, S, D)`, the one rewrite in this module.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def _shape(node) -> tuple[int, ...] | None:
 
 def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
     """Rewrite `(x.reshape(-1, D) + out).view(B, S, D)` (x [B, S, D], out [B*S, D]; OPT's MLP)
-    to `x + out.view(B, S, D)`, so that the MLP block reads and adds into x like any other
+    to `x + out.reshape(B, S, D)`, so that the MLP block reads and adds into x like any other
     residual block. Same values; returns how many adds were rewritten."""
     graph = gm.graph
     count = 0
@@ -350,7 +350,8 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
                 continue
             x = flat.args[0]
             with graph.inserting_before(node):
-                out3 = graph.call_method("view", (out, shape))
+                # reshape: `out` [B*S, D] need not be contiguous (view would fail at compile time)
+                out3 = graph.call_method("reshape", (out, shape))
                 new = graph.call_function(operator.add, (x, out3))
             for created in (out3, new):
                 for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
@@ -359,9 +360,9 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
             value = out.meta["example_value"]
             if fake_mode is not None:
                 with fake_mode:
-                    out3.meta["example_value"] = value.view(shape)
+                    out3.meta["example_value"] = value.reshape(shape)
             else:
-                out3.meta["example_value"] = value.view(shape)
+                out3.meta["example_value"] = value.reshape(shape)
             new.meta["example_value"] = back.meta["example_value"]
             back.replace_all_uses_with(new)
             graph.erase_node(back)
