@@ -119,10 +119,7 @@ class Explanation:
                 str(plan.layer),
                 _block_summary(plan.sparse, plan.kept_blocks, plan.n_blocks, plan.kept_tokens,
                                plan.reason),
-                f"backward through {plan.mlp_kept_channels}/{plan.mlp_channels} channels"
-                if plan.mlp_kept_channels is not None else
-                _block_summary(plan.mlp_sparse, plan.mlp_kept_blocks, plan.n_blocks,
-                               plan.mlp_kept_tokens, "" if plan.mlp_sparse else "dense"),
+                _mlp_summary(plan),
                 f"{_mib(memory.get('dense', 0))} -> {_mib(memory.get('lemo', 0))}",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -379,10 +376,17 @@ def _saved_for_backward(
     return saved, (forward, backward)
 
 
+def _mlp_summary(plan: LayerPlan) -> str:
+    if plan.mlp_kept_channels is not None:
+        return f"backward through {plan.mlp_kept_channels}/{plan.mlp_channels} channels"
+    return _block_summary(plan.mlp_sparse, plan.mlp_kept_blocks, plan.n_blocks,
+                          plan.mlp_kept_tokens, "")
+
+
 def _block_summary(sparse: bool, kept: int, n_blocks: int, tokens: int, reason: str) -> str:
     if sparse:
         return f"{kept}/{n_blocks} blocks ({tokens} tokens)"
-    return f"dense ({reason})" if reason and reason != "dense" else "dense"
+    return f"dense ({reason})" if reason else "dense"
 
 
 def _mib(nbytes: int) -> str:
@@ -432,8 +436,8 @@ def write_region_graph(explanation: Explanation, path: pathlib.Path) -> pathlib.
             ("mlp", plan.mlp_sparse, plan.mlp_kept_blocks, plan.mlp_kept_tokens),
         ):
             name = f"layer{plan.layer}_{block}"
-            summary = _block_summary(sparse, kept, plan.n_blocks, tokens,
-                                     plan.reason if block == "attention" else "")
+            summary = (_block_summary(sparse, kept, plan.n_blocks, tokens, plan.reason)
+                       if block == "attention" else _mlp_summary(plan))
             graph.add_node(name, label=f"layer {plan.layer} {block}\\n{summary}", shape="box",
                            style="filled", fillcolor="lightblue" if sparse else "lightgrey")
             graph.add_edge(previous, name, label="residual")

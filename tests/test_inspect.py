@@ -218,7 +218,9 @@ def test_mlp_channels_in_the_table_and_the_onnx_file(tmp_path):
                           options={**OPTIONS, "mlp": "channels", "mlp_channel_ratio": 0.25})
     assert explanation.table().count("backward through 24/96 channels") == 3
     # the ONNX file shows the forward, where the channel MLP is the dense down projection
-    onnx.checker.check_model(onnx.load(explanation.write(tmp_path)["model.onnx"]))
+    written = explanation.write(tmp_path)
+    onnx.checker.check_model(onnx.load(written["model.onnx"]))
+    assert written["regions.dot"].read_text().count("backward through 24/96 channels") == 3
 
 
 def test_the_dense_copy_does_not_share_checkpoint_bodies():
