@@ -77,3 +77,15 @@ def assert_matches_reference(model, ids, backend, *, tol: float = 1e-4, referenc
 def grads(model) -> dict[str, torch.Tensor]:
     """Copies of the parameters' gradients, by name (parameters without one left out)."""
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def inserted_nodes(gm) -> dict:
+    """Per layer, a Counter of the roles of the nodes lemo inserted into the graph module gm."""
+    from collections import Counter
+
+    roles: dict[int, Counter] = {}
+    for node in gm.graph.nodes:
+        tag = node.meta.get("custom") or {}
+        if "lemo_layer" in tag:
+            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    return roles

@@ -100,6 +100,20 @@ def sparse_layer_plan(num_layers: int, seq_len: int, *, block_size: int = 64, ke
     return plan
 
 
+def mlp_token_selection(activation: torch.Tensor, k_blocks: int, mlp_keep_ratio: float | None,
+                        block_size: int) -> torch.Tensor:
+    """mlp="tokens": the token indices [B, K] an MLP block runs on, from its intermediate activation
+    [B, S, F]: per token the L2 norm, max over each full block, the top k blocks (the layer's k, or
+    ceil(mlp_keep_ratio * n) clamped to [1, n]) plus the tail."""
+    batch, seq_len = activation.shape[:2]
+    n = seq_len // block_size
+    norms = activation.float().norm(dim=-1)[:, : n * block_size]
+    scores = norms.reshape(batch, n, block_size).amax(dim=-1)
+    if mlp_keep_ratio is not None:
+        k_blocks = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
+    return select_token_indices(scores, k_blocks, block_size, seq_len)
+
+
 def random_block_scores(batch: int, n_blocks: int, seed: int, layer: int, device=None) -> torch.Tensor:
     """The "random" scorer's scores [B, n] for one layer: a fixed CPU generator per (seed, layer)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
@@ -197,13 +211,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             with torch.no_grad():
                 h2 = layer.post_attention_layernorm(x)
                 activation = layer.mlp.act_fn(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
-                n = seq_len // block_size
-                norms = activation.float().norm(dim=-1)[:, : n * block_size]
-                scores = norms.reshape(batch, n, block_size).amax(dim=-1)
-                k_mlp = k_blocks
-                if mlp_keep_ratio is not None:
-                    k_mlp = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
-                idx = select_token_indices(scores, k_mlp, block_size, seq_len)
+                idx = mlp_token_selection(activation, k_blocks, mlp_keep_ratio, block_size)
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
         elif mlp == "channels" and not _listed_dense(layer_index, len(inner.layers), dense_layers):
@@ -337,12 +345,7 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
         if mlp == "tokens" and k_blocks is not None:
             with torch.no_grad():
                 activation = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))   # [B, S, F]
-                norms = activation.float().norm(dim=-1)[:, : n * block_size]
-                scores = norms.reshape(batch, n, block_size).amax(dim=-1)
-                k_mlp = k_blocks
-                if mlp_keep_ratio is not None:
-                    k_mlp = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
-                idx = select_token_indices(scores, k_mlp, block_size, seq_len)
+                idx = mlp_token_selection(activation, k_blocks, mlp_keep_ratio, block_size)
             x = add_rows(x, idx, mlp_block(layer, gather_rows(x, idx)))
         else:
             x = x + mlp_block(layer, x)

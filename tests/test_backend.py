@@ -11,10 +11,9 @@ from collections import Counter
 
 import pytest
 import torch
-from torch import fx
 
 import lemo_compile
-from conftest import assert_matches_reference, grads, tiny_llama, token_batch
+from conftest import assert_matches_reference, grads, inserted_nodes, tiny_llama, token_batch
 from reference import lemo_forward
 
 FAST = {"compiler": "aot_eager", "block_size": 16}
@@ -216,15 +215,6 @@ def structural_summary(report) -> dict:
         "plans": [(p.layer, p.sparse, p.kept_tokens) for p in report.plans],
         "counters": dict(report.counters),
     }
-
-
-def inserted_nodes(gm: fx.GraphModule) -> dict[int, Counter]:
-    roles: dict[int, Counter] = {}
-    for node in gm.graph.nodes:
-        tag = node.meta.get("custom") or {}
-        if "lemo_layer" in tag:
-            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
-    return roles
 
 
 def test_structural_summary_of_a_tiny_hf_llama():

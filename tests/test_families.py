@@ -6,14 +6,13 @@ warning."""
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 
 import pytest
 import torch
 import transformers
 
 import lemo_compile
-from conftest import assert_matches_reference, token_batch
+from conftest import assert_matches_reference, inserted_nodes, token_batch
 from reference import opt_lemo_forward
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -79,11 +78,7 @@ def test_family_structural_summary(family):
         compiled(input_ids=ids, labels=ids)
     report = backend.reports[-1]
     assert report.counters["sparse_layers"] == 3 and report.counters["segmented_losses"] == 1
-    roles: dict[int, Counter] = {}
-    for node in backend.gm.graph.nodes:
-        tag = node.meta.get("custom") or {}
-        if "lemo_layer" in tag:
-            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    roles = inserted_nodes(backend.gm)
     assert sorted(roles) == [1, 2, 3]
     for counts in roles.values():
         # gathers of x, cos, sin and the causal mask; one selection; one residual scatter-add
@@ -151,11 +146,7 @@ def test_opt_structural_summary():
     # not yet: OPT returns `logits.contiguous()`, which the loss pass reads as a second use of
     # the logits, so the loss stays unsegmented
     assert report.counters["segmented_losses"] == 0
-    roles: dict[int, Counter] = {}
-    for node in backend.gm.graph.nodes:
-        tag = node.meta.get("custom") or {}
-        if "lemo_layer" in tag:
-            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    roles = inserted_nodes(backend.gm)
     assert sorted(roles) == [1, 2, 3]
     for counts in roles.values():
         # learned positions are added before the layers and sdpa gets is_causal=True, no mask:

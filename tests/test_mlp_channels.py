@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lemo_compile
-from conftest import assert_matches_reference, grads, tiny_llama, token_batch
+from conftest import assert_matches_reference, grads, inserted_nodes, tiny_llama, token_batch
 from lemo_compile import ops
 
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "dense_layers": [0], "mlp": "channels",
@@ -129,11 +129,7 @@ def test_mlp_channels_matches_the_reference(batch, seq_len, kv_heads, ratio):
     assert [(p.mlp_channel_ratio, p.mlp_kept_channels, p.mlp_channels) for p in report.plans] == [
         (None, None, None)] + [(ratio, kept, 96)] * 3
     assert [p.mlp_kept_tokens for p in report.plans] == [seq_len] * 4  # every token in the MLP
-    roles: dict[int, Counter] = {}
-    for node in backend.gm.graph.nodes:
-        tag = node.meta.get("custom") or {}
-        if "lemo_layer" in tag:
-            roles.setdefault(tag["lemo_layer"], Counter())[tag["lemo"]] += 1
+    roles = inserted_nodes(backend.gm)
     assert sorted(roles) == [1, 2, 3]
     for layer in (1, 2, 3):
         # detach, select, 2 gathers (gate, up), silu and mul replayed, channel_linear
