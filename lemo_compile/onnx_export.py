@@ -288,10 +288,8 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         args = _bound(node)
     if node.target is not torch.ops.lemo.block_scores.default and "real" in inspect.signature(
             node.target).parameters:
-        if args[-1] is not None:
-            raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
-                                      "selection) are not supported yet")
-        args = args[:-1]  # the unpadded form of the operation
+        # export_onnx refuses padded graphs up front, so `real` is None: the unpadded form
+        args = args[:-1]
         if name == "gather_tokens":
             args = (*args[:2], list(args[2]))
     custom = node.meta.get("custom") or {}
