@@ -13,9 +13,9 @@ which approximates the oracle's tile maxima M up to a positive scale; the block 
 The learned bias r over the block distance m - p (R entries, the last shared by all longer
 distances) is lemo's addition to the paper's predictor: the oracle's q and k carry rotary position
 information that h does not, and attention to nearby blocks depends on distance more than on
-content. On the CPU, on held-out text of the small byte-level model of `benchmarks/predictors.py`
-at 2K tokens, it raised the mean recall after 300 calibration steps from 0.52 to 0.72 (README,
-"Trained predictors").
+content. In an exploratory CPU comparison on held-out text of the small byte-level model of
+`benchmarks/predictors.py` at 2K tokens, it raised the mean recall after 300 calibration steps
+from 0.52 to 0.72 (README, "Trained predictors").
 
 A `PredictorBank` holds the predictors of all sparse layers and the facts they were trained for
 (the model's hidden size, heads, head dim and layer count, the block size); it is saved as a
