@@ -11,6 +11,11 @@ alpha=16 on q/k/v/o (peft), batch 1, AdamW on the adapters. Variants, each compi
   lemo-predictor the same with scorer="predictor"        (randomly initialised predictors: their
                                                           cost, not their quality)
 
+For lemo-predictor the row also holds the predictors' own cost, measured after the steps in the same
+process: `predictor_ms`, the time of all sparse layers' score functions (compiled with Inductor, as
+they are inside the training graph) on a [1, S, D] bf16 input; `predictor_weights_gb`, the bank's
+weights on the GPU; `predictor_extra_gb`, the largest rise of allocated memory over one layer's call.
+
 Each (length, variant) runs in its own process so peaks do not mix. Prints a table last and writes
 one JSON line per run to --out.
 
@@ -49,7 +54,7 @@ def run_one(args) -> dict:
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    backend = None
+    backend = bank = None
     if args.variant == "dense":
         compiled = torch.compile(model)
     else:
@@ -62,8 +67,8 @@ def run_one(args) -> dict:
                                        args.layers, 64)
             plans = lemo_compile.plan_layers(lemo_compile.LemoConfig(keep_ratio=keep), args.layers,
                                              args.seq_len)
-            options.update(scorer="predictor", predictors=PredictorBank(
-                signature, [p.layer for p in plans if p.sparse]))
+            bank = PredictorBank(signature, [p.layer for p in plans if p.sparse])
+            options.update(scorer="predictor", predictors=bank)
         backend = lemo_compile.LemoBackend(options)
         compiled = torch.compile(model, backend=backend)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda")
@@ -95,7 +100,45 @@ def run_one(args) -> dict:
     }
     if backend is not None and backend.reports:
         result["kept_tokens"] = [p.kept_tokens for p in backend.reports[-1].plans]
+    if bank is not None:
+        result.update(predictor_cost(bank.to("cuda"), args))
     return result
+
+
+def predictor_cost(bank, args) -> dict:
+    """The bank's score functions alone: summed time over its layers, weights and transient memory."""
+    import torch
+
+    from lemo_compile.predictors.bank import predicted_block_scores
+
+    score = torch.compile(predicted_block_scores, dynamic=False)
+    h = torch.randn(1, args.seq_len, args.hidden, device="cuda", dtype=torch.bfloat16)
+    calls = [
+        (bank.predictor(layer).side_tensors("q"), bank.predictor(layer).side_tensors("k"),
+         bank.predictor(layer).distance_bias, 64, args.heads)
+        for layer in bank.layers
+    ]
+    for call in calls[:2]:
+        score(h, *call)  # compile and warm up
+    torch.cuda.synchronize()
+    extra = 0
+    for call in calls:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        score(h, *call)
+        torch.cuda.synchronize()
+        extra = max(extra, torch.cuda.max_memory_allocated() - base)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    repeats = 5
+    start.record()
+    for _ in range(repeats):
+        for call in calls:
+            score(h, *call)
+    end.record()
+    torch.cuda.synchronize()
+    weights = sum(t.numel() * t.element_size() for t in bank.state_dict().values())
+    return {"predictor_ms": start.elapsed_time(end) / repeats, "predictor_weights_gb": weights / 1e9,
+            "predictor_extra_gb": extra / 1e9}
 
 
 def main() -> int:
@@ -143,6 +186,12 @@ def main() -> int:
             continue
         print(f"{r['seq_len']:>6} {r['variant']:<10} {r['step_s']:>8.3f} {r['peak_gb']:>8.1f} "
               f"{r['peak_forward_gb']:>9.1f} {r['compile_step_s']:>10.1f}")
+        if "predictor_ms" in r:
+            print(f"{'':>6} predictors: {r['predictor_ms']:.1f} ms "
+                  f"({100 * r['predictor_ms'] / 1000 / r['step_s']:.2f}% of the step), weights "
+                  f"{r['predictor_weights_gb']:.3f} GB + {r['predictor_extra_gb']:.3f} GB transient "
+                  f"({100 * (r['predictor_weights_gb'] + r['predictor_extra_gb']) / r['peak_gb']:.2f}% "
+                  "of the peak)")
     return 0
 
 

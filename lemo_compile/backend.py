@@ -97,6 +97,19 @@ def lemo_backend(
 OPTIONS_VARIABLE = "LEMO_OPTIONS"
 
 
+def compile_apart(model: torch.nn.Module, backend: Callable) -> Callable[..., Any]:
+    """`torch.compile(model, backend=backend, dynamic=False)` for a one-off look at the model
+    (calibration, explain), through a frame of its own: Dynamo remembers the sizes each compiled
+    frame saw and makes them dynamic when they change, so compiling model.forward itself at these
+    lengths would make the user's own training compile, at another length, dynamic (and dense)."""
+    compiled = torch.compile(_call, backend=backend, dynamic=False)
+    return lambda *args, **kwargs: compiled(model, args, kwargs)
+
+
+def _call(model, args, kwargs):
+    return model(*args, **kwargs)
+
+
 def _options_from_environment() -> dict:
     text = os.environ[OPTIONS_VARIABLE]
     try:

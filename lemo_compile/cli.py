@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--block-size", type=int, default=64)
     calibrate.add_argument("--dense-layers", default="auto",
                            help="'auto' or comma-separated indices of dense layers")
+    calibrate.add_argument("--mlp", choices=("off", "tokens"), default="off",
+                           help="'tokens': also train MLP-block predictors (for mlp='tokens')")
+    calibrate.add_argument("--mlp-keep-ratio", type=float, default=None,
+                           help="the MLP blocks' keep ratio (default: --keep-ratio)")
     calibrate.add_argument("--lr", type=float, default=1e-3)
     calibrate.add_argument("--held-out", type=float, default=0.1,
                            help="fraction of the files kept out of training, for the recall report")
@@ -99,7 +103,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(device)
     dense = "auto" if args.dense_layers == "auto" else [int(i) for i in args.dense_layers.split(",")]
-    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "dense_layers": dense}
+    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "dense_layers": dense,
+               "mlp": args.mlp, "mlp_keep_ratio": args.mlp_keep_ratio}
     encode = _encoder(args.model, model.config.vocab_size)
     files = _text_files(pathlib.Path(args.data))
     held = max(1, round(len(files) * args.held_out)) if len(files) > 1 else 0
@@ -111,12 +116,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     bank = lemo_compile.calibrate(model, train, options=options, steps=args.steps, lr=args.lr,
                                   shrink=args.shrink)
     bank.save(args.out)
-    print(f"wrote {args.out}: predictors for layers {bank.layers}")
+    print(f"wrote {args.out}: predictors for layers {bank.layers}"
+          + (f", MLP predictors for layers {bank.mlp_layers}" if bank.mlp_layers else ""))
     if test:
         metrics = lemo_compile.predictor_recall(model, bank, test[:16], options=options)
         print(f"held-out recall ({min(len(test), 16)} batches of {args.seq_len} tokens):")
         for layer, values in metrics.items():
-            print(f"  layer {layer:3d}  recall {values['recall']:.3f}  overlap {values['overlap']:.3f}")
+            mlp = (f"  MLP recall {values['mlp_recall']:.3f}  overlap {values['mlp_overlap']:.3f}"
+                   if "mlp_recall" in values else "")
+            print(f"  layer {layer:3d}  recall {values['recall']:.3f}  overlap "
+                  f"{values['overlap']:.3f}{mlp}")
         mean = sum(v["recall"] for v in metrics.values()) / len(metrics)
         print(f"  mean       recall {mean:.3f}")
     return 0

@@ -189,7 +189,9 @@ def explain(
     """
     config = LemoConfig.from_options(options)
     explainer = _Explainer(config)
-    compiled = torch.compile(model, backend=explainer, dynamic=False)
+    from lemo_compile.backend import compile_apart  # the backend imports this module
+
+    compiled = compile_apart(model, explainer)
     was_training = model.training
     model.train()
     try:

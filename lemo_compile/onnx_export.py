@@ -7,7 +7,8 @@ with onnxruntime. It pictures the forward computation only: no backward, no kern
 lemo's operations are nodes of the domain "lemo" (version 1), each calling a function declared in
 `model.functions` whose body is standard ONNX (opset 18) implementing lemo's semantics:
 select_tokens, gather_tokens (one call per gathered dim), scatter_add_tokens, block_scores
-(oracle), activation_block_scores (MLP), predicted_block_scores (predictor scorer; predictors
+(oracle), activation_block_scores (MLP), predicted_block_scores and predicted_mlp_block_scores
+(predictor scorer; predictors
 with three linear layers per side, as `BlockPredictor.new` makes them, other depths are exported
 as plain ops), random_block_scores and linear_cross_entropy (the segmented loss, as its forward
 value). Each function's doc_string says what it computes. Each call carries the inserted node's
@@ -274,12 +275,17 @@ def _set_attribute(module: torch.nn.Module, target: str, value) -> None:
 
 def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
     """(export op, its arguments) for one of lemo's operations, None for any other node."""
-    from lemo_compile.predictors.bank import predicted_block_scores
+    from lemo_compile.predictors.bank import predicted_block_scores, predicted_mlp_block_scores
 
     if node.target is predicted_block_scores:
         name = "predicted_block_scores"
         args = _bound(node)
         if not len(args[1]) == len(args[2]) == 6:  # not three linear layers per side
+            return None
+    elif node.target is predicted_mlp_block_scores:
+        name = "predicted_mlp_block_scores"
+        args = _bound(node)
+        if len(args[1]) != 6:  # not three linear layers
             return None
     else:
         name = _EXPORTED.get(node.target)
@@ -350,6 +356,12 @@ def _predicted(h, q_side, k_side, distance_bias, block_size, heads):
     return predicted_block_scores(h, q_side, k_side, distance_bias, block_size, heads)
 
 
+def _predicted_mlp(h, tensors, block_size):
+    from lemo_compile.predictors.bank import predicted_mlp_block_scores
+
+    return predicted_mlp_block_scores(h, tensors, block_size)
+
+
 _EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)
     "select_tokens": (
         "Tensor scores, int kept_blocks, int block_size, int seq_len",
@@ -373,6 +385,10 @@ _EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)
         _predicted,
         lambda h, q_side, k_side, distance_bias, block_size, heads: _block_scores_like(
             h, h.shape[1] // block_size)),
+    "predicted_mlp_block_scores": (
+        "Tensor h, Tensor[] tensors, int block_size",
+        _predicted_mlp,
+        lambda h, tensors, block_size: _block_scores_like(h, h.shape[1] // block_size)),
     "random_block_scores": (
         "Tensor like, int n_blocks, int layer, int? seed",
         lambda like, n_blocks, layer, seed: torch.ops.lemo.random_block_scores(like, n_blocks, layer,
@@ -539,6 +555,23 @@ def predicted_block_scores(h: _T, q_w1: FLOAT, q_b1: FLOAT, q_w2: FLOAT, q_b2: F
 
 
 @script(_lemo, default_opset=op)
+def predicted_mlp_block_scores(h: _T, w1: FLOAT, b1: FLOAT, w2: FLOAT, b2: FLOAT, w3: FLOAT,
+                               b3: FLOAT, block_size: int) -> FLOAT:
+    """The MLP predictor's block scores [B, n] (float32) from the MLP's input h [B, S, D] and its
+    three linear layers: a score per token, max over each full block.
+    lemo_compile.predictors.bank.predicted_mlp_block_scores."""
+    size = op.Reshape(op.Constant(value_int=block_size), [1])
+    batch = op.Shape(h, start=0, end=1)
+    n = op.Div(op.Shape(h, start=1, end=2), size)
+    x = op.Relu(op.Add(op.MatMul(op.Cast(h, to=_FLOAT), op.Transpose(w1)), b1))
+    x = op.Relu(op.Add(op.MatMul(x, op.Transpose(w2)), b2))
+    x = op.Add(op.MatMul(x, op.Transpose(w3)), b3)  # [B, S, 1]
+    tokens = op.Slice(op.Squeeze(x, [2]), [0], op.Mul(n, size), [1])
+    scores = op.ReduceMax(op.Reshape(tokens, op.Concat(batch, n, size, axis=0)), [2], keepdims=0)
+    return scores
+
+
+@script(_lemo, default_opset=op)
 def random_block_scores(like: _T, n_blocks: int, layer: int, seed: int) -> FLOAT:
     """STAND-IN for lemo::random_block_scores: uniform [0, 1) scores [B, n_blocks] (float32),
     drawn without a seed. lemo draws them from a torch.Generator seeded from (seed, layer)
@@ -568,8 +601,8 @@ def linear_cross_entropy(h: _T, weight: _T, bias: _T | None, target: INT64, igno
 # it sees in the model (its opset conversion step does), so the definitions are added afterwards.
 
 _FUNCTIONS = (select_tokens, gather_tokens, scatter_add_tokens, block_scores,
-              activation_block_scores, predicted_block_scores, random_block_scores,
-              linear_cross_entropy)
+              activation_block_scores, predicted_block_scores, predicted_mlp_block_scores,
+              random_block_scores, linear_cross_entropy)
 _TENSOR_TYPES = [f"tensor({t})" for t in ("float", "double", "float16", "bfloat16", "int64",
                                           "int32", "int16", "int8", "uint8", "bool")]
 
@@ -633,6 +666,10 @@ def _translation_table() -> dict:
         return emit("predicted_block_scores", h, *q_side, *k_side, distance_bias,
                     block_size=block_size, heads=heads, lemo_role=role, lemo_layer=layer)
 
+    def predicted_mlp_block_scores_(h, tensors, block_size, role, layer):
+        return emit("predicted_mlp_block_scores", h, *tensors, block_size=block_size,
+                    lemo_role=role, lemo_layer=layer)
+
     def random_block_scores_(like, n_blocks, generator_layer, seed, role, layer):
         return emit("random_block_scores", like, n_blocks=n_blocks, layer=generator_layer,
                     seed=-1 if seed is None else seed, lemo_role=role, lemo_layer=layer)
@@ -644,8 +681,8 @@ def _translation_table() -> dict:
                     lemo_role=role, lemo_layer=layer)
 
     translations = (select_tokens_, gather_tokens_, scatter_add_tokens_, block_scores_,
-                    activation_block_scores_, predicted_block_scores_, random_block_scores_,
-                    linear_cross_entropy_)
+                    activation_block_scores_, predicted_block_scores_, predicted_mlp_block_scores_,
+                    random_block_scores_, linear_cross_entropy_)
     return {getattr(torch.ops.lemo_onnx, f.__name__[:-1]).default: f for f in translations}
 
 

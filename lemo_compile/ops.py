@@ -84,17 +84,23 @@ def activation_block_scores(
     intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
 ) -> torch.Tensor:
     """MLP block scores [B, n] (float32): per token the L2 norm of the MLP's intermediate activation
-    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then the max over each full block.
+    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then `token_block_scores`."""
+    return token_block_scores(intermediate.float().norm(dim=-1), block_size, real)
+
+
+def token_block_scores(
+    scores: torch.Tensor, block_size: int, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Block scores [B, n] from per-token scores [B, S]: the max over each full block.
 
     With `real` [B, S] (padding), the blocks are each row's own: its real tokens, in order, cut
     into blocks (`real_first`); entries past a row's full blocks are meaningless."""
-    batch, seq_len = intermediate.shape[:2]
+    batch, seq_len = scores.shape
     n_blocks = seq_len // block_size
-    norms = intermediate.float().norm(dim=-1)
     if real is not None:
-        norms = real_first(norms, real, 1, block_size)
-    norms = norms[:, : n_blocks * block_size]
-    return norms.reshape(batch, n_blocks, block_size).amax(dim=-1)
+        scores = real_first(scores, real, 1, block_size)
+    scores = scores[:, : n_blocks * block_size]
+    return scores.reshape(batch, n_blocks, block_size).amax(dim=-1)
 
 
 # ------------------------------------------------------- padded batches (graph functions)

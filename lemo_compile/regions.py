@@ -21,6 +21,7 @@ rewritten by `unflatten_residual_adds` to `x + out.reshape(B, S, D)`, the one re
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 _LAYER_PATH = re.compile(r"^(.*\.)?(\d+)$")
@@ -73,6 +75,46 @@ class ResidualBlock:
             if n not in inside and _shape(n) == shape and any(u in inside for u in n.users)
         ]
         return candidates[0] if len(candidates) == 1 else None
+
+    def linear_input(self) -> fx.Node | None:
+        """norm(x): the one tensor that the block's first linear layers read, [B, S, D] or
+        flattened [B * S, D] (OPT's MLP), or None when there is not exactly one. A tensor derived
+        from another such input (LoRA's dropout of it, a view of it) does not count."""
+        shape = _shape(self.residual)
+        tokens, hidden = shape[0] * shape[1], shape[-1]
+        members = set(self.nodes)
+        reads = {
+            n.args[0] for n in self.nodes
+            if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
+            and isinstance(n.args[0], fx.Node) and n.args[0] is not self.residual
+        }
+        reads = {n for n in reads
+                 if (s := _shape(n)) is not None and s[-1] == hidden and math.prod(s[:-1]) == tokens}
+
+        def derived(node: fx.Node) -> bool:
+            pending, seen = list(node.all_input_nodes), set()
+            while pending:
+                n = pending.pop()
+                if n in reads:
+                    return True
+                if n in members and n not in seen:
+                    seen.add(n)
+                    pending.extend(n.all_input_nodes)
+            return False
+
+        first = [n for n in reads if not derived(n)]
+        return first[0] if len(first) == 1 else None
+
+    def down_projection(self) -> fx.Node | None:
+        """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
+        dropouts and views: OPT's view(dropout(fc2(a)))), or None when the output is something else."""
+        down = self.output
+        while down.op != "placeholder" and down.args and passes_through(down, down.args[0]):
+            down = down.args[0]
+        plain = (down.op == "call_function" and down.target in LINEAR_TARGETS
+                 and not set(down.kwargs) - {"bias"} and len(down.args) >= 2
+                 and all(isinstance(a, fx.Node) for a in down.args[:2]))
+        return down if plain else None
 
 
 @dataclasses.dataclass
@@ -256,7 +298,7 @@ def _residual_block(
     # belong to the block, whose output is then the last of them.
     while True:
         users = [u for u in output.users if u not in attention_nodes and u.op != "output"]
-        if len(users) != 1 or users[0] not in layer_nodes or not _passes_through(users[0], output):
+        if len(users) != 1 or users[0] not in layer_nodes or not passes_through(users[0], output):
             break
         output = users[0]
     adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
@@ -301,7 +343,7 @@ DROPOUT_TARGETS = (F.dropout, torch.dropout)
 _VIEWS = ("view", "reshape")
 
 
-def _passes_through(node: fx.Node, source: fx.Node) -> bool:
+def passes_through(node: fx.Node, source: fx.Node) -> bool:
     """Whether `node` is a dropout or a view / reshape of `source` (its first argument)."""
     if not node.args or node.args[0] is not source:
         return False

@@ -100,15 +100,14 @@ def sparse_layer_plan(num_layers: int, seq_len: int, *, block_size: int = 64, ke
     return plan
 
 
-def mlp_token_selection(activation: torch.Tensor, k_blocks: int, mlp_keep_ratio: float | None,
+def mlp_token_selection(token_scores: torch.Tensor, k_blocks: int, mlp_keep_ratio: float | None,
                         block_size: int) -> torch.Tensor:
-    """mlp="tokens": the token indices [B, K] an MLP block runs on, from its intermediate activation
-    [B, S, F]: per token the L2 norm, max over each full block, the top k blocks (the layer's k, or
-    ceil(mlp_keep_ratio * n) clamped to [1, n]) plus the tail."""
-    batch, seq_len = activation.shape[:2]
+    """mlp="tokens": the token indices [B, K] an MLP block runs on, from per-token scores [B, S]
+    (the oracle: the L2 norm of the intermediate activation): max over each full block, the top k
+    blocks (the layer's k, or ceil(mlp_keep_ratio * n) clamped to [1, n]) plus the tail."""
+    batch, seq_len = token_scores.shape
     n = seq_len // block_size
-    norms = activation.float().norm(dim=-1)[:, : n * block_size]
-    scores = norms.reshape(batch, n, block_size).amax(dim=-1)
+    scores = token_scores.float()[:, : n * block_size].reshape(batch, n, block_size).amax(dim=-1)
     if mlp_keep_ratio is not None:
         k_blocks = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
     return select_token_indices(scores, k_blocks, block_size, seq_len)
@@ -155,7 +154,7 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
                  mlp: str = "off", mlp_keep_ratio: float | None = None,
-                 mlp_channel_ratio: float = 0.5):
+                 mlp_channel_ratio: float = 0.5, mlp_scorer=None):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
@@ -165,8 +164,9 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
     number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
-    (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead);
-    or "channels": in each layer not in `dense_layers` the MLP's output is the dense one, but its
+    (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead); mlp_scorer, a
+    function (layer index, MLP input h2 [B, S, D]) -> per-token scores [B, S] (trained MLP
+    predictors), replaces that norm; or "channels": in each layer not in `dense_layers` the MLP's output is the dense one, but its
     gradient flows only through C = min(I, max(1, ceil(mlp_channel_ratio * I))) channels of the
     intermediate activation a = act(gate) * up [B, S, I]: per sample those of largest L2 norm over
     the tokens (ties: lower channel first). With m the 0/1 mask of kept channels, the down
@@ -210,8 +210,12 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             # MLP on the blocks whose intermediate activation is largest (no gradient in the choice).
             with torch.no_grad():
                 h2 = layer.post_attention_layernorm(x)
-                activation = layer.mlp.act_fn(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
-                idx = mlp_token_selection(activation, k_blocks, mlp_keep_ratio, block_size)
+                if mlp_scorer is not None:
+                    token_scores = mlp_scorer(layer_index, h2)
+                else:
+                    activation = layer.mlp.act_fn(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
+                    token_scores = activation.float().norm(dim=-1)
+                idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size)
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
         elif mlp == "channels" and not _listed_dense(layer_index, len(inner.layers), dense_layers):
@@ -284,7 +288,8 @@ def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                      block_size: int = 64, keep_ratio=0.4, dense_layers="auto", scorer="oracle",
-                     seed: int = 0, mlp: str = "off", mlp_keep_ratio: float | None = None):
+                     seed: int = 0, mlp: str = "off", mlp_keep_ratio: float | None = None,
+                     mlp_scorer=None):
     """(logits [B, S, V], loss or None) of a pre-norm HF OPTForCausalLM under LeMo token
     elimination: the semantics of `lemo_forward` on OPT's layout.
 
@@ -294,8 +299,8 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
     Oracle queries are q_proj(h) (without OPT's own 1/sqrt(d) factor, which the score's 1/sqrt(d)
     replaces) and keys k_proj(h), both per head. Attention in a sparse layer runs on the kept rows
     only (causal over them), and its dropout is applied to those rows only. mlp="tokens": the MLP
-    block's per-token score is ||act(fc1(final_layer_norm(x1)))||_2, max per block. mlp="channels"
-    is not covered here. Requires do_layer_norm_before=True.
+    block's per-token score is ||act(fc1(final_layer_norm(x1)))||_2 (or mlp_scorer(layer index,
+    final_layer_norm(x1)), as in `lemo_forward`), max per block. mlp="channels" is not covered here. Requires do_layer_norm_before=True.
     """
     if mlp not in ("off", "tokens"):
         raise ValueError(f"opt_lemo_forward: unsupported mlp {mlp!r}")
@@ -344,8 +349,12 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
             x = add_rows(x, idx, attention(layer, gather_rows(x, idx)))
         if mlp == "tokens" and k_blocks is not None:
             with torch.no_grad():
-                activation = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))   # [B, S, F]
-                idx = mlp_token_selection(activation, k_blocks, mlp_keep_ratio, block_size)
+                h2 = layer.final_layer_norm(x)
+                if mlp_scorer is not None:
+                    token_scores = mlp_scorer(layer_index, h2)
+                else:
+                    token_scores = layer.activation_fn(layer.fc1(h2)).float().norm(dim=-1)
+                idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size)
             x = add_rows(x, idx, mlp_block(layer, gather_rows(x, idx)))
         else:
             x = x + mlp_block(layer, x)

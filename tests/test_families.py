@@ -114,6 +114,27 @@ def test_opt_matches_the_reference(mlp):
     assert len(backend.reports) == 1  # one graph, no recompilation
 
 
+def test_opt_calibrated_predictors_match_the_reference():
+    """`calibrate` on OPT (whose MLP reads a flattened [B*S, D] input) trains attention and MLP
+    predictors, and the predictor scorer then selects what the reference selects with them."""
+    from lemo_compile.kernels.block_scores import scores_from_tiles
+
+    model = _opt()
+    options = {"block_size": 16, "keep_ratio": 0.4, "dense_layers": [0], "mlp": "tokens"}
+    bank = lemo_compile.calibrate(model, [token_batch(1, 128, seed=s) for s in range(3)],
+                                  options=options, progress=False)
+    assert bank.layers == bank.mlp_layers == [1, 2, 3]
+    ids = token_batch(2, 150)
+    backend = Recording({**OPTIONS, **options, "loss_segment": None, "scorer": "predictor",
+                         "predictors": bank})
+    assert_matches_reference(
+        model, ids, backend, reference=opt_lemo_forward, **options,
+        scorer=lambda layer, h: scores_from_tiles(torch.tril(bank.predictor(layer)(h))),
+        mlp_scorer=lambda layer, h2: bank.mlp_predictor(layer)(h2))
+    report = backend.reports[-1]
+    assert report.counters["mlp_sparse_layers"] == 3 and not report.warnings
+
+
 def test_opt_reference_is_not_the_dense_model():
     """The equality above is not vacuous: the sparse reference differs from the plain model."""
     model = _opt()

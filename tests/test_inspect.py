@@ -261,3 +261,16 @@ def test_debug_dump_takes_the_first_free_folder(tmp_path, monkeypatch):
     backend = lemo_compile.LemoBackend({**OPTIONS, "compiler": "aot_eager"})
     torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
     assert (tmp_path / "graph_1" / "plan.json").exists()
+
+
+def test_explain_does_not_make_a_later_compile_dynamic():
+    """Like calibration (test_predictors): explaining at one length, then training at another."""
+    model = tiny_llama()
+    ids = token_batch(1, 128)
+    lemo_compile.explain(model, input_ids=ids, labels=ids, options={"block_size": 16})
+    backend = lemo_compile.LemoBackend({"compiler": "aot_eager", "block_size": 16,
+                                        "loss_segment": None})
+    ids = token_batch(1, 160)
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    report = backend.reports[-1]
+    assert not report.warnings and report.counters["sparse_layers"] == 1

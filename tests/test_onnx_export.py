@@ -121,6 +121,17 @@ def test_predicted_block_scores_function():
     torch.testing.assert_close(got, want, **TOLERANCE)
 
 
+def test_predicted_mlp_block_scores_function():
+    from lemo_compile.predictors.bank import MlpPredictor, predicted_mlp_block_scores
+
+    torch.manual_seed(0)
+    tensors = [t.detach() for t in MlpPredictor.new(32, width=16).tensors()]
+    h = torch.randn(2, 70, 32)
+    want = predicted_mlp_block_scores(h, tensors, 8)
+    got = run_function(ox.predicted_mlp_block_scores, [h, *tensors], want, block_size=8)
+    torch.testing.assert_close(got, want, **TOLERANCE)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cross_entropy_function(reduction, with_bias):
@@ -281,13 +292,16 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     from lemo_compile.predictors import ModelSignature, PredictorBank
 
     torch.manual_seed(0)
-    bank = PredictorBank(ModelSignature(64, 4, 16, 2, 4), [0, 1], width=32, rank=8)
+    bank = PredictorBank(ModelSignature(64, 4, 16, 2, 4), [0, 1], width=32, rank=8,
+                         mlp_layers=[0, 1])
     options = {"block_size": 4, "keep_ratio": 0.5, "dense_layers": [], "loss_segment": 32,
-               "scorer": "predictor", "predictors": bank.requires_grad_(False).eval()}
+               "scorer": "predictor", "predictors": bank.requires_grad_(False).eval(),
+               "mlp": "tokens"}
     gm, inputs = rewritten_graph(tiny_llama(), llama_call(2, 64), options)
     exported = Exported(gm, inputs, tmp_path / "predictor.onnx")
     calls = [n.op_type for n in exported.lemo_nodes()]
     assert calls.count("predicted_block_scores") == 2 and calls.count("linear_cross_entropy") == 1
+    assert calls.count("predicted_mlp_block_scores") == 2
     assert {f.name for f in exported.model.functions} == set(calls)
     (loss, logits), (ort_loss, ort_logits) = exported.run()
     torch.testing.assert_close(ort_loss, loss, **TOLERANCE)

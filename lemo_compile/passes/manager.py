@@ -137,6 +137,12 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             body.graph.lint()
             body.recompile()
         report.extra_inputs = selection.extra_inputs
+        if selection.mlp_activation_scored:
+            report.warn(
+                "lemo: the predictor bank has no MLP predictors, so the MLP blocks of layers "
+                f"{selection.mlp_activation_scored} are scored by their intermediate activation "
+                "(exact, but computed on all tokens). Calibrate with mlp='tokens' to train them."
+            )
         fallback = dict(selection.dense)
         fallback.update({l.index: l.problem for l in layers if l.attention is None})
         if selection.dense:

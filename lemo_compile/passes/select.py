@@ -21,7 +21,9 @@ block's attention input h = norm1(x) (a detached copy on all tokens) through the
 `BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
 backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them.
 An MLP block is handled the same way, scored by the norm of its intermediate activation per token
-(a detached copy on all tokens), max over each block.
+(a detached copy on all tokens), max over each block; with the predictor scorer and a bank that
+has MLP predictors, by the layer's `MlpPredictor` on a detached copy of the MLP's input instead
+(weights passed the same way, `lemo_mlp_predictor_<layer>_*`).
 
 Padded batches (`padded=True`: an attention mask computed from the caller's inputs exists):
 each row is selected as if it ran alone (README, "Semantics": padded batches). Its real tokens are
@@ -70,10 +72,10 @@ from lemo_compile.passes.compact import (
     attention_masks,
     plan_compaction,
 )
-from lemo_compile.regions import DROPOUT_TARGETS, ModelRegions, ResidualBlock, _passes_through
-
-_DROPOUTS = DROPOUT_TARGETS
-_LINEARS = (F.linear, torch._C._nn.linear)
+from lemo_compile.predictors.bank import (
+    ModelSignature, as_bank, predicted_block_scores, predicted_mlp_block_scores,
+)
+from lemo_compile.regions import DROPOUT_TARGETS, ModelRegions, ResidualBlock
 
 
 @dataclasses.dataclass
@@ -82,7 +84,9 @@ class SelectionResult:
     outputs it replaced by placeholders, and the tensors it appended to the graph's inputs (the
     predictor scorer's weights, in placeholder order), which the caller must pass. MLP blocks:
     `mlp_sparse` (mlp="tokens"), `mlp_channels` (mlp="channels": layer -> (kept C, size I)), and
-    `mlp_dense` (either mode, layer -> why it stayed dense)."""
+    `mlp_dense` (either mode, layer -> why it stayed dense), and `mlp_activation_scored` (the
+    predictor scorer's sparse MLP blocks scored by their activation: the bank has no MLP
+    predictors)."""
 
     sparse: list[int]
     dense: dict[int, str]
@@ -91,6 +95,7 @@ class SelectionResult:
     mlp_sparse: list[int] = dataclasses.field(default_factory=list)
     mlp_dense: dict[int, str] = dataclasses.field(default_factory=dict)
     mlp_channels: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    mlp_activation_scored: list[int] = dataclasses.field(default_factory=list)
 
 
 class _Padding:
@@ -154,7 +159,7 @@ def select_pass(
         if plan.mlp_sparse and layer.mlp is not None:
             block = layer.mlp
             block.residual = replaced.get(block.residual, block.residual)
-            merged = _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding)
+            merged = _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding)
             if merged is not None:
                 replaced[block.add] = merged
         elif plan.mlp_channel_ratio is not None and layer.mlp is not None:
@@ -192,27 +197,44 @@ def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding)
     return merged
 
 
-def _sparse_mlp(gm, layer, plan, config, fake_mode, result, padding) -> fx.Node | None:
-    """Token elimination in one MLP block (mlp="tokens"): its intermediate activation's norm per
-    token, on all tokens and without gradient, scores the blocks; the block runs on the kept ones."""
+def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx.Node | None:
+    """Token elimination in one MLP block (mlp="tokens"); returns the new residual stream (None:
+    left dense). Scores: the layer's `MlpPredictor` on the MLP's input when the bank has one, else
+    the norm of its intermediate activation per token, both on all tokens and without gradient."""
     block = layer.mlp
-    down = block.output
-    while down.op != "placeholder" and down.args and _passes_through(down, down.args[0]):
-        down = down.args[0]  # OPT: the block ends in dropout(fc2(...)).view(B, S, D)
-    if down.target not in _LINEARS or not down.args or not isinstance(down.args[0], fx.Node):
+    down = block.down_projection()
+    if down is None:
         result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
         return None
     intermediate = down.args[0]
+    predictor = bank.mlp_predictor(layer.index) if bank is not None and bank.mlp_layers else None
+    if bank is not None and predictor is None:
+        result.mlp_activation_scored.append(layer.index)
 
     def scores(graph, residual, tag, real):
-        env = _detached_copy(graph, block, residual, (intermediate,), fake_mode, tag, "mlp_score")
-        activation = env[intermediate]
+        source = intermediate if predictor is None else block.linear_input()
+        if source is None:
+            raise CannotCompact("the MLP's input (the tensor its first linear layers read) was "
+                                "not found, so its predictor has nothing to read")
+        value = _detached_copy(graph, block, residual, (source,), fake_mode, tag, "mlp_score")[source]
         batch, seq_len = residual.meta["example_value"].shape[:2]
-        if activation.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
-            activation = _call(graph, fake_mode, torch.Tensor.view, (activation, (batch, seq_len, -1)))
-            tag(activation, "mlp_score")
-        args = (activation, config.block_size) + ((real,) if real is not None else ())
-        node = _call(graph, fake_mode, ops.activation_block_scores, args)
+        if value.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
+            value = _call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
+            tag(value, "mlp_score")
+        real_arg = (real,) if real is not None else ()
+        if predictor is None:
+            node = _call(graph, fake_mode, ops.activation_block_scores,
+                         (value, config.block_size) + real_arg)
+        else:
+            tensors = [_constant_input(gm, t, f"lemo_mlp_predictor_{layer.index}_{i}", fake_mode,
+                                       tag, "mlp_score", result.extra_inputs, value)
+                       for i, t in enumerate(predictor.tensors())]
+            node = graph.call_function(predicted_mlp_block_scores,
+                                       (value, tensors, config.block_size) + real_arg)
+            example = value.meta["example_value"]
+            with fake_mode:
+                node.meta["example_value"] = example.new_empty(
+                    (batch, seq_len // config.block_size), dtype=torch.float32)
         tag(node, "mlp_score")
         return node
 
@@ -246,14 +268,13 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     """mlp="channels" in one MLP block (module docstring); a block whose down projection or
     intermediate activation is not recognised stays dense, its reason in `result.mlp_dense`."""
     block = layer.mlp
-    output = block.output
+    output = block.down_projection()
+    if output is None:
+        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
+        return
     args = list(output.args) + [None] * (3 - len(output.args))
     a, weight, bias = args[:3]
     bias = output.kwargs.get("bias", bias)
-    plain = output.target in _LINEARS and not set(output.kwargs) - {"bias"}
-    if not (plain and isinstance(a, fx.Node) and isinstance(weight, fx.Node)):
-        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
-        return
     shape = tuple(a.meta["example_value"].shape)
     residual_shape = tuple(block.residual.meta["example_value"].shape)
     if len(shape) != 3 or shape[:2] != residual_shape[:2]:
@@ -286,7 +307,8 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     new.meta["stack_trace"] = output.meta.get("stack_trace")
     output.replace_all_uses_with(new)
     graph.erase_node(output)
-    block.output = new
+    if block.output is output:
+        block.output = new
     result.mlp_channels[layer.index] = (kept, channels)
 
 
@@ -437,7 +459,7 @@ def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
     for node in block.nodes:
         if node not in wanted:
             continue
-        if node.op == "call_function" and node.target in _DROPOUTS:
+        if node.op == "call_function" and node.target in DROPOUT_TARGETS:
             env[node] = env.get(node.args[0], node.args[0])
             continue
         copy_ = graph.node_copy(node, lambda n: env.get(n, n))
@@ -448,21 +470,18 @@ def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
 
 def _predictor_bank(regions: ModelRegions, plans: list[LayerPlan], config: LemoConfig):
     """The `predictors` option as a bank, checked against the model's shapes and sparse layers."""
-    from lemo_compile.predictors.bank import as_bank
-
     bank = as_bank(config.predictors)
     blocks = [layer.attention for layer in regions.layers if layer.attention is not None]
     bank.check_fits(
         model_signature(blocks[0], len(regions.layers), config.block_size),
         [p.layer for p in plans if p.sparse],
+        [p.layer for p in plans if p.mlp_sparse],
     )
     return bank
 
 
 def model_signature(block: ResidualBlock, layers: int, block_size: int):
     """The `ModelSignature` of a model, read off one of its attention blocks in the graph."""
-    from lemo_compile.predictors.bank import ModelSignature
-
     _, heads, _, head_dim = block.query.meta["example_value"].shape
     hidden = block.residual.meta["example_value"].shape[-1]
     return ModelSignature(int(hidden), int(heads), int(head_dim), layers, block_size)
@@ -472,8 +491,6 @@ def _insert_predictor(
     gm: fx.GraphModule, block: ResidualBlock, residual, bank, fake_mode, tag, extra_inputs: list,
     real=None,
 ):
-    from lemo_compile.predictors.bank import predicted_block_scores
-
     h = block.attention_input()
     if h is None:
         raise ValueError(
@@ -486,16 +503,8 @@ def _insert_predictor(
     predictor = bank.predictor(block.layer)
 
     def graph_input(tensor: torch.Tensor, name: str) -> fx.Node:
-        # A new graph input that the backend passes itself: no optimizer ever sees it.
-        constant = tensor.detach().to(value.device, torch.float32).clone()
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last):
-            node = graph.placeholder(f"lemo_predictor_{block.layer}_{name}")
-        node.meta["example_value"] = fake_mode.from_tensor(constant, static_shapes=True)
-        node._dynamo_source = None  # AOTAutograd asks every input where it came from
-        tag(node, "score")
-        extra_inputs.append(constant)
-        return node
+        return _constant_input(gm, tensor, f"lemo_predictor_{block.layer}_{name}", fake_mode, tag,
+                               "score", extra_inputs, h)
 
     sides = [[graph_input(t, f"{side}{i}") for i, t in enumerate(predictor.side_tensors(side))]
              for side in ("q", "k")]
@@ -507,6 +516,22 @@ def _insert_predictor(
             (value.shape[0], value.shape[1] // predictor.block_size), dtype=torch.float32
         )
     tag(node, "score")
+    return node
+
+
+def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: str,
+                    extra_inputs: list, like: fx.Node) -> fx.Node:
+    """A new graph input holding `tensor` (float32, on `like`'s device) that the backend passes
+    itself (`extra_inputs`): frozen, and no optimizer ever sees it."""
+    graph = gm.graph
+    constant = tensor.detach().to(like.meta["example_value"].device, torch.float32).clone()
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(name)
+    node.meta["example_value"] = fake_mode.from_tensor(constant, static_shapes=True)
+    node._dynamo_source = None  # AOTAutograd asks every input where it came from
+    tag(node, role)
+    extra_inputs.append(constant)
     return node
 
 

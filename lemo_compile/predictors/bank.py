@@ -17,6 +17,9 @@ content. In an exploratory CPU comparison on held-out text of the small byte-lev
 `benchmarks/predictors.py` at 2K tokens, it raised the mean recall after 300 calibration steps
 from 0.52 to 0.72 (README, "Trained predictors").
 
+An `MlpPredictor` does the same for an MLP block (mlp="tokens"): a small network from the MLP's
+input to a score per token, approximating the oracle's norm of the intermediate activation.
+
 A `PredictorBank` holds the predictors of all sparse layers and the facts they were trained for
 (the model's hidden size, heads, head dim and layer count, the block size); it is saved as a
 safetensors file whose metadata carries those facts, and refuses a model that does not match.
@@ -65,14 +68,8 @@ class BlockPredictor(nn.Module):
         self.block_size, self.heads = block_size, heads
         self.distance_bias = nn.Parameter(torch.zeros(distances))
 
-        def side(sizes) -> nn.Sequential:
-            layers: list[nn.Module] = []
-            for i, (inputs, outputs) in enumerate(zip(sizes[:-1], sizes[1:])):
-                layers += [nn.Linear(inputs, outputs)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-            return nn.Sequential(*layers)
-
-        self.q_side = side(tuple(q_sizes))
-        self.k_side = side(tuple(k_sizes))
+        self.q_side = _network(q_sizes)
+        self.k_side = _network(k_sizes)
 
     @classmethod
     def new(cls, block_size: int, hidden_size: int, heads: int, width: int = 128,
@@ -102,8 +99,7 @@ class BlockPredictor(nn.Module):
         return result
 
     def sizes(self, side: str) -> tuple[int, ...]:
-        linears = [m for m in (self.q_side if side == "q" else self.k_side) if isinstance(m, nn.Linear)]
-        return (linears[0].in_features, *(m.out_features for m in linears))
+        return _sizes(self.q_side if side == "q" else self.k_side)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return block_score_matrix(h, self.side_tensors("q"), self.side_tensors("k"),
@@ -112,6 +108,46 @@ class BlockPredictor(nn.Module):
     def side_tensors(self, side: str) -> list[torch.Tensor]:
         """The q- or k-side's weights and biases, layer by layer: [W1, b1, W2, b2, W3, b3]."""
         return list((self.q_side if side == "q" else self.k_side).parameters())
+
+
+class MlpPredictor(nn.Module):
+    """One layer's MLP-block scorer (mlp="tokens"): the MLP's input h2 = norm2(x1) [B, S, D] ->
+    a score per token [B, S] (float32), through linear layers with ReLU between them, of `sizes`
+    (D, width, width, 1). It approximates, up to a positive scale, the oracle's per-token score (the norm
+    of the MLP's intermediate activation); block scores are its maximum over each block, as for
+    the oracle (`predicted_mlp_block_scores`)."""
+
+    def __init__(self, sizes) -> None:
+        super().__init__()
+        self.net = _network(sizes)
+
+    @classmethod
+    def new(cls, hidden_size: int, width: int = 128) -> MlpPredictor:
+        return cls((hidden_size, width, width, 1))
+
+    def sizes(self) -> tuple[int, ...]:
+        return _sizes(self.net)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _side(h.float(), self.tensors())[..., 0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Weights and biases, layer by layer: [W1, b1, W2, b2, W3, b3]."""
+        return list(self.net.parameters())
+
+
+def _network(sizes) -> nn.Sequential:
+    """Linear layers of the given widths (input first), with a ReLU between consecutive ones."""
+    sizes = tuple(sizes)
+    layers: list[nn.Module] = []
+    for i, (inputs, outputs) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(inputs, outputs)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def _sizes(network: nn.Sequential) -> tuple[int, ...]:
+    linears = [m for m in network if isinstance(m, nn.Linear)]
+    return (linears[0].in_features, *(m.out_features for m in linears))
 
 
 def block_score_matrix(
@@ -169,14 +205,28 @@ def predicted_block_scores(
     return scores_from_tiles(torch.tril(tiles))
 
 
-class PredictorBank(nn.Module):
-    """Predictors for the sparse layers of one model, keyed by layer index.
+def predicted_mlp_block_scores(
+    h: torch.Tensor, tensors: list[torch.Tensor], block_size: int, real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MLP block scores [B, n] (float32) of an `MlpPredictor` given as tensors, from the MLP's input
+    h [B, S, D]: the max of the per-token scores over each full block (`ops.token_block_scores`,
+    which also says what `real` does). A graph function, like `predicted_block_scores`."""
+    from lemo_compile import ops
 
-    Build with `PredictorBank(signature, layers, width=..., rank=...)`, train with
+    return ops.token_block_scores(_side(h.detach().float(), tensors)[..., 0], block_size, real)
+
+
+class PredictorBank(nn.Module):
+    """Predictors for the sparse layers of one model, keyed by layer index: a `BlockPredictor` per
+    sparse attention block and, when calibrated with mlp="tokens", an `MlpPredictor` per sparse MLP
+    block.
+
+    Build with `PredictorBank(signature, layers, width=..., rank=..., mlp_layers=...)`, train with
     `lemo_compile.calibrate`, store with `save(path)` / `PredictorBank.load(path)`.
     """
 
-    def __init__(self, signature: ModelSignature, layers, width: int = 128, rank: int = 32) -> None:
+    def __init__(self, signature: ModelSignature, layers, width: int = 128, rank: int = 32,
+                 mlp_layers=()) -> None:
         super().__init__()
         self.signature = signature
         self.width, self.rank = width, rank
@@ -185,13 +235,23 @@ class PredictorBank(nn.Module):
                                            signature.heads, width, rank)
             for layer in sorted(layers)
         })
+        self.mlp_predictors = nn.ModuleDict({
+            str(layer): MlpPredictor.new(signature.hidden_size, width) for layer in sorted(mlp_layers)
+        })
 
     @property
     def layers(self) -> list[int]:
         return sorted(int(layer) for layer in self.predictors)
 
+    @property
+    def mlp_layers(self) -> list[int]:
+        return sorted(int(layer) for layer in self.mlp_predictors)
+
     def predictor(self, layer: int) -> BlockPredictor:
         return self.predictors[str(layer)]
+
+    def mlp_predictor(self, layer: int) -> MlpPredictor:
+        return self.mlp_predictors[str(layer)]
 
     def shrink(self, activity) -> dict[int, dict[str, tuple[int, ...]]]:
         """Elastic shrinking: remove the hidden ReLU units that `activity` ({layer: merged
@@ -204,9 +264,10 @@ class PredictorBank(nn.Module):
                     _prune_side(side, sides[name])
         return {layer: {s: self.predictor(layer).sizes(s) for s in "qk"} for layer in activity}
 
-    def check_fits(self, signature: ModelSignature, sparse_layers) -> None:
+    def check_fits(self, signature: ModelSignature, sparse_layers, mlp_sparse_layers=()) -> None:
         """Raise ValueError unless this bank was trained for `signature` and covers every layer of
-        `sparse_layers`."""
+        `sparse_layers`, and, if it holds MLP predictors at all, every layer of `mlp_sparse_layers`
+        (a bank without any leaves MLP blocks to the exact activation score)."""
         if signature != self.signature:
             raise ValueError(
                 "lemo predictors do not fit this model: they were trained for "
@@ -218,6 +279,12 @@ class PredictorBank(nn.Module):
             raise ValueError(
                 f"lemo predictors cover layers {self.layers} but layers {missing} are sparse: "
                 "calibrate with the same dense_layers, or make those layers dense."
+            )
+        missing = sorted(set(mlp_sparse_layers) - set(self.mlp_layers))
+        if self.mlp_layers and missing:
+            raise ValueError(
+                f"lemo predictors cover the MLP blocks of layers {self.mlp_layers} but the MLP blocks "
+                f"of layers {missing} are sparse: calibrate with the same options."
             )
 
     def metadata(self) -> dict[str, str]:
@@ -231,6 +298,8 @@ class PredictorBank(nn.Module):
             "width": str(self.width),
             "rank": str(self.rank),
             "sizes": json.dumps(sizes),
+            "mlp_sizes": json.dumps({layer: self.mlp_predictor(layer).sizes()
+                                     for layer in self.mlp_layers}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -255,6 +324,8 @@ class PredictorBank(nn.Module):
         for layer, sizes in json.loads(meta["sizes"]).items():
             bank.predictors[layer] = BlockPredictor(signature.block_size, signature.heads,
                                                     sizes["q"], sizes["k"], sizes["distances"])
+        for layer, sizes in json.loads(meta.get("mlp_sizes", "{}")).items():
+            bank.mlp_predictors[layer] = MlpPredictor(sizes)
         bank.load_state_dict(tensors)
         return bank.requires_grad_(False).eval()
 

@@ -7,8 +7,10 @@ computed from q and k (the Triton kernel on CUDA). So calibration works for any 
 supports, with no per-family code.
 
 Training: per sparse layer, SmoothL1 between the lower triangle of the predictor's P and M divided
-by its per-sample maximum (the selection only depends on the ranking, so the scale is free).
-Metrics, per layer, with the plan's k kept blocks:
+by its per-sample maximum (the selection only depends on the ranking, so the scale is free). With
+mlp="tokens" in the options, each sparse MLP block gets an `MlpPredictor` too, fitted the same way
+to the norm of its intermediate activation per token (the MLP's oracle score), from its input.
+Metrics, per layer, with the plan's k kept blocks (for MLP blocks: `mlp_recall`, `mlp_overlap`):
 
 * recall: the fraction of the oracle's kept blocks that the predictor also keeps;
 * overlap: the oracle score mass (sigma) of the predictor's kept blocks over that of the oracle's.
@@ -27,16 +29,21 @@ from torch import fx
 
 from lemo_compile.config import LemoConfig, plan_layers
 from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
+from lemo_compile.ops import token_block_scores
 from lemo_compile.predictors.bank import ModelSignature, PredictorBank
-from lemo_compile.regions import find_regions
+from lemo_compile.regions import find_regions, unflatten_residual_adds
 
 
 @dataclasses.dataclass
 class LayerSample:
-    """One batch of one sparse layer: attention input h [B, S, D] and oracle tile maxima M [B, n, n]."""
+    """One batch of one sparse layer: attention input h [B, S, D] and oracle tile maxima M [B, n, n];
+    with mlp="tokens", also the MLP's input mlp_h [B, S, D] and its oracle per-token scores
+    mlp_scores [B, S] (the norm of the intermediate activation)."""
 
     h: torch.Tensor
     tiles: torch.Tensor
+    mlp_h: torch.Tensor | None = None
+    mlp_scores: torch.Tensor | None = None
 
 
 class _Capture:
@@ -48,46 +55,74 @@ class _Capture:
         self.samples: dict[int, LayerSample] = {}
         self.signature: ModelSignature | None = None
         self.kept_blocks: dict[int, int] = {}
+        self.mlp_kept_blocks: dict[int, int] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Any:
         from lemo_compile.passes.select import model_signature
 
+        unflatten_residual_adds(gm)
         regions = find_regions(gm)
-        blocks = {l.index: l.attention for l in regions.layers if l.attention is not None}
-        if not blocks:
+        found = {l.index: l for l in regions.layers if l.attention is not None}
+        if not found:
             raise ValueError("lemo calibrate: no decoder layers recognised: "
                              + "; ".join(regions.problems))
         plans = plan_layers(self.config, len(regions.layers), regions.seq_len)
-        layers = [p.layer for p in plans if p.sparse and p.layer in blocks]
+        layers = [p.layer for p in plans if p.sparse and p.layer in found]
         if not layers:
             raise ValueError("lemo calibrate: no layer is sparse with these options at this length")
-        self.signature = model_signature(blocks[layers[0]], len(regions.layers), self.config.block_size)
+        self.signature = model_signature(found[layers[0]].attention, len(regions.layers),
+                                         self.config.block_size)
         self.kept_blocks = {p.layer: p.kept_blocks for p in plans if p.layer in layers}
+        self.mlp_kept_blocks = {p.layer: p.mlp_kept_blocks for p in plans
+                                if p.layer in layers and p.mlp_sparse}
         extras = []
         for layer in layers:
-            h = blocks[layer].attention_input()
+            block = found[layer].attention
+            h = block.attention_input()
             if h is None:
                 raise ValueError(f"lemo calibrate: layer {layer}'s attention input was not found")
-            extras += [h, blocks[layer].query, blocks[layer].key]
+            extras += [h, block.query, block.key]
+            if layer in self.mlp_kept_blocks:
+                extras += _mlp_nodes(found[layer])
         output = next(n for n in gm.graph.nodes if n.op == "output")
         originals = output.args[0]
         output.args = (tuple(originals) + tuple(extras),)
         gm.recompile()
         count = len(originals)
+        batch, seq_len = regions.batch_size, regions.seq_len
 
         def run(*args):
-            values = gm(*args)
-            for i, layer in enumerate(layers):
-                h, q, k = values[count + 3 * i : count + 3 * i + 3]
-                self.samples[layer] = LayerSample(h.detach(), block_tile_max(q, k, self.config.block_size))
+            values = list(gm(*args))
+            extra = iter(values[count:])
+            for layer in layers:
+                h, q, k = next(extra), next(extra), next(extra)
+                sample = LayerSample(h.detach(), block_tile_max(q, k, self.config.block_size))
+                if layer in self.mlp_kept_blocks:
+                    mlp_h, intermediate = next(extra), next(extra)
+                    sample.mlp_h = mlp_h.detach().reshape(batch, seq_len, -1)
+                    sample.mlp_scores = intermediate.detach().float().reshape(
+                        batch, seq_len, -1).norm(dim=-1)
+                self.samples[layer] = sample
             return tuple(values[:count])
 
         return run
 
 
+def _mlp_nodes(layer) -> list[fx.Node]:
+    """The MLP block's input and intermediate activation (what its down projection reads)."""
+    down = layer.mlp.down_projection() if layer.mlp is not None else None
+    h = layer.mlp.linear_input() if layer.mlp is not None else None
+    if down is None or h is None:
+        raise ValueError(f"lemo calibrate: layer {layer.index}'s MLP block (its input and its down "
+                         "projection) was not recognised, so mlp='tokens' cannot be calibrated")
+    return [h, down.args[0]]
+
+
 def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[int, LayerSample]]:
     """Yield the captured samples of each batch (a tensor of input ids or a dict of model kwargs)."""
-    compiled = torch.compile(model, backend=capture, dynamic=False)
+    from lemo_compile.backend import compile_apart  # the backend imports this package
+
+    compiled = compile_apart(model, capture)
     was_training = model.training
     model.eval()
     try:
@@ -133,8 +168,9 @@ def calibrate(
     model:   any model the lemo backend supports; it is frozen (eval, no grad) throughout.
     batches: input ids [B, S] tensors, or dicts of model kwargs; iterated once, or `steps` times
              (cycling) when given. Lengths may differ between batches (each length compiles once).
-    options: lemo options (block_size, keep_ratio, dense_layers) deciding which layers are sparse
-             and how many blocks they keep, as they will be used in training.
+    options: lemo options (block_size, keep_ratio, dense_layers; mlp, mlp_keep_ratio) deciding
+             which layers are sparse and how many blocks they keep, as they will be used in
+             training. With mlp="tokens", MLP predictors are trained too.
     width, rank: the predictors' hidden width and feature count.
     shrink:  elastic shrinking: hidden units never active during the last quarter of the steps are
              removed at the end (`PredictorBank.shrink`).
@@ -149,12 +185,13 @@ def calibrate(
     activity: dict[int, dict] = {}
     for step, samples in enumerate(_run_frozen(model, capture, batches)):
         if bank is None:
-            bank = PredictorBank(capture.signature, samples, width=width, rank=rank)
+            bank = PredictorBank(capture.signature, samples, width=width, rank=rank,
+                                 mlp_layers=capture.mlp_kept_blocks)
             bank.to(next(iter(samples.values())).h.device)
             optimizer = torch.optim.Adam(bank.parameters(), lr=lr)
         observe = shrink and (steps is None or step >= steps * 3 // 4)
         loss = torch.zeros((), device=next(bank.parameters()).device)
-        recalls = []
+        recalls, mlp_recalls = [], []
         for layer, sample in samples.items():
             predictor = bank.predictor(layer)
             if observe:
@@ -165,12 +202,21 @@ def calibrate(
                 predicted = scores_from_tiles(torch.tril(scores))
                 recalls.append(_recall_and_overlap(
                     predicted, scores_from_tiles(sample.tiles), capture.kept_blocks[layer])[0])
+            if sample.mlp_h is not None:
+                token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
+                loss = loss + _fit_token_loss(token_scores, sample.mlp_scores)
+                mlp_recalls.append(_mlp_recall_and_overlap(
+                    token_scores.detach(), sample.mlp_scores, config.block_size,
+                    capture.mlp_kept_blocks[layer])[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         bar.update(1)
-        bar.set_postfix(step=step + 1, loss=f"{loss.item():.4f}",
-                        recall=f"{sum(recalls) / len(recalls):.3f}")
+        shown = {"step": step + 1, "loss": f"{loss.item():.4f}",
+                 "recall": f"{sum(recalls) / len(recalls):.3f}"}
+        if mlp_recalls:
+            shown["mlp_recall"] = f"{sum(mlp_recalls) / len(mlp_recalls):.3f}"
+        bar.set_postfix(**shown)
     bar.close()
     if bank is None:
         raise ValueError("lemo calibrate: no batches")
@@ -187,6 +233,19 @@ def _fit_loss(predicted: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(predicted[:, lower], target[:, lower], beta=0.1)
 
 
+def _fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """SmoothL1 between per-token MLP scores [B, S] and the oracle's divided by their per-sample max."""
+    target = scores / scores.amax(dim=1, keepdim=True).clamp_min(1e-30)
+    return F.smooth_l1_loss(predicted, target, beta=0.1)
+
+
+def _mlp_recall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block_size: int,
+                            kept: int) -> tuple[float, float]:
+    """Recall and overlap of MLP block selection from per-token scores [B, S] (predicted, oracle)."""
+    return _recall_and_overlap(token_block_scores(predicted, block_size),
+                               token_block_scores(scores, block_size), kept)
+
+
 def predictor_recall(
     model: torch.nn.Module,
     bank: PredictorBank,
@@ -195,22 +254,29 @@ def predictor_recall(
     options: LemoConfig | Mapping[str, Any] | None = None,
 ) -> dict[int, dict[str, float]]:
     """Per sparse layer, the predictors' mean `recall` and `overlap` (module docstring) against
-    the oracle on `batches`, with the plan's kept blocks; `options` as for `calibrate`."""
+    the oracle on `batches`, with the plan's kept blocks; `options` as for `calibrate`. With
+    mlp="tokens" and a bank that has MLP predictors, also `mlp_recall` and `mlp_overlap`, the
+    same for the MLP blocks' selection."""
     config = LemoConfig.from_options(options)
     capture = _Capture(config)
-    totals: dict[int, list[tuple[float, float]]] = {}
+    totals: dict[int, dict[str, list[float]]] = {}
     for samples in _run_frozen(model, capture, batches):
-        bank.check_fits(capture.signature, samples)
+        bank.check_fits(capture.signature, samples, capture.mlp_kept_blocks)
         for layer, sample in samples.items():
+            values = totals.setdefault(layer, {})
             with torch.no_grad():
                 predicted = scores_from_tiles(torch.tril(bank.predictor(layer)(sample.h)))
-            totals.setdefault(layer, []).append(_recall_and_overlap(
-                predicted, scores_from_tiles(sample.tiles), capture.kept_blocks[layer]))
-    return {
-        layer: {"recall": sum(r for r, _ in values) / len(values),
-                "overlap": sum(o for _, o in values) / len(values)}
-        for layer, values in totals.items()
-    }
+                pairs = [("", _recall_and_overlap(predicted, scores_from_tiles(sample.tiles),
+                                                  capture.kept_blocks[layer]))]
+                if sample.mlp_h is not None and layer in bank.mlp_layers:
+                    pairs.append(("mlp_", _mlp_recall_and_overlap(
+                        bank.mlp_predictor(layer)(sample.mlp_h), sample.mlp_scores,
+                        config.block_size, capture.mlp_kept_blocks[layer])))
+            for prefix, (recall, overlap) in pairs:
+                values.setdefault(prefix + "recall", []).append(recall)
+                values.setdefault(prefix + "overlap", []).append(overlap)
+    return {layer: {name: sum(v) / len(v) for name, v in values.items()}
+            for layer, values in totals.items()}
 
 
 def _progress(total: int | None, enabled: bool):
