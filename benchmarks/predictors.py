@@ -7,13 +7,22 @@
    for the last --long-fraction of the time, at --long-len (same tokens per step), so that its
    attention is meaningful at the lengths measured.
 3. Predictors: `lemo_compile.calibrate` on train-split sequences of the --calib-lens (cycled),
-   base model frozen, oracle labels from the Triton block-score kernel.
+   base model frozen, oracle labels from the Triton block-score kernel; one bank per --losses
+   entry, on the same sequences, to compare calibration losses side by side.
 4. Recall: `lemo_compile.predictor_recall` on held-out sequences at each of --eval-lens.
 
-Writes the results (JSON lines), the predictor bank and the model (as shards of at most 15 MiB, so
+With --model-dir (the --out-dir of an earlier run, or a folder holding its model.json and shards),
+step 2 loads that model instead of training one. With --mlp tokens (the default), calibration also
+trains the MLP predictors and step 4 reports their recall. Step 4 also reports, per length, how
+sharp the oracle's own choice is: the share of blocks whose score lies within 3% of the k-th
+largest (a near-tie the recall metric still counts), and the recall of the oracle computed in
+float32 against the oracle of the bf16 model.
+
+Writes the results (JSON lines), the predictor banks and the model (as shards of at most 15 MiB, so
 that they can travel back from a machine that returns small files) to --out-dir; prints a table last.
 
     python benchmarks/predictors.py --out-dir results/predictors
+    python benchmarks/predictors.py --model-dir results/predictors --out-dir results/again
 """
 
 from __future__ import annotations
@@ -109,6 +118,53 @@ def held_out_loss(model, test_tokens, length, device) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
 
 
+def load_shards(folder: pathlib.Path):
+    """The model written by an earlier run to `folder` (model.json and its shards), in bf16."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    meta = json.loads((folder / "model.json").read_text())
+    shards = meta.pop("shards")
+    state = {}
+    for i in range(shards):
+        state.update(load_file(folder / f"model.{i}.safetensors"))
+    model = LlamaForCausalLM(LlamaConfig(**meta))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The LM head may share the embedding's weights, so the state dict may leave it out.
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SystemExit(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    return model.to(torch.bfloat16)
+
+
+@torch.no_grad()
+def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str, float]:
+    """How sharp the oracle's top-k is on `held` (mean over sparse layers and sequences): the share
+    of blocks whose score lies within 3% of the k-th largest, and the recall between the oracle of
+    the model in float32 and in its own dtype."""
+    from lemo_compile.config import LemoConfig
+    from lemo_compile.kernels.block_scores import scores_from_tiles
+    from lemo_compile.predictors.calibrate import _Capture, _recall_and_overlap, _run_frozen
+
+    def oracle_scores(dtype):
+        model.to(dtype)
+        capture = _Capture(LemoConfig.from_options(options))
+        scores = [{layer: scores_from_tiles(s.tiles.float()) for layer, s in samples.items()}
+                  for samples in _run_frozen(model, capture, held)]
+        return scores, capture.kept_blocks
+
+    own_dtype = next(model.parameters()).dtype
+    exact, kept = oracle_scores(torch.float32)
+    rounded, _ = oracle_scores(own_dtype)
+    near, recalls = [], []
+    for one, other in zip(exact, rounded, strict=True):
+        for layer, sigma in one.items():
+            kth = sigma.sort(dim=1, descending=True).values[:, kept[layer] - 1 : kept[layer]]
+            near.append(((sigma - kth).abs() <= 0.03 * kth).float().mean().item())
+            recalls.append(_recall_and_overlap(other[layer], sigma, kept[layer])[0])
+    return {"near_threshold_share": sum(near) / len(near),
+            "recall_bf16_vs_fp32_oracle": sum(recalls) / len(recalls)}
+
+
 def save_shards(tensors: dict[str, torch.Tensor], prefix: pathlib.Path, limit: int = 15 << 20) -> int:
     """Write tensors as safetensors shards of at most `limit` bytes: prefix.0.safetensors, ..."""
     from safetensors.torch import save_file
@@ -130,6 +186,7 @@ def save_shards(tensors: dict[str, torch.Tensor], prefix: pathlib.Path, limit: i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="predictor_results")
+    parser.add_argument("--model-dir", default=None, help="reuse the model of an earlier run")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1408)
@@ -147,6 +204,9 @@ def main() -> int:
     parser.add_argument("--eval-sequences", type=int, default=8)
     parser.add_argument("--keep-ratio", type=float, default=0.4)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--mlp", choices=("off", "tokens"), default="tokens")
+    parser.add_argument("--losses", nargs="+", choices=("tiles", "ranking"), default=["tiles"],
+                        help="calibration losses (lemo_compile.calibrate's loss), one bank each")
     args = parser.parse_args()
 
     import lemo_compile
@@ -156,45 +216,61 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     train_tokens, test_tokens = corpus(0.05, args.max_bytes)
     print(f"corpus: {len(train_tokens) / 1e6:.0f} MB train, {len(test_tokens) / 1e6:.1f} MB held out")
-    model = build_model(args)
-    losses = train_base(model, train_tokens, args, device)
-    model.to(torch.bfloat16).eval().requires_grad_(False)
-    # Saved before calibration, so that a run cut short still brings the trained model back.
-    shards = save_shards(model.state_dict(), out / "model")
-    (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
+    if args.model_dir:
+        model, losses = load_shards(pathlib.Path(args.model_dir)).to(device), []
+    else:
+        model = build_model(args)
+        losses = train_base(model, train_tokens, args, device)
+        model.to(torch.bfloat16)
+    model.eval().requires_grad_(False)
+    if not args.model_dir:  # saved before calibration: a run cut short still brings the model back
+        shards = save_shards(model.state_dict(), out / "model")
+        (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
     rows = [{"what": "base", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-             "losses": losses, "held_out_loss": {n: held_out_loss(model, test_tokens, n, device)
-                                                 for n in args.eval_lens}}]
+             "model_dir": args.model_dir, "losses": losses,
+             "held_out_loss": {n: held_out_loss(model, test_tokens, n, device)
+                               for n in args.eval_lens}}]
     print(json.dumps(rows[-1]), flush=True)
 
-    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio}
+    options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "mlp": args.mlp}
     random.seed(0)
     calib = [sequences(train_tokens, args.calib_lens[i % len(args.calib_lens)], 1,
                        seed=10_000 + i).to(device) for i in range(args.calib_steps)]
-    begin = time.time()
-    bank = lemo_compile.calibrate(model, calib, options=options, progress=False)
-    rows.append({"what": "calibration", "seconds": time.time() - begin, "steps": args.calib_steps,
-                 "seq_lens": args.calib_lens, "layers": bank.layers})
-    print(json.dumps(rows[-1]), flush=True)
-    bank.save(out / "predictors.safetensors")
-    for length in args.eval_lens:
-        held = [sequences(test_tokens, length, 1, seed=20_000 + i).to(device)
-                for i in range(args.eval_sequences)]
-        metrics = lemo_compile.predictor_recall(model, bank, held, options=options)
-        recall = sum(m["recall"] for m in metrics.values()) / len(metrics)
-        rows.append({"what": "recall", "seq_len": length, "mean_recall": recall,
-                     "per_layer": {str(k): v for k, v in metrics.items()}})
+    held = {length: [sequences(test_tokens, length, 1, seed=20_000 + i).to(device)
+                     for i in range(args.eval_sequences)] for length in args.eval_lens}
+    sharpness = {length: oracle_sharpness(model, held[length][:2], options)
+                 for length in args.eval_lens}
+    for loss in args.losses:
+        begin = time.time()
+        bank = lemo_compile.calibrate(model, calib, options=options, loss=loss, progress=False)
+        rows.append({"what": "calibration", "loss": loss, "seconds": time.time() - begin,
+                     "steps": args.calib_steps, "seq_lens": args.calib_lens, "layers": bank.layers,
+                     "mlp_layers": bank.mlp_layers})
         print(json.dumps(rows[-1]), flush=True)
+        bank.save(out / f"predictors.{loss}.safetensors")
+        for length in args.eval_lens:
+            metrics = lemo_compile.predictor_recall(model, bank, held[length], options=options)
+            mean = lambda name: sum(m[name] for m in metrics.values()) / len(metrics)  # noqa: E731
+            row = {"what": "recall", "loss": loss, "seq_len": length, "mean_recall": mean("recall"),
+                   "mean_overlap": mean("overlap"),
+                   "per_layer": {str(k): v for k, v in metrics.items()}, **sharpness[length]}
+            if bank.mlp_layers:
+                row.update(mean_mlp_recall=mean("mlp_recall"), mean_mlp_overlap=mean("mlp_overlap"))
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
     with open(out / "predictors.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"\nbase: {rows[0]['params_M']:.1f}M params, last train loss {losses[-1]:.3f}, "
-          f"held-out loss {rows[0]['held_out_loss']}")
-    print(f"{'tokens':>7} {'mean recall':>12}  per layer")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"\nbase: {rows[0]['params_M']:.1f}M params, held-out loss {rows[0]['held_out_loss']}")
+    print(f"{'loss':>8} {'tokens':>7} {'recall':>7} {'overlap':>8} {'MLP recall':>11} "
+          f"{'near-ties':>10} {'bf16 oracle':>12}  per-layer recall")
     for row in rows:
         if row["what"] == "recall":
             per = " ".join(f"{v['recall']:.3f}" for v in row["per_layer"].values())
-            print(f"{row['seq_len']:>7} {row['mean_recall']:>12.3f}  {per}")
+            print(f"{row['loss']:>8} {row['seq_len']:>7} {row['mean_recall']:>7.3f} "
+                  f"{row['mean_overlap']:>8.3f} "
+                  f"{row.get('mean_mlp_recall', float('nan')):>11.3f} "
+                  f"{row['near_threshold_share']:>10.2f} {row['recall_bf16_vs_fp32_oracle']:>12.3f}"
+                  f"  {per}")
     return 0
 
 

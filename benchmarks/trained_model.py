@@ -10,7 +10,6 @@ them together as a folder `AutoModelForCausalLM.from_pretrained` (and `lemo insp
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -21,20 +20,9 @@ def main() -> int:
     parser.add_argument("out", help="the checkpoint folder to write")
     args = parser.parse_args()
 
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from predictors import load_shards  # beside this script
 
-    results = pathlib.Path(args.results)
-    meta = json.loads((results / "model.json").read_text())
-    shards = meta.pop("shards")
-    state = {}
-    for i in range(shards):
-        state.update(load_file(results / f"model.{i}.safetensors"))
-    model = LlamaForCausalLM(LlamaConfig(**meta))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # The LM head shares the embedding's weights, so the state dict may leave it out.
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise SystemExit(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    model = load_shards(pathlib.Path(args.results))
     model.save_pretrained(args.out)
     print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     return 0

@@ -161,6 +161,7 @@ def calibrate(
     width: int = 128,
     rank: int = 32,
     shrink: bool = False,
+    loss: str = "tiles",
     progress: bool = True,
 ) -> PredictorBank:
     """Train a `PredictorBank` for `model`'s sparse layers against the oracle.
@@ -174,8 +175,12 @@ def calibrate(
     width, rank: the predictors' hidden width and feature count.
     shrink:  elastic shrinking: hidden units never active during the last quarter of the steps are
              removed at the end (`PredictorBank.shrink`).
+    loss:    "tiles" (module docstring) or "ranking": the same plus a pairwise logistic loss on the
+             block scores, between every block the oracle keeps and every block it drops.
     Returns the bank (frozen, eval mode), on the model's device; save it with `bank.save(path)`.
     """
+    if loss not in ("tiles", "ranking"):
+        raise ValueError(f"lemo calibrate: loss must be 'tiles' or 'ranking', got {loss!r}")
     config = LemoConfig.from_options(options)
     capture = _Capture(config)
     if steps is not None:
@@ -190,29 +195,31 @@ def calibrate(
             bank.to(next(iter(samples.values())).h.device)
             optimizer = torch.optim.Adam(bank.parameters(), lr=lr)
         observe = shrink and (steps is None or step >= steps * 3 // 4)
-        loss = torch.zeros((), device=next(bank.parameters()).device)
+        total = torch.zeros((), device=next(bank.parameters()).device)
         recalls, mlp_recalls = [], []
         for layer, sample in samples.items():
             predictor = bank.predictor(layer)
             if observe:
                 activity[layer] = predictor.hidden_activity(sample.h, activity.get(layer))
             scores = predictor(sample.h)
-            loss = loss + _fit_loss(scores, sample.tiles)
-            with torch.no_grad():
-                predicted = scores_from_tiles(torch.tril(scores))
-                recalls.append(_recall_and_overlap(
-                    predicted, scores_from_tiles(sample.tiles), capture.kept_blocks[layer])[0])
+            total = total + _fit_loss(scores, sample.tiles)
+            predicted = scores_from_tiles(torch.tril(scores))
+            oracle = scores_from_tiles(sample.tiles)
+            if loss == "ranking":
+                total = total + _ranking_loss(predicted, oracle, capture.kept_blocks[layer])
+            recalls.append(_recall_and_overlap(predicted.detach(), oracle,
+                                               capture.kept_blocks[layer])[0])
             if sample.mlp_h is not None:
                 token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
-                loss = loss + _fit_token_loss(token_scores, sample.mlp_scores)
+                total = total + _fit_token_loss(token_scores, sample.mlp_scores)
                 mlp_recalls.append(_mlp_recall_and_overlap(
                     token_scores.detach(), sample.mlp_scores, config.block_size,
                     capture.mlp_kept_blocks[layer])[0])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         optimizer.step()
         bar.update(1)
-        shown = {"step": step + 1, "loss": f"{loss.item():.4f}",
+        shown = {"step": step + 1, "loss": f"{total.item():.4f}",
                  "recall": f"{sum(recalls) / len(recalls):.3f}"}
         if mlp_recalls:
             shown["mlp_recall"] = f"{sum(mlp_recalls) / len(mlp_recalls):.3f}"
@@ -231,6 +238,15 @@ def _fit_loss(predicted: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     lower = torch.ones(n, n, dtype=torch.bool, device=tiles.device).tril()
     target = tiles / tiles.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
     return F.smooth_l1_loss(predicted[:, lower], target[:, lower], beta=0.1)
+
+
+def _ranking_loss(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> torch.Tensor:
+    """Mean softplus(-4 (z_keep - z_drop)) over all pairs of a block the oracle keeps and one it
+    drops, z: the predicted block scores [B, n] standardised per sample."""
+    z = (predicted - predicted.mean(dim=1, keepdim=True)) / predicted.std(dim=1, keepdim=True).clamp_min(1e-6)
+    order = _top_blocks(oracle, oracle.shape[1])
+    keep, drop = z.gather(1, order[:, :kept]), z.gather(1, order[:, kept:])
+    return F.softplus(-4 * (keep[:, :, None] - drop[:, None, :])).mean()
 
 
 def _fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
