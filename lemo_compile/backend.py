@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -101,8 +102,11 @@ def compile_apart(model: torch.nn.Module, backend: Callable) -> Callable[..., An
     """`torch.compile(model, backend=backend, dynamic=False)` for a one-off look at the model
     (calibration, explain), through a frame of its own: Dynamo remembers the sizes each compiled
     frame saw and makes them dynamic when they change, so compiling model.forward itself at these
-    lengths would make the user's own training compile, at another length, dynamic (and dense)."""
-    compiled = torch.compile(_call, backend=backend, dynamic=False)
+    lengths would make the user's own training compile, at another length, dynamic (and dense).
+    Each call gets a new code object, so that compiled entries never pile up towards Dynamo's
+    recompile limit across calls."""
+    call = types.FunctionType(_call.__code__.replace(), _call.__globals__, "lemo_call")
+    compiled = torch.compile(call, backend=backend, dynamic=False)
     return lambda *args, **kwargs: compiled(model, args, kwargs)
 
 

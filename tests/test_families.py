@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import lemo_compile
-from conftest import assert_matches_reference, inserted_nodes, token_batch
+from conftest import assert_matches_reference, grads, inserted_nodes, token_batch
 from reference import opt_lemo_forward
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -135,6 +135,26 @@ def test_opt_calibrated_predictors_match_the_reference():
     assert report.counters["mlp_sparse_layers"] == 3 and not report.warnings
 
 
+def test_opt_loss_is_segmented():
+    """OPT returns its logits as linear(...).contiguous(): the segmented loss still applies, and
+    gives the loss and gradients of the unsegmented one."""
+    model = _opt()
+    ids = token_batch(2, 150)
+    results = []
+    for segment in (None, 64):
+        backend = Recording({**OPTIONS, "loss_segment": segment})
+        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), grads(model), backend.reports[-1]))
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+    (plain, plain_grads, _), (segmented, segmented_grads, report) = results
+    assert report.counters["segmented_losses"] == 1
+    torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(segmented_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_opt_reference_is_not_the_dense_model():
     """The equality above is not vacuous: the sparse reference differs from the plain model."""
     model = _opt()
@@ -164,9 +184,7 @@ def test_opt_structural_summary():
     compiled(input_ids=ids, labels=ids)
     report = backend.reports[-1]
     assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
-    # not yet: OPT returns `logits.contiguous()`, which the loss pass reads as a second use of
-    # the logits, so the loss stays unsegmented
-    assert report.counters["segmented_losses"] == 0
+    assert report.counters["segmented_losses"] == 1
     roles = inserted_nodes(backend.gm)
     assert sorted(roles) == [1, 2, 3]
     for counts in roles.values():

@@ -48,7 +48,7 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
         if isinstance(match, str):
             result.skipped.append(match)
             continue
-        head, target, ignore_index, reduction = match
+        head, chain, target, ignore_index, reduction = match
         hidden, weight, bias = _linear_args(head)
         width = hidden.meta["example_value"].shape[-1]
         logits_dtype = loss.args[0].meta["example_value"].dtype
@@ -65,19 +65,20 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
             node.meta["custom"] = {"lemo": "segmented_loss"}
         loss.replace_all_uses_with(segmented)
         graph.erase_node(loss)
-        logits = head.meta["example_value"]
-        for output in [u for u in head.users if u.op == "output"]:
-            with graph.inserting_before(output):
-                filler = graph.call_function(
-                    ops.nan_placeholder, (list(logits.shape), logits.dtype, logits.device)
-                )
-            filler.meta["custom"] = {"lemo": "placeholder"}
-            with fake_mode:
-                filler.meta["example_value"] = ops.nan_placeholder(
-                    list(logits.shape), logits.dtype, logits.device
-                )
-            output.replace_input_with(head, filler)
-            result.placeholder_outputs += 1
+        for returned in chain:  # the logits as returned (OPT: linear(...).contiguous())
+            logits = returned.meta["example_value"]
+            for output in [u for u in returned.users if u.op == "output"]:
+                with graph.inserting_before(output):
+                    filler = graph.call_function(
+                        ops.nan_placeholder, (list(logits.shape), logits.dtype, logits.device)
+                    )
+                filler.meta["custom"] = {"lemo": "placeholder"}
+                with fake_mode:
+                    filler.meta["example_value"] = ops.nan_placeholder(
+                        list(logits.shape), logits.dtype, logits.device
+                    )
+                output.replace_input_with(returned, filler)
+                result.placeholder_outputs += 1
         result.segmented += 1
     graph.eliminate_dead_code()
     return result
@@ -95,14 +96,18 @@ def _match(loss: fx.Node):
     value = source.meta.get("example_value")
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         return f"{loss.name}: the loss input is not [rows, vocab]"
-    node = source
+    chain, node = [], source
     while not (node.op == "call_function" and node.target in LINEAR_TARGETS):
         if not _keeps_rows(node):
             return f"{loss.name}: {node.name} between the LM head and the loss changes rows"
+        chain.append(node)
         node = node.args[0]
-    if len(node.users) > 2 or any(u.op != "output" and not _leads_to(u, loss) for u in node.users):
-        return f"{loss.name}: the logits are used by more than the loss"
-    return node, target, loss.kwargs.get("ignore_index", -100), reduction
+    chain.append(node)
+    # From the LM head to the loss, each node feeds the next and may be returned, nothing else.
+    for value, consumer in zip(chain, [loss, *chain[:-1]], strict=True):
+        if any(u is not consumer and u.op != "output" for u in value.users):
+            return f"{loss.name}: the logits are used by more than the loss"
+    return node, chain, target, loss.kwargs.get("ignore_index", -100), reduction
 
 
 def _keeps_rows(node: fx.Node) -> bool:
@@ -122,14 +127,6 @@ def _keeps_rows(node: fx.Node) -> bool:
 
 def _is_full(index: slice) -> bool:
     return index.step in (None, 1) and index.start in (None, 0) and index.stop is None
-
-
-def _leads_to(node: fx.Node, loss: fx.Node) -> bool:
-    while node is not loss:
-        if len(node.users) != 1:
-            return False
-        node = next(iter(node.users))
-    return True
 
 
 def _linear_args(head: fx.Node):

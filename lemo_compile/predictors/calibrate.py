@@ -129,8 +129,16 @@ def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[in
         for batch in batches:
             kwargs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
             kwargs.setdefault("use_cache", False)
-            with torch.no_grad():
+            capture.samples = {}
+            # one graph per sequence length: as many lengths as the batches have
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024,
+                                                             accumulated_recompile_limit=1024):
                 compiled(**kwargs)
+            if not capture.samples:
+                raise RuntimeError(
+                    "lemo calibrate: torch.compile ran this batch without lemo's capturing backend "
+                    "(Dynamo fell back to eager: a graph break, or its recompile limit), so no "
+                    "oracle labels were recorded")
             yield capture.samples
     finally:
         model.train(was_training)
