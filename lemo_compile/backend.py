@@ -98,6 +98,27 @@ def lemo_backend(
 OPTIONS_VARIABLE = "LEMO_OPTIONS"
 
 
+def register_with_accelerate() -> None:
+    """Make Hugging Face accelerate accept the backend name "lemo", so that
+    `TrainingArguments(torch_compile=True, torch_compile_backend="lemo")` works (options through
+    LEMO_OPTIONS).
+
+    The Trainer hands compilation to accelerate, whose `TorchDynamoPlugin` only takes the names of
+    its `DynamoBackend` enum and refuses others ("'LEMO' is not a valid DynamoBackend"). This adds
+    the member LEMO to that enum, in this process; accelerate then calls
+    `torch.compile(model, backend="lemo")`. Nothing else of accelerate changes. Idempotent."""
+    from accelerate.utils import DynamoBackend
+
+    if "LEMO" in DynamoBackend._value2member_map_:
+        return
+    member = str.__new__(DynamoBackend, "LEMO")
+    member._name_, member._value_ = "LEMO", "LEMO"
+    member.__objclass__ = DynamoBackend
+    DynamoBackend._member_map_["LEMO"] = member
+    DynamoBackend._value2member_map_["LEMO"] = member
+    DynamoBackend._member_names_.append("LEMO")
+
+
 def compile_apart(model: torch.nn.Module, backend: Callable) -> Callable[..., Any]:
     """`torch.compile(model, backend=backend, dynamic=False)` for a one-off look at the model
     (calibration, explain), through a frame of its own: Dynamo remembers the sizes each compiled

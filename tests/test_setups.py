@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -88,16 +89,25 @@ def test_hf_trainer_with_a_model_compiled_by_lemo(tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_hf_trainer_torch_compile_backend_lemo_is_refused_by_accelerate(tmp_path):
-    """TrainingArguments(torch_compile_backend="lemo") cannot work with accelerate >= 1.2: the
-    Trainer hands compilation to accelerate, which only accepts the backends of its own list. This
-    test records that limitation; when it starts failing, lemo can be reached this way too."""
+def test_hf_trainer_with_torch_compile_backend_lemo(tmp_path, monkeypatch):
+    """TrainingArguments(torch_compile_backend="lemo"): accelerate refuses the name until
+    `register_with_accelerate()`; then the Trainer compiles with lemo, options from LEMO_OPTIONS."""
     from transformers import Trainer
 
     args = _trainer_args(tmp_path, torch_compile=True, torch_compile_backend="lemo",
                          torch_compile_mode=None)
-    with pytest.raises(ValueError, match="not a valid DynamoBackend"):
-        Trainer(model=tiny_llama(), args=args, train_dataset=_dataset()).train()
+    monkeypatch.setenv("LEMO_OPTIONS", json.dumps({**OPTIONS, "loss_segment": 64}))
+    lemo_compile.register_with_accelerate()
+    lemo_compile.register_with_accelerate()  # idempotent
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset())
+    # the segmented loss's warning: lemo compiled the training graph, with these options
+    with pytest.warns(lemo_compile.LemoWarning, match="loss_segment=64"):
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def _checkpointed_step(checkpointing: bool, **options):
