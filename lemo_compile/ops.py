@@ -312,8 +312,10 @@ def _channel_linear_grad(ctx, grad):
         grad_kept = torch.matmul(grad, columns.transpose(1, 2)).to(a_kept.dtype)  # [B, S, C]
     if ctx.needs_input_grad[3]:
         per_sample = torch.matmul(grad.transpose(1, 2), a_kept.to(ctx.dtype))  # [B, D, C]
-        flat = per_sample.to(weight.dtype).permute(1, 0, 2).reshape(out_features, batch * kept)
-        grad_weight = weight.new_zeros(weight.shape).index_add(1, idx.reshape(-1), flat)
+        flat = per_sample.float().permute(1, 0, 2).reshape(out_features, batch * kept)
+        # samples that keep the same channel add up: in float32, whatever the weight's dtype
+        total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = total.index_add(1, idx.reshape(-1), flat).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.sum(dim=tuple(range(grad.dim() - 1))).to(ctx.bias_dtype)
     return None, grad_kept, None, grad_weight, grad_bias, None

@@ -71,3 +71,30 @@ def test_no_graph_breaks_and_no_recompiles_over_steps():
         step()
     assert len(backend.reports) == 1  # one graph, compiled once
     assert not counters["graph_break"]
+
+
+def test_predictor_scorer_with_mlp_predictors_under_inductor():
+    """Calibrated on CUDA (oracle labels from the Triton kernel), then compiled by Inductor with
+    the attention and MLP predictors in the graph: one graph, and the loss and gradients of the
+    same graphs run without code generation."""
+    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128, "mlp": "tokens"}
+    batches = [token_batch(1, 256, seed=s).cuda() for s in range(4)]
+    bank = lemo_compile.calibrate(model, batches, options=options, steps=8, progress=False)
+    assert bank.mlp_layers == [1, 2, 3]
+    ids = token_batch(2, 300).cuda()
+    options = {**options, "scorer": "predictor", "predictors": bank}
+    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
+    loss = _step(model, ids, backend)()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+    reference = lemo_compile.LemoBackend({**options, "compiler": "aot_eager"})
+    want_loss = _step(model, ids, reference)()
+    tol = {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(loss, want_loss, **tol)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+    report = backend.reports[-1]
+    assert len(backend.reports) == 1
+    assert all("NaN placeholder" in warning for warning in report.warnings)  # the logits only
+    assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
