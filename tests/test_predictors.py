@@ -190,12 +190,13 @@ def test_lemo_calibrate_command(tmp_path, capsys):
     out = tmp_path / "tiny.predictors.safetensors"
     code = main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--seq-len", "128", "--steps", "3", "--block-size", "16", "--out", str(out),
-                 "--dtype", "float32", "--held-out", "0.25"])
+                 "--dtype", "float32", "--held-out", "0.25", "--mlp", "tokens"])
     assert code == 0
     bank = PredictorBank.load(out)
     assert bank.layers == [2] and bank.signature == ModelSignature(64, 4, 16, 4, 16)  # "auto"
+    assert bank.mlp_layers == [2]
     printed = capsys.readouterr().out
-    assert "held-out recall" in printed and "layer   2" in printed
+    assert "held-out recall" in printed and "layer   2" in printed and "MLP recall" in printed
 
 
 def test_elastic_shrinking_removes_dead_units_and_keeps_predictions():
@@ -365,3 +366,28 @@ def test_recall_over_many_lengths_and_calls():
     for _ in range(2):
         metrics = lemo_compile.predictor_recall(model, bank, batches, options=options)
         assert sorted(metrics) == [0, 1]
+
+
+def test_ranking_loss_orders_kept_blocks_above_dropped_ones():
+    from lemo_compile.predictors.calibrate import _ranking_loss
+
+    oracle = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0]])  # keeps blocks 0 and 2 (k = 2)
+    right = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.3]])
+    wrong = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3]], requires_grad=True)
+    assert _ranking_loss(right, oracle, 2) < _ranking_loss(wrong, oracle, 2)
+    optimizer = torch.optim.SGD([wrong], lr=0.5)
+    for _ in range(50):  # descending it turns the wrong ranking into the oracle's choice
+        optimizer.zero_grad()
+        _ranking_loss(wrong, oracle, 2).backward()
+        optimizer.step()
+    assert set(wrong.detach().topk(2).indices[0].tolist()) == {0, 2}
+
+
+def test_calibrate_with_the_ranking_loss():
+    model = _structured_llama()
+    options = {"block_size": 32, "dense_layers": [0], "keep_ratio": 0.25}
+    bank = lemo_compile.calibrate(model, [_planted_batch(0, batch=1)], options=options, steps=3,
+                                  loss="ranking", progress=False)
+    assert bank.layers == [1, 2, 3]
+    with pytest.raises(ValueError, match="loss must be 'tiles' or 'ranking'"):
+        lemo_compile.calibrate(model, [_planted_batch(0, batch=1)], options=options, loss="l2")
