@@ -272,6 +272,13 @@ def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
     """A Llama-layout MLP (gate_proj, up_proj, act_fn, down_proj) on h [B, S, D] whose gradient goes
     through the top channels of its intermediate activation only (see `lemo_forward`)."""
     a = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)                         # [B, S, I]
+    return channel_down_projection(a, mlp.down_proj, ratio)
+
+
+def channel_down_projection(a: torch.Tensor, down, ratio: float) -> torch.Tensor:
+    """down(a) for an intermediate activation a [B, S, I] and a linear layer `down`, with the
+    gradient through a's top C = min(I, max(1, ceil(ratio * I))) channels per sample only (by L2
+    norm over the tokens, ties: lower channel first): (m * a) @ W^T + b + stopgrad(((1 - m) * a) @ W^T)."""
     batch, _, channels = a.shape
     kept = min(channels, max(1, math.ceil(ratio * channels)))
     mask = torch.zeros(batch, 1, channels, dtype=a.dtype, device=a.device)
@@ -280,7 +287,7 @@ def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
             norms = [float(torch.linalg.vector_norm(a[b, :, j].float())) for j in range(channels)]
             ranked = sorted(range(channels), key=lambda j: (-norms[j], j))
             mask[b, 0, ranked[:kept]] = 1
-    weight, bias = mlp.down_proj.weight, mlp.down_proj.bias
+    weight, bias = down.weight, down.bias
     through_kept = F.linear(a * mask, weight, bias)
     through_dropped = F.linear(a * (1 - mask), weight).detach()
     return through_kept + through_dropped
@@ -289,7 +296,7 @@ def channel_mlp(mlp, h: torch.Tensor, ratio: float) -> torch.Tensor:
 def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                      block_size: int = 64, keep_ratio=0.4, dense_layers="auto", scorer="oracle",
                      seed: int = 0, mlp: str = "off", mlp_keep_ratio: float | None = None,
-                     mlp_scorer=None):
+                     mlp_scorer=None, mlp_channel_ratio: float = 0.5):
     """(logits [B, S, V], loss or None) of a pre-norm HF OPTForCausalLM under LeMo token
     elimination: the semantics of `lemo_forward` on OPT's layout.
 
@@ -300,9 +307,11 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
     replaces) and keys k_proj(h), both per head. Attention in a sparse layer runs on the kept rows
     only (causal over them), and its dropout is applied to those rows only. mlp="tokens": the MLP
     block's per-token score is ||act(fc1(final_layer_norm(x1)))||_2 (or mlp_scorer(layer index,
-    final_layer_norm(x1)), as in `lemo_forward`), max per block. mlp="channels" is not covered here. Requires do_layer_norm_before=True.
+    final_layer_norm(x1)), as in `lemo_forward`), max per block. mlp="channels": in each layer not in
+    `dense_layers`, fc2's gradient goes through the top channels of act(fc1(...)) only
+    (`channel_down_projection`). Requires do_layer_norm_before=True.
     """
-    if mlp not in ("off", "tokens"):
+    if mlp not in ("off", "tokens", "channels"):
         raise ValueError(f"opt_lemo_forward: unsupported mlp {mlp!r}")
     decoder = model.model.decoder
     config = model.config
@@ -356,6 +365,10 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
                     token_scores = layer.activation_fn(layer.fc1(h2)).float().norm(dim=-1)
                 idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size)
             x = add_rows(x, idx, mlp_block(layer, gather_rows(x, idx)))
+        elif mlp == "channels" and not _listed_dense(layer_index, len(decoder.layers), dense_layers):
+            a = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))
+            hidden = channel_down_projection(a, layer.fc2, mlp_channel_ratio)
+            x = x + F.dropout(hidden, p=layer.dropout, training=model.training)
         else:
             x = x + mlp_block(layer, x)
 

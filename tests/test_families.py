@@ -43,15 +43,19 @@ def _compiled(model, **options):
     return backend, torch.compile(model, backend=backend, fullgraph=True)
 
 
+@pytest.mark.parametrize("mlp", ["off", "tokens", "channels"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_matches_the_reference(family):
+def test_family_matches_the_reference(family, mlp):
     model = _model(family)
     ids = token_batch(2, 150)
-    backend = Recording({**OPTIONS, "loss_segment": None})
+    backend = Recording({**OPTIONS, "loss_segment": None, "mlp": mlp})
     compiled = assert_matches_reference(model, ids, backend, block_size=16, keep_ratio=0.4,
-                                        dense_layers=[0])
+                                        dense_layers=[0], mlp=mlp)
     report = backend.reports[-1]
     assert [p.kept_tokens for p in report.plans] == [150, 70, 70, 70]
+    assert not report.warnings
+    assert report.counters.get("mlp_sparse_layers", 0) == (3 if mlp == "tokens" else 0)
+    assert report.counters.get("mlp_channel_layers", 0) == (3 if mlp == "channels" else 0)
     # one graph, no recompilation on the next step
     compiled(input_ids=ids, labels=ids).loss.backward()
     assert len(backend.reports) == 1
@@ -96,10 +100,11 @@ def _opt(*, layers: int = 4, pre_norm: bool = True, dropout: float = 0.0):
     return transformers.OPTForCausalLM(config).train()
 
 
-@pytest.mark.parametrize("mlp", ["off", "tokens"])
+@pytest.mark.parametrize("mlp", ["off", "tokens", "channels"])
 def test_opt_matches_the_reference(mlp):
     """OPT (learned positions, LayerNorm, dropout before each residual add, biases): attention
-    blocks and, with mlp="tokens", MLP blocks (scored by ||relu(fc1)||) run on kept tokens."""
+    blocks and, with mlp="tokens", MLP blocks (scored by ||relu(fc1)||) run on kept tokens; with
+    mlp="channels", fc2's backward goes through the top channels of relu(fc1) only."""
     model = _opt()
     ids = token_batch(2, 150)
     backend = Recording({**OPTIONS, "loss_segment": None, "mlp": mlp})
@@ -109,6 +114,7 @@ def test_opt_matches_the_reference(mlp):
     assert [p.kept_tokens for p in report.plans] == [150, 70, 70, 70]
     assert report.counters["sparse_layers"] == 3
     assert report.counters.get("mlp_sparse_layers", 0) == (3 if mlp == "tokens" else 0)
+    assert report.counters.get("mlp_channel_layers", 0) == (3 if mlp == "channels" else 0)
     assert not report.warnings
     compiled(input_ids=ids, labels=ids).loss.backward()
     assert len(backend.reports) == 1  # one graph, no recompilation

@@ -48,6 +48,7 @@ becomes (roles tagged "mlp_channels"):
 
 so the forward is exact and the gradient reaches the MLP only through a_k: what autograd saves for
 the MLP's activation is [B, S, C] instead of [B, S, I] (see `ops.channel_linear` for the gradient).
+A flattened MLP (OPT: a [B*S, I]) is viewed as [B, S, I] for this, and `out` back as [B*S, D].
 
 Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
 a block that cannot be compacted stays dense and is reported in `SelectionResult.dense` (attention)
@@ -276,12 +277,13 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     a, weight, bias = args[:3]
     bias = output.kwargs.get("bias", bias)
     shape = tuple(a.meta["example_value"].shape)
-    residual_shape = tuple(block.residual.meta["example_value"].shape)
-    if len(shape) != 3 or shape[:2] != residual_shape[:2]:
+    batch, seq_len = tuple(block.residual.meta["example_value"].shape[:2])
+    flat = len(shape) == 2 and shape[0] == batch * seq_len  # OPT: fc2 reads [B*S, I]
+    if not (flat or (len(shape) == 3 and shape[:2] == (batch, seq_len))):
         result.mlp_dense[layer.index] = (
             f"the MLP's intermediate activation has shape {list(shape)}, not [batch, seq, channels]")
         return
-    channels = shape[2]
+    channels = shape[-1]
     kept = kept_channels(plan.mlp_channel_ratio, channels)
     if kept == channels:
         return  # nothing to drop: the MLP stays exact
@@ -291,18 +293,29 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
         return
     graph = gm.graph
     tag = _tagger(layer.index, block.add)
+    inserted: list[fx.Node] = []
+
+    def call(target, args) -> fx.Node:
+        inserted.append(_call(graph, fake_mode, target, args))
+        return inserted[-1]
+
+    def per_sample(node: fx.Node) -> fx.Node:  # [B*S, I] -> [B, S, I]
+        return call(torch.Tensor.view, (node, (batch, seq_len, channels))) if flat else node
+
     with graph.inserting_before(output):
-        detached = _call(graph, fake_mode, torch.Tensor.detach, (a,))
-        idx = _call(graph, fake_mode, ops.select_channels, (detached, kept))
+        detached = per_sample(call(torch.Tensor.detach, (a,)))
+        idx = call(ops.select_channels, (detached, kept))
         env: dict[fx.Node, fx.Node] = {}
         for leaf in leaves:
-            env[leaf] = _call(graph, fake_mode, ops.gather_channels, (leaf, idx))
+            env[leaf] = call(ops.gather_channels, (per_sample(leaf), idx))
         for node in chain:
             env[node] = _copy_with_values(graph, fake_mode, node, env)
+            inserted.append(env[node])
         dtype = output.meta["example_value"].dtype
-        new = _call(graph, fake_mode, torch.ops.lemo.channel_linear.default,
-                    (detached, env[a], idx, weight, bias, dtype))
-    for node in (detached, idx, *env.values(), new):
+        new = call(torch.ops.lemo.channel_linear.default, (detached, env[a], idx, weight, bias, dtype))
+        if flat:
+            new = call(torch.Tensor.view, (new, (batch * seq_len, -1)))
+    for node in inserted:
         tag(node, "mlp_channels")
     new.meta["stack_trace"] = output.meta.get("stack_trace")
     output.replace_all_uses_with(new)
