@@ -105,6 +105,22 @@ class ResidualBlock:
         first = [n for n in reads if not derived(n)]
         return first[0] if len(first) == 1 else None
 
+    def mlp_activation(self) -> fx.Node | None:
+        """The intermediate activation a that the block's down projection reads, [B, S, I] or
+        [B * S, I], also when LoRA wraps that projection (base(a) + lora_B(lora_A(a)) * s): the
+        one input of the block's linear layers with the residual's width D that no other linear
+        layer computes; None when there is not exactly one."""
+        hidden = _shape(self.residual)[-1]
+        reads = {
+            n.args[0] for n in self.nodes
+            if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
+            and isinstance(n.args[0], fx.Node) and (_shape(n) or (None,))[-1] == hidden
+        }
+        found = [n for n in reads
+                 if not (n.op == "call_function" and n.target in LINEAR_TARGETS)
+                 and (_shape(n) or (hidden,))[-1] != hidden]
+        return found[0] if len(found) == 1 else None
+
     def down_projection(self) -> fx.Node | None:
         """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
         dropouts and views: OPT's view(dropout(fc2(a)))), or None when the output is something else."""
@@ -235,7 +251,11 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
                 "supports pre-norm layers only")))
             continue
         layers.append(DecoderLayer(index, path, block, mlp=mlp))
-    if not layers:
+    attends = any(_is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
+                  for n in m.graph.nodes)
+    if not layers and attends:
+        # (a graph without attention, such as the embedding or the loss split off by a graph
+        # break, holds no decoder layer to rewrite: nothing to say about it)
         problems.append(
             "no decoder layers (modules at '<name>.<index>' with sub-modules) were found"
         )

@@ -79,3 +79,34 @@ def test_mlp_tokens_fuses_its_gathers_and_norms():
     assert counters["fused_gather_norm"] == 2 * 3
     assert counters["fused_scatter_add"] == 2 * 3
     assert counters["folded_zero_scatter"] == 2 * 3
+
+
+def test_mlp_tokens_with_lora_on_every_linear_matches_the_reference():
+    """LoRA on all linear layers, down_proj included: the MLP's activation is still found (the
+    input of the wrapped down projection), and the block runs on its kept rows, adapters and all."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import grads
+    from reference import lemo_forward
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.train()
+    for name, p in model.named_parameters():  # non-zero B so that the adapters change the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = token_batch(2, 128)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None})
+    out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    _, loss = lemo_forward(model.base_model.model, ids, ids, block_size=16, keep_ratio=0.4,
+                           dense_layers=[0], mlp="tokens")
+    loss.backward()
+    want = grads(model)
+    report = backend.reports[-1]
+    assert report.counters["mlp_sparse_layers"] == 3 and not report.warnings
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
+    assert got.keys() == want.keys() and any("mlp.down_proj.lora_A" in n for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)

@@ -203,11 +203,10 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
     left dense). Scores: the layer's `MlpPredictor` on the MLP's input when the bank has one, else
     the norm of its intermediate activation per token, both on all tokens and without gradient."""
     block = layer.mlp
-    down = block.down_projection()
-    if down is None:
-        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
+    intermediate = block.mlp_activation()
+    if intermediate is None:
+        result.mlp_dense[layer.index] = "the MLP's intermediate activation was not recognised"
         return None
-    intermediate = down.args[0]
     predictor = bank.mlp_predictor(layer.index) if bank is not None and bank.mlp_layers else None
     if bank is not None and predictor is None:
         result.mlp_activation_scored.append(layer.index)

@@ -63,6 +63,8 @@ class _Capture:
         unflatten_residual_adds(gm)
         regions = find_regions(gm)
         found = {l.index: l for l in regions.layers if l.attention is not None}
+        if not found and not regions.problems:
+            return gm.forward  # a graph without attention (split off by a graph break)
         if not found:
             raise ValueError("lemo calibrate: no decoder layers recognised: "
                              + "; ".join(regions.problems))
@@ -110,12 +112,13 @@ class _Capture:
 
 def _mlp_nodes(layer) -> list[fx.Node]:
     """The MLP block's input and intermediate activation (what its down projection reads)."""
-    down = layer.mlp.down_projection() if layer.mlp is not None else None
+    a = layer.mlp.mlp_activation() if layer.mlp is not None else None
     h = layer.mlp.linear_input() if layer.mlp is not None else None
-    if down is None or h is None:
-        raise ValueError(f"lemo calibrate: layer {layer.index}'s MLP block (its input and its down "
-                         "projection) was not recognised, so mlp='tokens' cannot be calibrated")
-    return [h, down.args[0]]
+    if a is None or h is None:
+        raise ValueError(f"lemo calibrate: layer {layer.index}'s MLP block (its input and its "
+                         "intermediate activation) was not recognised, so mlp='tokens' cannot be "
+                         "calibrated")
+    return [h, a]
 
 
 def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[int, LayerSample]]:
