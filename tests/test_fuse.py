@@ -49,6 +49,29 @@ def test_fusion_matches_and_changes_nothing(dtype, batch, seq_len):
         assert torch.equal(grad, plain_grads[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_fusion_on_opt(dtype):
+    """OPT's attention blocks start with a LayerNorm: gather + LayerNorm -> lemo.gather_layer_norm
+    (its torch branch on the CPU computes the statistics its own way: equal to rounding)."""
+    import transformers
+
+    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
+                                    num_attention_heads=4, max_position_embeddings=1024,
+                                    word_embed_proj_dim=64, dropout=0.0, attn_implementation="sdpa",
+                                    use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(config).to(dtype).train()
+    ids = token_batch(2, 150)
+    plain_loss, plain_grads, _ = _train_step(model, ids, fuse=False, loss_segment=None)
+    loss, grads, report = _train_step(model, ids, loss_segment=None)
+    assert report.counters["fused_gather_norm"] == report.counters["sparse_layers"] == 3
+    assert report.graphs["post_grad_forward"].count("lemo.gather_layer_norm.default(") == 3
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(loss, plain_loss, **tol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **tol, msg=name)
+
+
 def test_fused_graphs_keep_no_lemo_gather_or_scatter():
     model = tiny_llama()
     _, _, report = _train_step(model, token_batch(2, 100))

@@ -98,3 +98,29 @@ def test_predictor_scorer_with_mlp_predictors_under_inductor():
     assert len(backend.reports) == 1
     assert all("NaN placeholder" in warning for warning in report.warnings)  # the logits only
     assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
+
+
+def test_opt_under_inductor_uses_the_layer_norm_kernel():
+    import transformers
+
+    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
+                                    num_attention_heads=4, max_position_embeddings=1024,
+                                    word_embed_proj_dim=64, dropout=0.0, attn_implementation="sdpa",
+                                    use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(config).to(torch.bfloat16).cuda().train()
+    ids = token_batch(2, 300).cuda()
+    options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128, "mlp": "tokens"}
+    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
+    loss, codes = run_and_get_code(_step(model, ids, backend))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+    want_loss = _step(model, ids, lemo_compile.LemoBackend({**options, "compiler": "aot_eager"}))()
+    tol = {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(loss, want_loss, **tol)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+    counters = backend.reports[-1].counters
+    assert counters["sparse_layers"] == counters["mlp_sparse_layers"] == 3
+    assert counters["segmented_losses"] == 1 and counters["fused_gather_norm"] == 3
+    FileCheck().check("lemo.gather_layer_norm").run(codes[0])

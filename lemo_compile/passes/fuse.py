@@ -15,8 +15,9 @@ Rewrites, in this order (each counted in `counters` under its name):
 
 * `fused_gather_norm`: the gather and the RMSNorm chain that reads it -> `lemo.gather_rms_norm`,
   whose outputs stand in for the norm's output, the gathered rows and 1/rms (the last two are what
-  the norm's backward reads). LayerNorm chains (`lemo.gather_layer_norm`) are not matched yet: no
-  model the region finder accepts has one.
+  the norm's backward reads); the gather and the LayerNorm chain that reads it (OPT; Inductor's
+  decomposition: var_mean, rsqrt, (h - mean) * rstd * weight + bias) ->
+  `lemo.gather_layer_norm`, whose outputs stand in for the output, the rows, the mean and 1/std.
 * `fused_gather`: any other gather -> `lemo.gather_rows`.
 * `folded_zero_scatter`: add(g, scatter_add(zeros, ...)) -> `lemo.scatter_add_rows(g, ...)`.
 * `fused_scatter_add`: any other scatter-add -> `lemo.scatter_add_rows`.
@@ -45,7 +46,7 @@ def fuse_row_movements(graph: fx.Graph, counters: dict[str, int] | None = None) 
 
     for node in list(graph.nodes):
         if node.target is aten.gather.default and _token_index(node) is not None:
-            if _fuse_gather_norm(graph, node):
+            if _fuse_gather_norm(graph, node) or _fuse_gather_layer_norm(graph, node):
                 count("fused_gather_norm")
             else:
                 _replace(graph, node, torch.ops.lemo.gather_rows.default,
@@ -197,6 +198,69 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     # The chain's nodes that something else still reads now compute from the fused outputs.
     chain = (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather)
     for node in dict.fromkeys(chain):  # h is the gather itself in fp32 models
+        if not node.users:
+            graph.erase_node(node)
+    return True
+
+
+def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
+    """Rewrite gather + `((h - mean) * rsqrt(var + eps) * weight + bias).to(dtype)`, where
+    var, mean = var_mean(h, -1, correction=0, keepdim=True), h = rows.float()."""
+    x_val = _val(gather)
+    width = x_val.shape[2]
+    upcast = _single_user(
+        gather, torch.ops.prims.convert_element_type.default,
+        lambda u: u.args[1] == torch.float32,
+    )
+    h = upcast if upcast is not None and x_val.dtype != torch.float32 else gather
+    if _val(h).dtype != torch.float32:
+        return False
+    var_mean = _single_user(h, aten.var_mean.correction, lambda u: (
+        list(u.args[1]) in ([-1], [2]) and u.kwargs.get("correction") == 0
+        and u.kwargs.get("keepdim") is True))
+    if var_mean is None:
+        return False
+    parts = {u.args[1]: u for u in var_mean.users if u.target is operator.getitem}
+    if set(parts) != {0, 1}:
+        return False
+    var, mean = parts[0], parts[1]
+    plus_eps = _only_user(var, aten.add.Tensor)
+    if plus_eps is None or not isinstance(plus_eps.args[1], float):
+        return False
+    rstd = _only_user(plus_eps, aten.rsqrt.default)
+    centred = rstd and _single_user(h, aten.sub.Tensor, lambda u: tuple(u.args) == (h, mean))
+    normed = centred and _single_user(centred, aten.mul.Tensor, lambda u: rstd in u.args)
+    weight_mul = normed and _single_user(
+        normed, aten.mul.Tensor, lambda u: _is_weight(u, normed, width))
+    bias_add = weight_mul and _single_user(
+        weight_mul, aten.add.Tensor, lambda u: _is_weight(u, weight_mul, width))
+    if bias_add is None:
+        return False
+    cast = _single_user(
+        bias_add, torch.ops.prims.convert_element_type.default,
+        lambda u: u.args[1] == x_val.dtype,
+    )
+    output = cast if x_val.dtype != torch.float32 else bias_add
+    if output is None:
+        return False
+    weight = weight_mul.args[0] if weight_mul.args[1] is normed else weight_mul.args[1]
+    bias = bias_add.args[0] if bias_add.args[1] is weight_mul else bias_add.args[1]
+
+    with graph.inserting_before(gather):
+        fused = graph.call_function(
+            torch.ops.lemo.gather_layer_norm.default,
+            (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
+        )
+        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(4)]
+    fused.meta.update(gather.meta)
+    originals = (output, gather, mean, rstd)
+    fused.meta["val"] = tuple(_val(n) for n in originals)
+    for new, original in zip(outputs, originals):
+        new.meta.update(original.meta)
+        original.replace_all_uses_with(new)
+    chain = (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean, var_mean,
+             h, gather)
+    for node in dict.fromkeys(chain):
         if not node.users:
             graph.erase_node(node)
     return True
