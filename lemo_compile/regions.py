@@ -125,7 +125,7 @@ class ResidualBlock:
         """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
         dropouts and views: OPT's view(dropout(fc2(a)))), or None when the output is something else."""
         down = self.output
-        while down.op != "placeholder" and down.args and passes_through(down, down.args[0]):
+        while down.op != "placeholder" and down.args and _passes_through(down, down.args[0]):
             down = down.args[0]
         plain = (down.op == "call_function" and down.target in LINEAR_TARGETS
                  and not set(down.kwargs) - {"bias"} and len(down.args) >= 2
@@ -318,7 +318,7 @@ def _residual_block(
     # belong to the block, whose output is then the last of them.
     while True:
         users = [u for u in output.users if u not in attention_nodes and u.op != "output"]
-        if len(users) != 1 or users[0] not in layer_nodes or not passes_through(users[0], output):
+        if len(users) != 1 or users[0] not in layer_nodes or not _passes_through(users[0], output):
             break
         output = users[0]
     adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
@@ -363,7 +363,7 @@ DROPOUT_TARGETS = (F.dropout, torch.dropout)
 _VIEWS = ("view", "reshape")
 
 
-def passes_through(node: fx.Node, source: fx.Node) -> bool:
+def _passes_through(node: fx.Node, source: fx.Node) -> bool:
     """Whether `node` is a dropout or a view / reshape of `source` (its first argument)."""
     if not node.args or node.args[0] is not source:
         return False

@@ -113,9 +113,9 @@ class BlockPredictor(nn.Module):
 class MlpPredictor(nn.Module):
     """One layer's MLP-block scorer (mlp="tokens"): the MLP's input h2 = norm2(x1) [B, S, D] ->
     a score per token [B, S] (float32), through linear layers with ReLU between them, of `sizes`
-    (D, width, width, 1). It approximates, up to a positive scale, the oracle's per-token score (the norm
-    of the MLP's intermediate activation); block scores are its maximum over each block, as for
-    the oracle (`predicted_mlp_block_scores`)."""
+    (D, width, width, 1). It approximates, up to a positive scale, the oracle's per-token score
+    (the norm of the MLP's intermediate activation); block scores are its maximum over each block,
+    as for the oracle (`predicted_mlp_block_scores`). Elastic shrinking leaves it as it is."""
 
     def __init__(self, sizes) -> None:
         super().__init__()

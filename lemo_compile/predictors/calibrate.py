@@ -254,7 +254,8 @@ def _fit_loss(predicted: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
 def _ranking_loss(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> torch.Tensor:
     """Mean softplus(-4 (z_keep - z_drop)) over all pairs of a block the oracle keeps and one it
     drops, z: the predicted block scores [B, n] standardised per sample."""
-    z = (predicted - predicted.mean(dim=1, keepdim=True)) / predicted.std(dim=1, keepdim=True).clamp_min(1e-6)
+    spread = predicted.std(dim=1, keepdim=True).clamp_min(1e-6)
+    z = (predicted - predicted.mean(dim=1, keepdim=True)) / spread
     order = _top_blocks(oracle, oracle.shape[1])
     keep, drop = z.gather(1, order[:, :kept]), z.gather(1, order[:, kept:])
     return F.softplus(-4 * (keep[:, :, None] - drop[:, None, :])).mean()
