@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lemo_compile
 from conftest import assert_matches_reference, grads, inserted_nodes, tiny_llama, token_batch
@@ -159,7 +160,8 @@ def test_sequence_shorter_than_one_block_stays_dense():
 
 
 class NotADecoder(torch.nn.Module):
-    """A model with no decoder layers the finder knows."""
+    """A model without attention: nothing for lemo to rewrite (as in the pieces of an HF model
+    that a graph break splits off: the embedding, the loss)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,10 +171,34 @@ class NotADecoder(torch.nn.Module):
         return self.net(x).sum()
 
 
-def test_unrecognised_model_compiles_dense_with_one_warning():
+class UnstructuredAttention(torch.nn.Module):
+    """Attention, but not in decoder layers the finder knows (no modules at '<name>.<index>')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+
+def test_model_without_attention_compiles_unchanged_without_a_warning():
     model = NotADecoder()
     compiled, backend = compile_lemo(model)
     x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lemo_compile.LemoWarning)
+        loss = compiled(x)
+    loss.backward()
+    torch.testing.assert_close(loss, model(x))
+    assert backend.reports[-1].plans == [] and not backend.reports[-1].warnings
+
+
+def test_unrecognised_attention_model_compiles_dense_with_one_warning():
+    model = UnstructuredAttention()
+    compiled, backend = compile_lemo(model)
+    x = torch.randn(1, 128, 8)
     with pytest.warns(lemo_compile.LemoWarning) as caught:
         loss = compiled(x)
     loss.backward()
