@@ -27,8 +27,7 @@ def _train_step(model, ids, **options):
     return out.loss.detach(), grads, backend.reports[-1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, seq_len", [(1, 150), (3, 64)])
+@pytest.mark.parametrize("dtype, batch, seq_len", [(torch.float32, 1, 150), (torch.bfloat16, 3, 64)])
 def test_fusion_matches_and_changes_nothing(dtype, batch, seq_len):
     model = tiny_llama(dtype=dtype)
     ids = token_batch(batch, seq_len)
