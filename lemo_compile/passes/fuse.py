@@ -151,15 +151,8 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     """Rewrite gather + `weight * (h * rsqrt(mean(h ** 2) + eps)).to(dtype)`, h = rows.float()."""
     x_val = _val(gather)
     width = x_val.shape[2]
-    # h: the rows themselves (fp32 models) or their fp32 copy
-    upcast = _single_user(
-        gather, torch.ops.prims.convert_element_type.default,
-        lambda u: u.args[1] == torch.float32,
-    )
-    h = upcast if upcast is not None and x_val.dtype != torch.float32 else gather
-    if _val(h).dtype != torch.float32:
-        return False
-    square = _single_user(h, aten.pow.Tensor_Scalar, lambda u: u.args[1] == 2)
+    h = _float_rows(gather)
+    square = h and _single_user(h, aten.pow.Tensor_Scalar, lambda u: u.args[1] == 2)
     mean = square and _only_user(square, aten.mean.dim)
     if mean is None or list(mean.args[1]) not in ([-1], [2]) or not _keepdim(mean):
         return False
@@ -170,11 +163,7 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     normed = rstd and _single_user(rstd, aten.mul.Tensor, lambda u: h in u.args)
     if normed is None:
         return False
-    cast = _single_user(
-        normed, torch.ops.prims.convert_element_type.default,
-        lambda u: u.args[1] == x_val.dtype,
-    )
-    scaled_input = cast if x_val.dtype != torch.float32 else normed
+    scaled_input = _cast_back(normed, x_val.dtype)
     if scaled_input is None:
         return False
     weight_mul = _single_user(
@@ -184,22 +173,10 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
         return False
     weight = weight_mul.args[0] if weight_mul.args[1] is scaled_input else weight_mul.args[1]
 
-    with graph.inserting_before(gather):
-        fused = graph.call_function(
-            torch.ops.lemo.gather_rms_norm.default,
-            (gather.args[0], _token_index(gather), weight, plus_eps.args[1]),
-        )
-        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
-    fused.meta.update(gather.meta)
-    fused.meta["val"] = (_val(weight_mul), _val(gather), _val(rstd))
-    for output, original in zip(outputs, (weight_mul, gather, rstd)):
-        output.meta.update(original.meta)
-        original.replace_all_uses_with(output)
-    # The chain's nodes that something else still reads now compute from the fused outputs.
-    chain = (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather)
-    for node in dict.fromkeys(chain):  # h is the gather itself in fp32 models
-        if not node.users:
-            graph.erase_node(node)
+    _substitute(graph, gather, torch.ops.lemo.gather_rms_norm.default,
+                (gather.args[0], _token_index(gather), weight, plus_eps.args[1]),
+                (weight_mul, gather, rstd),
+                (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather))
     return True
 
 
@@ -208,14 +185,8 @@ def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     var, mean = var_mean(h, -1, correction=0, keepdim=True), h = rows.float()."""
     x_val = _val(gather)
     width = x_val.shape[2]
-    upcast = _single_user(
-        gather, torch.ops.prims.convert_element_type.default,
-        lambda u: u.args[1] == torch.float32,
-    )
-    h = upcast if upcast is not None and x_val.dtype != torch.float32 else gather
-    if _val(h).dtype != torch.float32:
-        return False
-    var_mean = _single_user(h, aten.var_mean.correction, lambda u: (
+    h = _float_rows(gather)
+    var_mean = h and _single_user(h, aten.var_mean.correction, lambda u: (
         list(u.args[1]) in ([-1], [2]) and u.kwargs.get("correction") == 0
         and u.kwargs.get("keepdim") is True))
     if var_mean is None:
@@ -236,34 +207,52 @@ def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
         weight_mul, aten.add.Tensor, lambda u: _is_weight(u, weight_mul, width))
     if bias_add is None:
         return False
-    cast = _single_user(
-        bias_add, torch.ops.prims.convert_element_type.default,
-        lambda u: u.args[1] == x_val.dtype,
-    )
-    output = cast if x_val.dtype != torch.float32 else bias_add
+    output = _cast_back(bias_add, x_val.dtype)
     if output is None:
         return False
     weight = weight_mul.args[0] if weight_mul.args[1] is normed else weight_mul.args[1]
     bias = bias_add.args[0] if bias_add.args[1] is weight_mul else bias_add.args[1]
 
+    _substitute(graph, gather, torch.ops.lemo.gather_layer_norm.default,
+                (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
+                (output, gather, mean, rstd),
+                (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean,
+                 var_mean, h, gather))
+    return True
+
+
+def _float_rows(gather: fx.Node) -> fx.Node | None:
+    """h, the gathered rows in float32: the gather itself (fp32 models) or its one fp32 copy."""
+    if _val(gather).dtype == torch.float32:
+        return gather
+    return _single_user(gather, torch.ops.prims.convert_element_type.default,
+                        lambda u: u.args[1] == torch.float32)
+
+
+def _cast_back(node: fx.Node, dtype: torch.dtype) -> fx.Node | None:
+    """`node` (float32) as the model's dtype: itself for float32 models, else its one cast."""
+    if dtype == torch.float32:
+        return node
+    return _single_user(node, torch.ops.prims.convert_element_type.default,
+                        lambda u: u.args[1] == dtype)
+
+
+def _substitute(graph: fx.Graph, gather: fx.Node, op, args: tuple, originals: tuple,
+                chain: tuple) -> None:
+    """Insert op(*args) before `gather`; its outputs, in order, replace `originals`. The nodes of
+    `chain` that nothing reads any more are erased; those still read (what the backward saves)
+    now compute from the fused outputs."""
     with graph.inserting_before(gather):
-        fused = graph.call_function(
-            torch.ops.lemo.gather_layer_norm.default,
-            (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
-        )
-        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(4)]
+        fused = graph.call_function(op, args)
+        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(originals))]
     fused.meta.update(gather.meta)
-    originals = (output, gather, mean, rstd)
     fused.meta["val"] = tuple(_val(n) for n in originals)
-    for new, original in zip(outputs, originals):
+    for new, original in zip(outputs, originals, strict=True):
         new.meta.update(original.meta)
         original.replace_all_uses_with(new)
-    chain = (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean, var_mean,
-             h, gather)
-    for node in dict.fromkeys(chain):
+    for node in dict.fromkeys(chain):  # h is the gather itself in fp32 models
         if not node.users:
             graph.erase_node(node)
-    return True
 
 
 def _only_user(node: fx.Node, target) -> fx.Node | None:
