@@ -83,13 +83,9 @@ class ResidualBlock:
         shape = _shape(self.residual)
         tokens, hidden = shape[0] * shape[1], shape[-1]
         members = set(self.nodes)
-        reads = {
-            n.args[0] for n in self.nodes
-            if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
-            and isinstance(n.args[0], fx.Node) and n.args[0] is not self.residual
-        }
-        reads = {n for n in reads
-                 if (s := _shape(n)) is not None and s[-1] == hidden and math.prod(s[:-1]) == tokens}
+        reads = {n for _, n in self._linears()
+                 if n is not self.residual and (s := _shape(n)) is not None and s[-1] == hidden
+                 and math.prod(s[:-1]) == tokens}
 
         def derived(node: fx.Node) -> bool:
             pending, seen = list(node.all_input_nodes), set()
@@ -111,15 +107,17 @@ class ResidualBlock:
         one input of the block's linear layers with the residual's width D that no other linear
         layer computes; None when there is not exactly one."""
         hidden = _shape(self.residual)[-1]
-        reads = {
-            n.args[0] for n in self.nodes
-            if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
-            and isinstance(n.args[0], fx.Node) and (_shape(n) or (None,))[-1] == hidden
-        }
+        reads = {n for linear, n in self._linears() if (_shape(linear) or (None,))[-1] == hidden}
         found = [n for n in reads
                  if not (n.op == "call_function" and n.target in LINEAR_TARGETS)
                  and (_shape(n) or (hidden,))[-1] != hidden]
         return found[0] if len(found) == 1 else None
+
+    def _linears(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(linear call, the tensor it reads) for each `F.linear` of the block."""
+        return [(n, n.args[0]) for n in self.nodes
+                if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
+                and isinstance(n.args[0], fx.Node)]
 
     def down_projection(self) -> fx.Node | None:
         """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
