@@ -1,8 +1,10 @@
 """Predictor quality on a model that has learned something, in one GPU run.
 
 1. Corpus: the Python source of this machine's standard library and installed packages (real text no
-   one here wrote), byte-level; files are split into train / held-out by a hash of their path.
-2. Base model: a small Llama (default 8 layers x 512, ~25M parameters, vocabulary 256) trained
+   one here wrote); files are split into train / held-out by a hash of their path. Tokens are bytes
+   (--vocab 256, the default) or the ids of a byte-level BPE of --vocab entries fitted on the train
+   split (saved as tokenizer.json beside the model).
+2. Base model: a small Llama (default 8 layers x 512, ~25M parameters with 256 tokens) trained
    from scratch on the train split for --train-minutes: at --train-len tokens per sequence, then,
    for the last --long-fraction of the time, at --long-len (same tokens per step), so that its
    attention is meaningful at the lengths measured.
@@ -11,18 +13,21 @@
    entry, on the same sequences, to compare calibration losses side by side.
 4. Recall: `lemo_compile.predictor_recall` on held-out sequences at each of --eval-lens.
 
-With --model-dir (the --out-dir of an earlier run, or a folder holding its model.json and shards),
-step 2 loads that model instead of training one. With --mlp tokens (the default), calibration also
-trains the MLP predictors and step 4 reports their recall. Step 4 also reports, per length, how
-sharp the oracle's own choice is: the share of blocks whose score lies within 3% of the k-th
-largest (a near-tie the recall metric still counts), and the recall of the oracle computed in
-float32 against the oracle of the bf16 model.
+With --model-dir (the --out-dir of an earlier run, or a folder holding its model.json, shards and,
+for BPE, tokenizer.json), step 2 loads that model instead of training one. With --mlp tokens (the
+default), calibration also trains the MLP predictors and step 4 reports their recall. Before step 3,
+the run reports per length how sharp the oracle's own choice is (two held-out sequences): the share
+of blocks whose score lies within 3% of the k-th largest (a near-tie the recall metric still
+counts), the spread of the block scores (standard deviation over mean), and the recall of the
+oracle computed in float32 against the oracle of the bf16 model. With no --losses, the run stops
+there.
 
 Writes the results (JSON lines), the predictor banks and the model (as shards of at most 15 MiB, so
 that they can travel back from a machine that returns small files) to --out-dir; prints a table last.
 
     python benchmarks/predictors.py --out-dir results/predictors
     python benchmarks/predictors.py --model-dir results/predictors --out-dir results/again
+    python benchmarks/predictors.py --vocab 4096 --out-dir results/bpe
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 
-def corpus(held_out: float, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) byte tokens [N] (uint8 as int64) from .py files, split by file path."""
+def corpus(held_out: float, max_bytes: int) -> tuple[list[bytes], list[bytes]]:
+    """(train, held-out) file contents of the .py files, split by a hash of the file's path."""
     roots = {pathlib.Path(p) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"])}
     train, test, total = [], [], 0
     for root in sorted(roots):
@@ -55,15 +60,37 @@ def corpus(held_out: float, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]
             total += len(data)
             if total >= max_bytes:
                 break
-    as_tokens = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()  # noqa: E731
-    return as_tokens(train), as_tokens(test)
+    return train, test
+
+
+def train_tokenizer(files: list[bytes], vocab: int, sample_bytes: int = 64 << 20):
+    """A byte-level BPE tokenizer (`tokenizers`) of `vocab` entries, fitted on an even sample of
+    `files` of about `sample_bytes`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    every = max(1, sum(map(len, files)) // sample_bytes)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([f.decode("utf-8", "replace") for f in files[::every]], trainer)
+    return tokenizer
+
+
+def tokenize(files: list[bytes], tokenizer=None) -> torch.Tensor:
+    """The files as one token stream [N] (int64): their bytes, or their BPE ids with `tokenizer`."""
+    if tokenizer is None:
+        return torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8).long()
+    encoded = tokenizer.encode_batch([f.decode("utf-8", "replace") for f in files])
+    return torch.cat([torch.tensor(e.ids, dtype=torch.long) for e in encoded])
 
 
 def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.heads // 2, max_position_embeddings=max(args.eval_lens),
         rope_theta=500000.0, use_cache=False,
@@ -139,8 +166,9 @@ def load_shards(folder: pathlib.Path):
 @torch.no_grad()
 def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str, float]:
     """How sharp the oracle's top-k is on `held` (mean over sparse layers and sequences): the share
-    of blocks whose score lies within 3% of the k-th largest, and the recall between the oracle of
-    the model in float32 and in its own dtype."""
+    of blocks whose score lies within 3% of the k-th largest, the spread of the block scores (their
+    standard deviation over their mean), and the recall between the oracle of the model in float32
+    and in its own dtype."""
     from lemo_compile.config import LemoConfig
     from lemo_compile.kernels.block_scores import scores_from_tiles
     from lemo_compile.predictors.calibrate import _Capture, _recall_and_overlap, _run_frozen
@@ -155,13 +183,14 @@ def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str
     own_dtype = next(model.parameters()).dtype
     exact, kept = oracle_scores(torch.float32)
     rounded, _ = oracle_scores(own_dtype)
-    near, recalls = [], []
+    near, spread, recalls = [], [], []
     for one, other in zip(exact, rounded, strict=True):
         for layer, sigma in one.items():
             kth = sigma.sort(dim=1, descending=True).values[:, kept[layer] - 1 : kept[layer]]
             near.append(((sigma - kth).abs() <= 0.03 * kth).float().mean().item())
+            spread.append((sigma.std(dim=1) / sigma.mean(dim=1)).mean().item())
             recalls.append(_recall_and_overlap(other[layer], sigma, kept[layer])[0])
-    return {"near_threshold_share": sum(near) / len(near),
+    return {"near_threshold_share": sum(near) / len(near), "score_spread": sum(spread) / len(spread),
             "recall_bf16_vs_fp32_oracle": sum(recalls) / len(recalls)}
 
 
@@ -191,6 +220,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=256,
+                        help="256: bytes; more: a byte-level BPE of that size, fitted on the train split")
     parser.add_argument("--train-minutes", type=float, default=4.0)
     parser.add_argument("--train-len", type=int, default=2048)
     parser.add_argument("--train-batch", type=int, default=32)
@@ -205,8 +236,9 @@ def main() -> int:
     parser.add_argument("--keep-ratio", type=float, default=0.4)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--mlp", choices=("off", "tokens"), default="tokens")
-    parser.add_argument("--losses", nargs="+", choices=("tiles", "ranking"), default=["tiles"],
-                        help="calibration losses (lemo_compile.calibrate's loss), one bank each")
+    parser.add_argument("--losses", nargs="*", choices=("tiles", "ranking"), default=["tiles"],
+                        help="calibration losses (lemo_compile.calibrate's loss), one bank each; none: only "
+                             "the base model and its oracle's sharpness")
     args = parser.parse_args()
 
     import lemo_compile
@@ -214,8 +246,20 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokens, test_tokens = corpus(0.05, args.max_bytes)
-    print(f"corpus: {len(train_tokens) / 1e6:.0f} MB train, {len(test_tokens) / 1e6:.1f} MB held out")
+    train_files, test_files = corpus(0.05, args.max_bytes)
+    tokenizer = None
+    if args.model_dir and (pathlib.Path(args.model_dir) / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(pathlib.Path(args.model_dir) / "tokenizer.json"))
+    elif not args.model_dir and args.vocab > 256:
+        tokenizer = train_tokenizer(train_files, args.vocab)
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+    train_tokens, test_tokens = tokenize(train_files, tokenizer), tokenize(test_files, tokenizer)
+    train_bytes = sum(map(len, train_files))
+    print(f"corpus: {train_bytes / 1e6:.0f} MB train ({train_bytes / len(train_tokens):.2f} bytes per "
+          f"token), {sum(map(len, test_files)) / 1e6:.1f} MB held out")
     if args.model_dir:
         model, losses = load_shards(pathlib.Path(args.model_dir)).to(device), []
     else:
@@ -226,11 +270,20 @@ def main() -> int:
     if not args.model_dir:  # saved before calibration: a run cut short still brings the model back
         shards = save_shards(model.state_dict(), out / "model")
         (out / "model.json").write_text(json.dumps({**model.config.to_dict(), "shards": shards}))
-    rows = [{"what": "base", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-             "model_dir": args.model_dir, "losses": losses,
-             "held_out_loss": {n: held_out_loss(model, test_tokens, n, device)
-                               for n in args.eval_lens}}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        """Print the row and append it to predictors.jsonl (as it comes: a run cut short keeps it)."""
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(out / "predictors.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    (out / "predictors.jsonl").unlink(missing_ok=True)
+    record({"what": "base", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "model_dir": args.model_dir, "vocab": model.config.vocab_size, "losses": losses,
+            "test_bytes_per_token": sum(map(len, test_files)) / len(test_tokens),
+            "held_out_loss": {n: held_out_loss(model, test_tokens, n, device) for n in args.eval_lens}})
 
     options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "mlp": args.mlp}
     random.seed(0)
@@ -238,39 +291,38 @@ def main() -> int:
                        seed=10_000 + i).to(device) for i in range(args.calib_steps)]
     held = {length: [sequences(test_tokens, length, 1, seed=20_000 + i).to(device)
                      for i in range(args.eval_sequences)] for length in args.eval_lens}
-    sharpness = {length: oracle_sharpness(model, held[length][:2], options)
-                 for length in args.eval_lens}
+    sharpness = {}
+    for length in args.eval_lens:
+        sharpness[length] = oracle_sharpness(model, held[length][:2], options)
+        record({"what": "oracle", "seq_len": length, **sharpness[length]})
     for loss in args.losses:
         begin = time.time()
         bank = lemo_compile.calibrate(model, calib, options=options, loss=loss, progress=False)
-        rows.append({"what": "calibration", "loss": loss, "seconds": time.time() - begin,
-                     "steps": args.calib_steps, "seq_lens": args.calib_lens, "layers": bank.layers,
-                     "mlp_layers": bank.mlp_layers})
-        print(json.dumps(rows[-1]), flush=True)
+        record({"what": "calibration", "loss": loss, "seconds": time.time() - begin,
+                "steps": args.calib_steps, "seq_lens": args.calib_lens, "layers": bank.layers,
+                "mlp_layers": bank.mlp_layers})
         bank.save(out / f"predictors.{loss}.safetensors")
         for length in args.eval_lens:
             metrics = lemo_compile.predictor_recall(model, bank, held[length], options=options)
             mean = lambda name: sum(m[name] for m in metrics.values()) / len(metrics)  # noqa: E731
             row = {"what": "recall", "loss": loss, "seq_len": length, "mean_recall": mean("recall"),
                    "mean_overlap": mean("overlap"),
-                   "per_layer": {str(k): v for k, v in metrics.items()}, **sharpness[length]}
+                   "per_layer": {str(k): v for k, v in metrics.items()}}
             if bank.mlp_layers:
                 row.update(mean_mlp_recall=mean("mlp_recall"), mean_mlp_overlap=mean("mlp_overlap"))
-            rows.append(row)
-            print(json.dumps(rows[-1]), flush=True)
-    with open(out / "predictors.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+            record(row)
     print(f"\nbase: {rows[0]['params_M']:.1f}M params, held-out loss {rows[0]['held_out_loss']}")
-    print(f"{'loss':>8} {'tokens':>7} {'recall':>7} {'overlap':>8} {'MLP recall':>11} "
-          f"{'near-ties':>10} {'bf16 oracle':>12}  per-layer recall")
+    print(f"{'tokens':>7} {'near-ties':>10} {'spread':>7} {'bf16 oracle':>12}  (the oracle)")
+    for length, row in sharpness.items():
+        print(f"{length:>7} {row['near_threshold_share']:>10.2f} {row['score_spread']:>7.3f} "
+              f"{row['recall_bf16_vs_fp32_oracle']:>12.3f}")
+    print(f"\n{'loss':>8} {'tokens':>7} {'recall':>7} {'overlap':>8} {'MLP recall':>11}  per-layer recall")
     for row in rows:
         if row["what"] == "recall":
             per = " ".join(f"{v['recall']:.3f}" for v in row["per_layer"].values())
             print(f"{row['loss']:>8} {row['seq_len']:>7} {row['mean_recall']:>7.3f} "
                   f"{row['mean_overlap']:>8.3f} "
-                  f"{row.get('mean_mlp_recall', float('nan')):>11.3f} "
-                  f"{row['near_threshold_share']:>10.2f} {row['recall_bf16_vs_fp32_oracle']:>12.3f}"
-                  f"  {per}")
+                  f"{row.get('mean_mlp_recall', float('nan')):>11.3f}  {per}")
     return 0
 
 
