@@ -163,12 +163,16 @@ def load_shards(folder: pathlib.Path):
     return model.to(torch.bfloat16)
 
 
+NOISE_LEVELS = (0.0025, 0.005, 0.01, 0.02)
+
+
 @torch.no_grad()
 def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str, float]:
     """How sharp the oracle's top-k is on `held` (mean over sparse layers and sequences): the share
     of blocks whose score lies within 3% of the k-th largest, the spread of the block scores (their
-    standard deviation over their mean), and the recall between the oracle of the model in float32
-    and in its own dtype."""
+    standard deviation over their mean), the recall between the oracle of the model in float32
+    and in its own dtype, and the recall of the oracle against itself plus Gaussian noise of
+    each of NOISE_LEVELS times its mean score (8 draws): what a predictor with that error reaches."""
     from lemo_compile.config import LemoConfig
     from lemo_compile.kernels.block_scores import scores_from_tiles
     from lemo_compile.predictors.calibrate import _Capture, _recall_and_overlap, _run_frozen
@@ -184,14 +188,22 @@ def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str
     exact, kept = oracle_scores(torch.float32)
     rounded, _ = oracle_scores(own_dtype)
     near, spread, recalls = [], [], []
+    noisy: dict[float, list[float]] = {level: [] for level in NOISE_LEVELS}
+    generator = torch.Generator().manual_seed(0)
     for one, other in zip(exact, rounded, strict=True):
         for layer, sigma in one.items():
             kth = sigma.sort(dim=1, descending=True).values[:, kept[layer] - 1 : kept[layer]]
             near.append(((sigma - kth).abs() <= 0.03 * kth).float().mean().item())
             spread.append((sigma.std(dim=1) / sigma.mean(dim=1)).mean().item())
             recalls.append(_recall_and_overlap(other[layer], sigma, kept[layer])[0])
+            for level, found in noisy.items():
+                for _ in range(8):
+                    noise = torch.randn(sigma.shape, generator=generator).to(sigma.device)
+                    scale = level * sigma.mean(dim=1, keepdim=True)
+                    found.append(_recall_and_overlap(sigma + scale * noise, sigma, kept[layer])[0])
     return {"near_threshold_share": sum(near) / len(near), "score_spread": sum(spread) / len(spread),
-            "recall_bf16_vs_fp32_oracle": sum(recalls) / len(recalls)}
+            "recall_bf16_vs_fp32_oracle": sum(recalls) / len(recalls),
+            "recall_with_noise": {str(level): sum(found) / len(found) for level, found in noisy.items()}}
 
 
 def save_shards(tensors: dict[str, torch.Tensor], prefix: pathlib.Path, limit: int = 15 << 20) -> int:
@@ -312,10 +324,12 @@ def main() -> int:
                 row.update(mean_mlp_recall=mean("mlp_recall"), mean_mlp_overlap=mean("mlp_overlap"))
             record(row)
     print(f"\nbase: {rows[0]['params_M']:.1f}M params, held-out loss {rows[0]['held_out_loss']}")
-    print(f"{'tokens':>7} {'near-ties':>10} {'spread':>7} {'bf16 oracle':>12}  (the oracle)")
+    print(f"{'tokens':>7} {'near-ties':>10} {'spread':>7} {'bf16 oracle':>12}  "
+          f"oracle + noise {' / '.join(map(str, NOISE_LEVELS))} of the mean score")
     for length, row in sharpness.items():
         print(f"{length:>7} {row['near_threshold_share']:>10.2f} {row['score_spread']:>7.3f} "
-              f"{row['recall_bf16_vs_fp32_oracle']:>12.3f}")
+              f"{row['recall_bf16_vs_fp32_oracle']:>12.3f}  "
+              + " / ".join(f"{r:.3f}" for r in row["recall_with_noise"].values()))
     print(f"\n{'loss':>8} {'tokens':>7} {'recall':>7} {'overlap':>8} {'MLP recall':>11}  per-layer recall")
     for row in rows:
         if row["what"] == "recall":
