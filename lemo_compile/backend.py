@@ -198,12 +198,27 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     for node in graph.find_nodes(op="get_attr"):
-        value = getattr(copy, node.target, None)
-        if isinstance(value, fx.GraphModule) and "." not in node.target:
-            setattr(copy, node.target, _own_copy(value))
+        value = _attribute(copy, node.target)
+        if isinstance(value, fx.GraphModule):
+            _set_attribute(copy, node.target, _own_copy(value))
     if hasattr(gm, "_param_name_to_source"):
         copy._param_name_to_source = gm._param_name_to_source
     return copy
+
+
+def _attribute(module: torch.nn.Module, target: str):
+    """The attribute a `get_attr` node's dotted `target` names in `module`."""
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _set_attribute(module: torch.nn.Module, target: str, value) -> None:
+    """Set the attribute a dotted `target` names in `module` (its parent modules must exist)."""
+    *path, last = target.split(".")
+    for name in path:
+        module = getattr(module, name)
+    setattr(module, last, value)
 
 
 def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:

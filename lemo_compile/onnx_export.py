@@ -63,6 +63,7 @@ from onnxscript.values import Op, Opset
 from torch import fx
 
 from lemo_compile import ops
+from lemo_compile.backend import _attribute, _own_copy, _set_attribute
 
 DOMAIN = "lemo"
 DOMAIN_VERSION = 1
@@ -179,18 +180,23 @@ def _name_outputs(model, names: list[str | None]) -> None:
 
 def _export_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of gm in which activation-checkpoint regions are inlined (a forward has nothing to
-    recompute) and lemo's operations are `lemo_onnx` ops; gm itself is left as it was (other
-    graph modules it calls are copied too)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    copy = fx.GraphModule(gm, graph)  # shares gm's submodules: replaced by copies below
-    copy.meta.update(gm.meta)
+    recompute) and lemo's operations are `lemo_onnx` ops; gm itself, and the graph modules it
+    calls, are left as they were (`backend._own_copy` copies those too)."""
+    copy = _own_copy(gm)
+    _use_export_ops(copy)
+    return copy
+
+
+def _use_export_ops(gm: fx.GraphModule) -> None:
+    """In place, in gm and the graph modules it calls: inline checkpoint regions and replace
+    lemo's operations by their export ops."""
+    graph = gm.graph
     for node in graph.find_nodes(op="call_function", target=_CHECKPOINT):
-        _inline_checkpoint(copy, node)
+        _inline_checkpoint(gm, node)
     for node in graph.find_nodes(op="get_attr"):
-        value = _attribute(copy, node.target)
+        value = _attribute(gm, node.target)
         if isinstance(value, fx.GraphModule):
-            _set_attribute(copy, node.target, _export_copy(value))
+            _use_export_ops(value)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -214,8 +220,7 @@ def _export_copy(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.lint()
-    copy.recompile()
-    return copy
+    gm.recompile()
 
 
 _CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
@@ -258,19 +263,6 @@ def _exact_channel_linear(a, weight, bias, dtype):
     """The forward of `lemo::channel_linear`: the dense down projection, in `dtype`."""
     return torch.nn.functional.linear(a.to(dtype), weight.to(dtype),
                                       None if bias is None else bias.to(dtype))
-
-
-def _attribute(module: torch.nn.Module, target: str):
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
-
-
-def _set_attribute(module: torch.nn.Module, target: str, value) -> None:
-    *path, last = target.split(".")
-    for name in path:
-        module = getattr(module, name)
-    setattr(module, last, value)
 
 
 def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
