@@ -10,7 +10,7 @@
    attention is meaningful at the lengths measured.
 3. Predictors: `lemo_compile.calibrate` on train-split sequences of the --calib-lens (cycled),
    base model frozen, oracle labels from the Triton block-score kernel; one bank per --losses
-   entry, on the same sequences, to compare calibration losses side by side.
+   entry and --distances length, on the same sequences, to compare them side by side.
 4. Recall: `lemo_compile.predictor_recall` on held-out sequences at each of --eval-lens.
 
 With --model-dir (the --out-dir of an earlier run, or a folder holding its model.json, shards and,
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import pathlib
 import random
@@ -43,6 +44,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from lemo_compile.predictors.bank import DISTANCES
 
 
 def corpus(held_out: float, max_bytes: int) -> tuple[list[bytes], list[bytes]]:
@@ -251,6 +254,9 @@ def main() -> int:
     parser.add_argument("--losses", nargs="*", choices=("tiles", "ranking"), default=["tiles"],
                         help="calibration losses (lemo_compile.calibrate's loss), one bank each; none: only "
                              "the base model and its oracle's sharpness")
+    parser.add_argument("--distances", type=int, nargs="+", default=[DISTANCES],
+                        help="lengths of the predictors' distance bias (calibrate's distances; 1: "
+                             "none), one bank per --losses entry and length")
     args = parser.parse_args()
 
     import lemo_compile
@@ -307,17 +313,19 @@ def main() -> int:
     for length in args.eval_lens:
         sharpness[length] = oracle_sharpness(model, held[length][:2], options)
         record({"what": "oracle", "seq_len": length, **sharpness[length]})
-    for loss in args.losses:
+    for loss, distances in itertools.product(args.losses, args.distances):
         begin = time.time()
-        bank = lemo_compile.calibrate(model, calib, options=options, loss=loss, progress=False)
-        record({"what": "calibration", "loss": loss, "seconds": time.time() - begin,
-                "steps": args.calib_steps, "seq_lens": args.calib_lens, "layers": bank.layers,
-                "mlp_layers": bank.mlp_layers})
-        bank.save(out / f"predictors.{loss}.safetensors")
+        bank = lemo_compile.calibrate(model, calib, options=options, loss=loss, distances=distances,
+                                      progress=False)
+        record({"what": "calibration", "loss": loss, "distances": distances,
+                "seconds": time.time() - begin, "steps": args.calib_steps,
+                "seq_lens": args.calib_lens, "layers": bank.layers, "mlp_layers": bank.mlp_layers})
+        bank.save(out / f"predictors.{loss}.{distances}.safetensors")
         for length in args.eval_lens:
             metrics = lemo_compile.predictor_recall(model, bank, held[length], options=options)
             mean = lambda name: sum(m[name] for m in metrics.values()) / len(metrics)  # noqa: E731
-            row = {"what": "recall", "loss": loss, "seq_len": length, "mean_recall": mean("recall"),
+            row = {"what": "recall", "loss": loss, "distances": distances, "seq_len": length,
+                   "mean_recall": mean("recall"),
                    "mean_overlap": mean("overlap"),
                    "per_layer": {str(k): v for k, v in metrics.items()}}
             if bank.mlp_layers:
@@ -330,11 +338,12 @@ def main() -> int:
         print(f"{length:>7} {row['near_threshold_share']:>10.2f} {row['score_spread']:>7.3f} "
               f"{row['recall_bf16_vs_fp32_oracle']:>12.3f}  "
               + " / ".join(f"{r:.3f}" for r in row["recall_with_noise"].values()))
-    print(f"\n{'loss':>8} {'tokens':>7} {'recall':>7} {'overlap':>8} {'MLP recall':>11}  per-layer recall")
+    print(f"\n{'loss':>8} {'distances':>9} {'tokens':>7} {'recall':>7} {'overlap':>8} "
+          f"{'MLP recall':>11}  per-layer recall")
     for row in rows:
         if row["what"] == "recall":
             per = " ".join(f"{v['recall']:.3f}" for v in row["per_layer"].values())
-            print(f"{row['loss']:>8} {row['seq_len']:>7} {row['mean_recall']:>7.3f} "
+            print(f"{row['loss']:>8} {row['distances']:>9} {row['seq_len']:>7} {row['mean_recall']:>7.3f} "
                   f"{row['mean_overlap']:>8.3f} "
                   f"{row.get('mean_mlp_recall', float('nan')):>11.3f}  {per}")
     return 0

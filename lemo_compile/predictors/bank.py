@@ -73,12 +73,13 @@ class BlockPredictor(nn.Module):
 
     @classmethod
     def new(cls, block_size: int, hidden_size: int, heads: int, width: int = 128,
-            rank: int = 32) -> BlockPredictor:
-        """A freshly initialised predictor with hidden layers of `width` and `rank` features."""
+            rank: int = 32, distances: int = DISTANCES) -> BlockPredictor:
+        """A freshly initialised predictor with hidden layers of `width`, `rank` features and a
+        distance bias of `distances` entries."""
         if hidden_size % heads:
             raise ValueError(f"hidden size {hidden_size} is not a multiple of {heads} heads")
         sizes = (block_size * hidden_size // heads, width, width, rank)
-        return cls(block_size, heads, sizes, sizes)
+        return cls(block_size, heads, sizes, sizes, distances)
 
     @torch.no_grad()
     def hidden_activity(
@@ -221,18 +222,19 @@ class PredictorBank(nn.Module):
     sparse attention block and, when calibrated with mlp="tokens", an `MlpPredictor` per sparse MLP
     block.
 
-    Build with `PredictorBank(signature, layers, width=..., rank=..., mlp_layers=...)`, train with
-    `lemo_compile.calibrate`, store with `save(path)` / `PredictorBank.load(path)`.
+    Build with `PredictorBank(signature, layers, width=..., rank=..., mlp_layers=...,
+    distances=...)`, train with `lemo_compile.calibrate`, store with `save(path)` /
+    `PredictorBank.load(path)`.
     """
 
     def __init__(self, signature: ModelSignature, layers, width: int = 128, rank: int = 32,
-                 mlp_layers=()) -> None:
+                 mlp_layers=(), distances: int = DISTANCES) -> None:
         super().__init__()
         self.signature = signature
         self.width, self.rank = width, rank
         self.predictors = nn.ModuleDict({
             str(layer): BlockPredictor.new(signature.block_size, signature.hidden_size,
-                                           signature.heads, width, rank)
+                                           signature.heads, width, rank, distances)
             for layer in sorted(layers)
         })
         self.mlp_predictors = nn.ModuleDict({

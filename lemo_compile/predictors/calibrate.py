@@ -30,7 +30,7 @@ from torch import fx
 from lemo_compile.config import LemoConfig, plan_layers
 from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
 from lemo_compile.ops import token_block_scores
-from lemo_compile.predictors.bank import ModelSignature, PredictorBank
+from lemo_compile.predictors.bank import DISTANCES, ModelSignature, PredictorBank
 from lemo_compile.regions import find_regions, unflatten_residual_adds
 
 
@@ -171,6 +171,7 @@ def calibrate(
     lr: float = 1e-3,
     width: int = 128,
     rank: int = 32,
+    distances: int = DISTANCES,
     shrink: bool = False,
     loss: str = "tiles",
     progress: bool = True,
@@ -184,6 +185,8 @@ def calibrate(
              which layers are sparse and how many blocks they keep, as they will be used in
              training. With mlp="tokens", MLP predictors are trained too.
     width, rank: the predictors' hidden width and feature count.
+    distances: how many block distances get their own learned bias (`bank` module docstring); 1
+             leaves the predictors without one (a constant bias changes no ranking), as the paper's.
     shrink:  elastic shrinking: hidden units never active during the last quarter of the steps are
              removed at the end (`PredictorBank.shrink`).
     loss:    "tiles" (module docstring) or "ranking": the same plus a pairwise logistic loss on the
@@ -192,6 +195,8 @@ def calibrate(
     """
     if loss not in ("tiles", "ranking"):
         raise ValueError(f"lemo calibrate: loss must be 'tiles' or 'ranking', got {loss!r}")
+    if distances < 1:
+        raise ValueError(f"lemo calibrate: distances must be at least 1, got {distances}")
     config = LemoConfig.from_options(options)
     capture = _Capture(config)
     if steps is not None:
@@ -202,7 +207,7 @@ def calibrate(
     for step, samples in enumerate(_run_frozen(model, capture, batches)):
         if bank is None:
             bank = PredictorBank(capture.signature, samples, width=width, rank=rank,
-                                 mlp_layers=capture.mlp_kept_blocks)
+                                 mlp_layers=capture.mlp_kept_blocks, distances=distances)
             bank.to(next(iter(samples.values())).h.device)
             optimizer = torch.optim.Adam(bank.parameters(), lr=lr)
         observe = shrink and (steps is None or step >= steps * 3 // 4)
