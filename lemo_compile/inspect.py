@@ -95,8 +95,8 @@ class Explanation:
     def keep_map(self, block: str = "attention", sample: int = 0) -> torch.Tensor:
         """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, -1 for
         every block of a layer whose `block` ("attention" or "mlp") runs dense, and -2 for a sparse
-        layer whose selection was not recorded (inside a checkpointed region, or a padded batch,
-        whose rows each select on their own grid)."""
+        layer whose selection was not recorded (a padded batch, whose rows each select on their
+        own grid)."""
         plans = self.report.plans
         if not plans:
             return torch.zeros(0, 0, dtype=torch.int8)
@@ -249,12 +249,18 @@ def run_recording_selection(
     gm: fx.GraphModule, inputs: Sequence[Any]
 ) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
     """Run a lemo-rewritten graph eagerly; returns its outputs and, per block kind and layer, the
-    kept block indices [B, k] of its selection nodes. Not recorded: layers inside
-    activation-checkpoint bodies (they run as one call) and padded batches (each row selects on
-    its own block grid)."""
+    kept block indices [B, k] of its selection nodes, those inside activation-checkpoint bodies
+    included (a body is interpreted in place of its checkpoint call: the same forward). Not
+    recorded: padded batches (each row selects on its own block grid)."""
     selected: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
 
     class Recorder(fx.Interpreter):
+        def call_function(self, target, args, kwargs) -> Any:
+            if target is torch.ops.higher_order.tag_activation_checkpoint:
+                body, *body_inputs = args
+                return Recorder(body).run(*body_inputs)
+            return super().call_function(target, args, kwargs)
+
         def run_node(self, node: fx.Node) -> Any:
             value = super().run_node(node)
             tag = node.meta.get("custom") or {}

@@ -243,6 +243,22 @@ def test_the_dense_copy_does_not_share_checkpoint_bodies():
         assert getattr(copy, name) is not body and getattr(copy, name).code == body.code
 
 
+def test_selection_inside_checkpointed_regions_is_recorded():
+    """With gradient checkpointing the sparse layers sit in checkpoint bodies; explain records
+    their selection, the same as without checkpointing."""
+    ids = token_batch(1, 64)
+    plain = explain(tiny_llama(), input_ids=ids, labels=ids, options=OPTIONS)
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    checkpointed = explain(model, input_ids=ids, labels=ids, options=OPTIONS)
+    assert any("tag_activation_checkpoint" in str(node.target)
+               for node in checkpointed._graph.graph.nodes)
+    assert sorted(checkpointed.selected["attention"]) == [1, 2, 3]
+    for layer, blocks in plain.selected["attention"].items():
+        assert torch.equal(checkpointed.selected["attention"][layer], blocks), layer
+    assert (checkpointed.keep_map()[1:] >= 0).all()
+
+
 def test_a_graph_without_gradients_explains_without_memory(tmp_path):
     model = tiny_llama()
     ids = token_batch(1, 64)
