@@ -58,6 +58,10 @@ class Explanation:
     layer_diffs: per decoder layer, a unified diff of the layer's nodes before and after lemo's
                 passes; "" for a layer lemo did not change.
     selected:   {"attention" | "mlp": {layer: kept block indices [B, k], ascending}} for this input.
+                In a padded batch each row counts its blocks from its first real token and keeps
+                its own number of them: a row that keeps fewer than the most is filled with -1.
+    row_blocks: for a padded batch, each row's number of full blocks [B] (its tail and padding
+                follow them); None otherwise.
     activation_bytes: per decoder layer, {"dense": bytes, "lemo": bytes} of the forward values the
                 backward keeps (see the module docstring for what the estimate ignores).
     """
@@ -67,6 +71,7 @@ class Explanation:
     layer_diffs: dict[int, str]
     selected: dict[str, dict[int, torch.Tensor]]
     activation_bytes: dict[int, dict[str, int]]
+    row_blocks: torch.Tensor | None = None
     _graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
     _inputs: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
@@ -94,9 +99,10 @@ class Explanation:
 
     def keep_map(self, block: str = "attention", sample: int = 0) -> torch.Tensor:
         """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, -1 for
-        every block of a layer whose `block` ("attention" or "mlp") runs dense, and -2 for a sparse
-        layer whose selection was not recorded (a padded batch, whose rows each select on their
-        own grid)."""
+        every block of a layer whose `block` ("attention" or "mlp") runs dense, -2 for a sparse
+        layer whose selection was not recorded (the graph did not run), and, in a padded batch,
+        -3 for the columns past the sample's own full blocks (its tail and padding; its blocks
+        count from its first real token)."""
         plans = self.report.plans
         if not plans:
             return torch.zeros(0, 0, dtype=torch.int8)
@@ -105,8 +111,11 @@ class Explanation:
             if plan.sparse if block == "attention" else plan.mlp_sparse:
                 result[plan.layer] = -2
         for layer, blocks in self.selected[block].items():
+            own = blocks[sample]
             result[layer] = 0
-            result[layer, blocks[sample]] = 1
+            result[layer, own[own >= 0]] = 1
+            if self.row_blocks is not None:
+                result[layer, int(self.row_blocks[sample]):] = -3
         return result
 
     def table(self) -> str:
@@ -142,6 +151,7 @@ class Explanation:
             "warnings": self.report.warnings,
             "selected_blocks": {block: {str(layer): blocks.tolist() for layer, blocks in per.items()}
                                 for block, per in self.selected.items()},
+            "row_blocks": None if self.row_blocks is None else self.row_blocks.tolist(),
             "activation_bytes": {str(k): v for k, v in self.activation_bytes.items()},
         }
 
@@ -223,7 +233,8 @@ class _Explainer:
         self.explanations.append(explanation)
 
         def run(*args):
-            outputs, explanation.selected = run_recording_selection(gm, [*args, *report.extra_inputs])
+            outputs, explanation.selected, explanation.row_blocks = run_recording_selection(
+                gm, [*args, *report.extra_inputs])
             return outputs
 
         return run
@@ -247,12 +258,13 @@ def _explanation(config: LemoConfig, report: CompileReport, dense: fx.GraphModul
 
 def run_recording_selection(
     gm: fx.GraphModule, inputs: Sequence[Any]
-) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
-    """Run a lemo-rewritten graph eagerly; returns its outputs and, per block kind and layer, the
-    kept block indices [B, k] of its selection nodes, those inside activation-checkpoint bodies
-    included (a body is interpreted in place of its checkpoint call: the same forward). Not
-    recorded: padded batches (each row selects on its own block grid)."""
+) -> tuple[Any, dict[str, dict[int, torch.Tensor]], torch.Tensor | None]:
+    """Run a lemo-rewritten graph eagerly; returns its outputs, per block kind and layer the kept
+    block indices [B, k] of its selection nodes (`Explanation.selected`), and for a padded batch
+    each row's number of full blocks [B] (else None). Layers inside activation-checkpoint bodies
+    are recorded too (a body is interpreted in place of its checkpoint call: the same forward)."""
     selected: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
+    row_blocks: list[torch.Tensor] = []
 
     class Recorder(fx.Interpreter):
         def call_function(self, target, args, kwargs) -> Any:
@@ -269,10 +281,29 @@ def run_recording_selection(
                 block_size, kept_blocks = node.args[2], node.args[1]
                 selected[block][tag["lemo_layer"]] = (value[:, : kept_blocks * block_size : block_size]
                                                       // block_size).cpu()
+            padded_block = SELECT_ROLES.get(tag.get("lemo", "").removesuffix("_kept"))
+            if padded_block is not None and node.target is ops.kept_row_tokens:
+                real, block_size = self.env[node.args[1]], node.args[3]
+                blocks, full = _own_kept_blocks(value, real, block_size)
+                selected[padded_block][tag["lemo_layer"]] = blocks.cpu()
+                row_blocks.append(full.cpu())
             return value
 
     outputs = Recorder(gm).run(*inputs)
-    return outputs, selected
+    return outputs, selected, row_blocks[0] if row_blocks else None
+
+
+def _own_kept_blocks(kept: torch.Tensor, real: torch.Tensor,
+                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a padded batch's kept tokens [B, S] (`ops.kept_row_tokens`): each row's kept full
+    blocks, counted from its first real token, [B, k] ascending and filled with -1 where a row
+    keeps fewer than k, and each row's number of full blocks [B]."""
+    full = real.sum(dim=1) // block_size
+    n = real.shape[1] // block_size
+    own = ops.real_first(kept, real, 1, block_size)[:, : n * block_size : block_size]   # [B, n]
+    own = own & (torch.arange(n, device=kept.device)[None, :] < full[:, None])
+    order = torch.sort((~own).to(torch.uint8), dim=1, stable=True).indices[:, : int(own.sum(1).max())]
+    return torch.where(own.gather(1, order), order, -1), full
 
 
 def layer_diffs(before: fx.GraphModule, after: fx.GraphModule) -> dict[int, str]:
@@ -415,15 +446,16 @@ def write_keep_map(explanation: Explanation, path: pathlib.Path, sample: int = 0
     panels = ["attention"] + (["mlp"] if explanation.selected["mlp"] else [])
     figure, axes = plt.subplots(len(panels), 1, squeeze=False,
                                 figsize=(10, 1.5 + 0.35 * len(explanation.plans) * len(panels)))
-    # not recorded, dense layer, eliminated, kept
-    colours = ListedColormap(["#f4c28f", "#d9d9d9", "#ffffff", "#1f4e99"])
+    # past the sample's own blocks, not recorded, dense layer, eliminated, kept
+    colours = ListedColormap(["#e8e0f0", "#f4c28f", "#d9d9d9", "#ffffff", "#1f4e99"])
     for axis, block in zip(axes[:, 0], panels):
         keep = explanation.keep_map(block, sample).numpy()
-        axis.imshow(keep, cmap=colours, vmin=-2, vmax=1, aspect="auto", interpolation="nearest")
+        axis.imshow(keep, cmap=colours, vmin=-3, vmax=1, aspect="auto", interpolation="nearest")
         axis.set_ylabel("layer")
         axis.set_xlabel(f"block ({explanation.config.block_size} tokens each)")
+        padded = "" if explanation.row_blocks is None else ", tail and padding (lilac)"
         axis.set_title(f"{block}: kept blocks (blue), eliminated (white), dense layer (grey), "
-                       f"selection not recorded (orange); sample {sample}", fontsize=9)
+                       f"selection not recorded (orange){padded}; sample {sample}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -486,7 +518,7 @@ def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
                 done = True
                 try:
                     with torch.no_grad(), torch.random.fork_rng(_devices(args)):
-                        _, explanation.selected = run_recording_selection(
+                        _, explanation.selected, explanation.row_blocks = run_recording_selection(
                             gm, [*args, *report.extra_inputs])
                     explanation.write(folder)
                 except Exception as err:  # a debug dump never stops training

@@ -194,20 +194,35 @@ def test_explain_of_a_model_without_decoder_layers_has_an_empty_plan():
     assert "layer" in explanation.table()
 
 
-def test_padded_batch_selection_is_marked_not_recorded(tmp_path):
+def test_padded_batch_selection_is_recorded_per_row(tmp_path):
+    """Each row of a padded batch selects on its own grid; explain records it there, and a row's
+    selection is the one it gets when explained alone."""
     model = tiny_llama()
     ids = token_batch(2, 64)
     mask = torch.ones(2, 64, dtype=torch.long)
-    mask[1, 40:] = 0
+    mask[1, :24] = 0  # left padding: row 1 has 40 real tokens, 5 full blocks of 8
     labels = ids.masked_fill(mask == 0, -100)
     explanation = explain(model, input_ids=ids, attention_mask=mask, labels=labels, options=OPTIONS)
     assert [p.sparse for p in explanation.plans] == [False, True, True, True]
-    assert explanation.selected["attention"] == {}
-    keep = explanation.keep_map()
-    assert keep[0].tolist() == [-1] * 8 and (keep[1:] == -2).all()
+    assert explanation.row_blocks.tolist() == [8, 5]
+    assert sorted(explanation.selected["attention"]) == [1, 2, 3]
+    alone = [explain(model, input_ids=ids[row:row + 1, 24 * row:], labels=ids[row:row + 1, 24 * row:],
+                     options=OPTIONS) for row in (0, 1)]
+    for layer, blocks in explanation.selected["attention"].items():
+        assert blocks.shape == (2, 4)  # 4 of 8 blocks, and 3 of 5 then a filler
+        assert blocks[1, 3] == -1
+        for row in (0, 1):
+            own = blocks[row][blocks[row] >= 0]
+            assert torch.equal(own, alone[row].selected["attention"][layer][0]), (layer, row)
+    keep = explanation.keep_map(sample=1)
+    assert keep[0].tolist() == [-1] * 8
+    assert (keep[1:, 5:] == -3).all() and ((keep[1:, :5] == 1).sum(dim=1) == 3).all()
+    assert (explanation.keep_map(sample=0)[1:] >= 0).all()
     pytest.importorskip("onnxscript")
     with pytest.raises(NotImplementedError, match="padded batches"):
         explanation.write(tmp_path)
+    written = explanation.write(tmp_path / "no_onnx", onnx=False)
+    assert json.loads(written["plan.json"].read_text())["row_blocks"] == [8, 5]
 
 
 def test_mlp_channels_in_the_table_and_the_onnx_file(tmp_path):
