@@ -24,14 +24,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def tiny_llama(*, kv_heads: int = 2, layers: int = 4, seed: int = 0, dtype=torch.float32):
-    """A 4-layer Llama (hidden 64, 4 heads, head dim 16) in training mode, without KV cache."""
+def tiny_llama(*, kv_heads: int = 2, layers: int = 4, seed: int = 0, dtype=torch.float32,
+               intermediate: int = 96):
+    """A 4-layer Llama (hidden 64, 4 heads, head dim 16, MLP width `intermediate`) in training
+    mode, without KV cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=101,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,

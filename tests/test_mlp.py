@@ -45,6 +45,16 @@ def test_mlp_tokens_matches_the_reference(batch, seq_len, kv_heads):
     assert len(backend.reports) == 1
 
 
+def test_mlp_tokens_with_the_intermediate_width_of_the_hidden_width():
+    """I == D: the activation is found as the down projection's input, not by its width."""
+    model = tiny_llama(intermediate=64)
+    ids = token_batch(1, 128)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None})
+    assert_matches_reference(model, ids, backend, block_size=16, keep_ratio=0.4, dense_layers=[0],
+                             mlp="tokens")
+    assert backend.reports[-1].counters["mlp_sparse_layers"] == 3
+
+
 def test_mlp_tokens_with_keep_ratio_one_is_the_plain_model():
     model = tiny_llama()
     ids = token_batch(1, 128)
