@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 from lemo_compile.demo import DemoSettings, run_demo, run_variant
+from lemo_compile.predictors.bank import DISTANCES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--mlp-keep-ratio", type=float, default=None,
                            help="the MLP blocks' keep ratio (default: --keep-ratio)")
     calibrate.add_argument("--lr", type=float, default=1e-3)
+    calibrate.add_argument("--loss", choices=("tiles", "ranking"), default="tiles",
+                           help="'ranking': add a pairwise loss between kept and dropped blocks")
+    calibrate.add_argument("--distances", type=int, default=DISTANCES,
+                           help="block distances with their own learned bias (1: no distance bias)")
     calibrate.add_argument("--held-out", type=float, default=0.1,
                            help="fraction of the files kept out of training, for the recall report")
     calibrate.add_argument("--shrink", action="store_true",
@@ -114,7 +119,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"lemo calibrate: {args.data} holds fewer than {args.seq_len} tokens "
                          "for training")
     bank = lemo_compile.calibrate(model, train, options=options, steps=args.steps, lr=args.lr,
-                                  shrink=args.shrink)
+                                  shrink=args.shrink, loss=args.loss, distances=args.distances)
     bank.save(args.out)
     print(f"wrote {args.out}: predictors for layers {bank.layers}"
           + (f", MLP predictors for layers {bank.mlp_layers}" if bank.mlp_layers else ""))

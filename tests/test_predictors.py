@@ -190,9 +190,11 @@ def test_lemo_calibrate_command(tmp_path, capsys):
     out = tmp_path / "tiny.predictors.safetensors"
     code = main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--seq-len", "128", "--steps", "3", "--block-size", "16", "--out", str(out),
-                 "--dtype", "float32", "--held-out", "0.25", "--mlp", "tokens"])
+                 "--dtype", "float32", "--held-out", "0.25", "--mlp", "tokens",
+                 "--loss", "ranking", "--distances", "4"])
     assert code == 0
     bank = PredictorBank.load(out)
+    assert bank.predictor(2).distance_bias.shape == (4,)
     assert bank.layers == [2] and bank.signature == ModelSignature(64, 4, 16, 4, 16)  # "auto"
     assert bank.mlp_layers == [2]
     printed = capsys.readouterr().out
