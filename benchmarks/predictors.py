@@ -45,6 +45,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import lemo_compile
 from lemo_compile.predictors.bank import DISTANCES
 
 
@@ -258,8 +259,6 @@ def main() -> int:
                         help="lengths of the predictors' distance bias (calibrate's distances; 1: "
                              "none), one bank per --losses entry and length")
     args = parser.parse_args()
-
-    import lemo_compile
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = pathlib.Path(args.out_dir)
