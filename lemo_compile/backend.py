@@ -188,7 +188,9 @@ def _compile(
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule over a copy of gm's graph, keeping what AOTAutograd reads of Dynamo's (node
     metadata, placeholder sources, the parameter source table). The graph modules gm calls
-    (activation-checkpoint bodies, which lemo's passes rewrite in place) are copied too."""
+    (activation-checkpoint bodies, which lemo's passes rewrite in place) are copied too, except
+    one held by a module the graph also uses itself (`get_attr "a"` and `"a.body"`): the copy
+    shares that module with gm, so it cannot hold a body of its own."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -199,7 +201,9 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     copy.meta.update(gm.meta)
     for node in graph.find_nodes(op="get_attr"):
         value = _attribute(copy, node.target)
-        if isinstance(value, fx.GraphModule):
+        parent = node.target.rpartition(".")[0]
+        shared = bool(parent) and _attribute(copy, parent) is _attribute(gm, parent)
+        if isinstance(value, fx.GraphModule) and not shared:
             _set_attribute(copy, node.target, _own_copy(value))
     if hasattr(gm, "_param_name_to_source"):
         copy._param_name_to_source = gm._param_name_to_source

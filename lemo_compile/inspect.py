@@ -101,8 +101,8 @@ class Explanation:
         """[layers, n_blocks] int8 for one sample: 1 a kept block, 0 an eliminated one, -1 for
         every block of a layer whose `block` ("attention" or "mlp") runs dense, -2 for a sparse
         layer whose selection was not recorded (the graph did not run), and, in a padded batch,
-        -3 for the columns past the sample's own full blocks (its tail and padding; its blocks
-        count from its first real token)."""
+        -3 in the recorded layers for the columns past the sample's own full blocks (its tail and
+        padding; its blocks count from its first real token)."""
         plans = self.report.plans
         if not plans:
             return torch.zeros(0, 0, dtype=torch.int8)
@@ -262,7 +262,8 @@ def run_recording_selection(
     """Run a lemo-rewritten graph eagerly; returns its outputs, per block kind and layer the kept
     block indices [B, k] of its selection nodes (`Explanation.selected`), and for a padded batch
     each row's number of full blocks [B] (else None). Layers inside activation-checkpoint bodies
-    are recorded too (a body is interpreted in place of its checkpoint call: the same forward)."""
+    are recorded too: the body is interpreted under `torch.utils.checkpoint`, so its activations
+    are not kept, as in the compiled model."""
     selected: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
     row_blocks: list[torch.Tensor] = []
 
@@ -270,7 +271,8 @@ def run_recording_selection(
         def call_function(self, target, args, kwargs) -> Any:
             if target is torch.ops.higher_order.tag_activation_checkpoint:
                 body, *body_inputs = args
-                return Recorder(body).run(*body_inputs)
+                return torch.utils.checkpoint.checkpoint(Recorder(body).run, *body_inputs,
+                                                         use_reentrant=False)
             return super().call_function(target, args, kwargs)
 
         def run_node(self, node: fx.Node) -> Any:

@@ -103,11 +103,12 @@ class ResidualBlock:
 
     def mlp_activation(self) -> fx.Node | None:
         """The intermediate activation a that the block's down projection reads, [B, S, I] or
-        [B * S, I]: the input of `down_projection()` when that is a plain linear call reading
-        something no linear layer computes; when LoRA wraps the projection (base(a) +
-        lora_B(lora_A(a)) * s), the one input of the block's linear layers with the residual's
-        width D that no other linear layer computes and that is not D wide itself (so, then, I
-        must differ from D). None when not found."""
+        [B * S, I] (a dropout just before the projection included: scoring copies drop it): the
+        input of `down_projection()` when that is a plain linear call reading something no linear
+        layer computes; when LoRA wraps the projection (base(a) + lora_B(lora_A(a)) * s), the one
+        input of the block's linear layers with the residual's width D that no other linear layer
+        computes and that is not D wide itself (so, then, I must differ from D). None when not
+        found."""
         down = self.down_projection()
         if down is not None and not (down.args[0].op == "call_function"
                                      and down.args[0].target in LINEAR_TARGETS):

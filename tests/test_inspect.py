@@ -258,6 +258,28 @@ def test_the_dense_copy_does_not_share_checkpoint_bodies():
         assert getattr(copy, name) is not body and getattr(copy, name).code == body.code
 
 
+def test_own_copy_copies_dotted_bodies_and_never_changes_the_original():
+    from torch import fx
+
+    from lemo_compile.backend import _own_copy
+
+    body = fx.symbolic_trace(lambda x: x + 1)
+    root = torch.nn.Module()
+    root.outer = torch.nn.Module()
+    root.outer.body = body
+    root.shared = torch.nn.Module()
+    root.shared.body = body
+    graph = fx.Graph()
+    graph.get_attr("outer.body")
+    graph.get_attr("shared")  # the graph uses "shared" itself: its body stays shared
+    graph.get_attr("shared.body")
+    graph.output(None)
+    gm = fx.GraphModule(root, graph)
+    copy = _own_copy(gm)
+    assert copy.outer.body is not body and copy.outer.body.code == body.code
+    assert gm.outer.body is body and gm.shared.body is body and copy.shared is gm.shared
+
+
 def test_selection_inside_checkpointed_regions_is_recorded():
     """With gradient checkpointing the sparse layers sit in checkpoint bodies; explain records
     their selection, the same as without checkpointing."""

@@ -173,7 +173,7 @@ def test_calibration_learns_structured_attention_far_above_random():
     assert all(m["overlap"] >= m["recall"] * 0.9 for m in metrics.values())
 
 
-def test_lemo_calibrate_command(tmp_path, capsys):
+def test_lemo_calibrate_command(tmp_path, capsys, monkeypatch):
     """`lemo calibrate` on a saved byte-level checkpoint and a folder of text files."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -188,6 +188,14 @@ def test_lemo_calibrate_command(tmp_path, capsys):
     for i in range(4):
         (data / f"part{i}.txt").write_text(f"document {i}: " + "lorem ipsum dolor sit amet " * 40)
     out = tmp_path / "tiny.predictors.safetensors"
+    given = {}
+    calibrate = lemo_compile.calibrate
+
+    def recording_calibrate(*args, **kwargs):
+        given.update(kwargs)
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(lemo_compile, "calibrate", recording_calibrate)
     code = main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--seq-len", "128", "--steps", "3", "--block-size", "16", "--out", str(out),
                  "--dtype", "float32", "--held-out", "0.25", "--mlp", "tokens",
@@ -195,6 +203,7 @@ def test_lemo_calibrate_command(tmp_path, capsys):
     assert code == 0
     bank = PredictorBank.load(out)
     assert bank.predictor(2).distance_bias.shape == (4,)
+    assert given["loss"] == "ranking" and given["distances"] == 4 and given["steps"] == 3
     assert bank.layers == [2] and bank.signature == ModelSignature(64, 4, 16, 4, 16)  # "auto"
     assert bank.mlp_layers == [2]
     printed = capsys.readouterr().out
