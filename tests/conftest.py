@@ -44,6 +44,20 @@ def tiny_llama(*, kv_heads: int = 2, layers: int = 4, seed: int = 0, dtype=torch
     return LlamaForCausalLM(config).to(dtype).train()
 
 
+def tiny_opt(*, layers: int = 4, pre_norm: bool = True, dropout: float = 0.0,
+             dtype=torch.float32):
+    """A 4-layer OPT (hidden 64, 4 heads, MLP width 96, SDPA) in training mode, without KV cache."""
+    import transformers
+
+    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96,
+                                    num_hidden_layers=layers, num_attention_heads=4,
+                                    max_position_embeddings=1024, word_embed_proj_dim=64,
+                                    dropout=dropout, do_layer_norm_before=pre_norm,
+                                    attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).to(dtype).train()
+
+
 def token_batch(batch: int, seq_len: int, vocab: int = 101, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq_len), generator=generator)

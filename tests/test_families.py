@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import lemo_compile
-from conftest import assert_matches_reference, grads, inserted_nodes, token_batch
+from conftest import assert_matches_reference, grads, inserted_nodes, tiny_opt, token_batch
 from reference import opt_lemo_forward
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -63,7 +63,7 @@ def test_family_matches_the_reference(family, mlp):
 
 @pytest.mark.parametrize("family", [*sorted(FAMILIES), "opt"])
 def test_family_keep_ratio_one_is_the_plain_model(family):
-    model = _opt() if family == "opt" else _model(family)
+    model = tiny_opt() if family == "opt" else _model(family)
     ids = token_batch(1, 128)
     _, compiled = _compiled(model, keep_ratio=1.0, loss_segment=None)
     got = compiled(input_ids=ids, labels=ids)
@@ -90,22 +90,12 @@ def test_family_structural_summary(family):
         assert counts["score"] > 10  # the oracle's copy of norm, q / k projections and RoPE
 
 
-def _opt(*, layers: int = 4, pre_norm: bool = True, dropout: float = 0.0):
-    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96,
-                                    num_hidden_layers=layers, num_attention_heads=4,
-                                    max_position_embeddings=1024, word_embed_proj_dim=64,
-                                    dropout=dropout, do_layer_norm_before=pre_norm,
-                                    attn_implementation="sdpa", use_cache=False)
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(config).train()
-
-
 @pytest.mark.parametrize("mlp", ["off", "tokens", "channels"])
 def test_opt_matches_the_reference(mlp):
     """OPT (learned positions, LayerNorm, dropout before each residual add, biases): attention
     blocks and, with mlp="tokens", MLP blocks (scored by ||relu(fc1)||) run on kept tokens; with
     mlp="channels", fc2's backward goes through the top channels of relu(fc1) only."""
-    model = _opt()
+    model = tiny_opt()
     ids = token_batch(2, 150)
     backend = Recording({**OPTIONS, "loss_segment": None, "mlp": mlp})
     compiled = assert_matches_reference(model, ids, backend, reference=opt_lemo_forward,
@@ -125,7 +115,7 @@ def test_opt_calibrated_predictors_match_the_reference():
     predictors, and the predictor scorer then selects what the reference selects with them."""
     from lemo_compile.kernels.block_scores import scores_from_tiles
 
-    model = _opt()
+    model = tiny_opt()
     options = {"block_size": 16, "keep_ratio": 0.4, "dense_layers": [0], "mlp": "tokens"}
     bank = lemo_compile.calibrate(model, [token_batch(1, 128, seed=s) for s in range(3)],
                                   options=options, progress=False)
@@ -144,7 +134,7 @@ def test_opt_calibrated_predictors_match_the_reference():
 def test_opt_loss_is_segmented():
     """OPT returns its logits as linear(...).contiguous(): the segmented loss still applies, and
     gives the loss and gradients of the unsegmented one."""
-    model = _opt()
+    model = tiny_opt()
     ids = token_batch(2, 150)
     results = []
     for segment in (None, 64):
@@ -163,7 +153,7 @@ def test_opt_loss_is_segmented():
 
 def test_opt_reference_is_not_the_dense_model():
     """The equality above is not vacuous: the sparse reference differs from the plain model."""
-    model = _opt()
+    model = tiny_opt()
     ids = token_batch(1, 150)
     with torch.no_grad():
         logits, _ = opt_lemo_forward(model, ids, block_size=16, keep_ratio=0.4, dense_layers=[0])
@@ -174,7 +164,7 @@ def test_opt_reference_is_not_the_dense_model():
 
 
 def test_opt_structural_summary():
-    model = _opt()
+    model = tiny_opt()
     ids = token_batch(1, 150)
     backend, compiled = _compiled(model, mlp="tokens")
     compiled(input_ids=ids, labels=ids)
@@ -193,7 +183,7 @@ def test_opt_structural_summary():
 
 def test_opt_with_dropout_trains():
     """dropout > 0: the dropout runs on the kept rows of each sparse block; not equality-tested."""
-    model = _opt(dropout=0.1)
+    model = tiny_opt(dropout=0.1)
     ids = token_batch(1, 150)
     backend, compiled = _compiled(model, mlp="tokens")
     out = compiled(input_ids=ids, labels=ids)
@@ -207,7 +197,7 @@ def test_opt_with_dropout_trains():
 def test_post_norm_opt_falls_back_to_dense_with_a_warning():
     """OPT-350m's layout (do_layer_norm_before=False: x1 = norm(x + Attn(x))) is not a pre-norm
     layer: every layer runs dense, lemo says which and why, and training still works."""
-    model = _opt(layers=2, pre_norm=False)
+    model = tiny_opt(layers=2, pre_norm=False)
     ids = token_batch(1, 128)
     backend = lemo_compile.LemoBackend(OPTIONS)
     with pytest.warns(lemo_compile.LemoWarning, match="model.decoder.layers.0.*post-norm"):

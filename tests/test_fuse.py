@@ -10,7 +10,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
+from conftest import tiny_llama, tiny_opt, token_batch
 from lemo_compile.passes.fuse import fuse_row_movements
 
 
@@ -48,23 +48,19 @@ def test_fusion_matches_and_changes_nothing(dtype, batch, seq_len):
         assert torch.equal(grad, plain_grads[name]), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_norm_fusion_on_opt(dtype):
-    """OPT's attention blocks start with a LayerNorm: gather + LayerNorm -> lemo.gather_layer_norm
-    (its torch branch on the CPU computes the statistics its own way: equal to rounding)."""
-    import transformers
-
-    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
-                                    num_attention_heads=4, max_position_embeddings=1024,
-                                    word_embed_proj_dim=64, dropout=0.0, attn_implementation="sdpa",
-                                    use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(config).to(dtype).train()
+@pytest.mark.parametrize("dtype, mlp", [(torch.float32, "off"), (torch.bfloat16, "tokens")])
+def test_layer_norm_fusion_on_opt(dtype, mlp):
+    """OPT's blocks start with a LayerNorm: gather + LayerNorm -> lemo.gather_layer_norm, also in
+    its MLP blocks, which norm the rows viewed as [B * K, D] (the op's torch branch on the CPU
+    computes the statistics its own way: equal to rounding)."""
+    model = tiny_opt(dtype=dtype)
     ids = token_batch(2, 150)
-    plain_loss, plain_grads, _ = _train_step(model, ids, fuse=False, loss_segment=None)
-    loss, grads, report = _train_step(model, ids, loss_segment=None)
-    assert report.counters["fused_gather_norm"] == report.counters["sparse_layers"] == 3
-    assert report.graphs["post_grad_forward"].count("lemo.gather_layer_norm.default(") == 3
+    plain_loss, plain_grads, _ = _train_step(model, ids, fuse=False, loss_segment=None, mlp=mlp)
+    loss, grads, report = _train_step(model, ids, loss_segment=None, mlp=mlp)
+    blocks = report.counters["sparse_layers"] + report.counters.get("mlp_sparse_layers", 0)
+    assert blocks == (3 if mlp == "off" else 6)
+    assert report.counters["fused_gather_norm"] == blocks
+    assert report.graphs["post_grad_forward"].count("lemo.gather_layer_norm.default(") == blocks
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(loss, plain_loss, **tol)
     for name, grad in grads.items():

@@ -10,7 +10,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
+from conftest import tiny_llama, tiny_opt, token_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,12 +103,7 @@ def test_predictor_scorer_with_mlp_predictors_under_inductor():
 def test_opt_under_inductor_uses_the_layer_norm_kernel():
     import transformers
 
-    config = transformers.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
-                                    num_attention_heads=4, max_position_embeddings=1024,
-                                    word_embed_proj_dim=64, dropout=0.0, attn_implementation="sdpa",
-                                    use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(config).to(torch.bfloat16).cuda().train()
+    model = tiny_opt(dtype=torch.bfloat16).cuda()
     ids = token_batch(2, 300).cuda()
     options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128, "mlp": "tokens"}
     backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
@@ -129,6 +124,6 @@ def test_opt_under_inductor_uses_the_layer_norm_kernel():
     (report,) = [r for r in backend.reports if r.plans]  # the graph that holds the layers
     counters = {k: sum(r.counters.get(k, 0) for r in backend.reports) for k in report.counters}
     assert counters["sparse_layers"] == counters["mlp_sparse_layers"] == 3
-    assert counters["fused_gather_norm"] == 3
+    assert counters["fused_gather_norm"] == 6  # attention and MLP blocks
     assert sum(r.counters.get("segmented_losses", 0) for r in backend.reports) == 1
     assert "lemo.gather_layer_norm" in "\n".join(codes)

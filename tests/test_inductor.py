@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lemo_compile
-from conftest import tiny_llama, token_batch
+from conftest import tiny_llama, tiny_opt, token_batch
 from reference import lemo_forward
 
 pytestmark = pytest.mark.inductor
@@ -56,3 +56,26 @@ def test_inductor_padded_batch_matches_reference():
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
     assert backend.reports[-1].counters["sparse_layers"] == 3
+
+
+def test_inductor_opt_fuses_the_layer_norm_of_both_blocks():
+    """OPT's attention and MLP blocks each start with a LayerNorm; the MLP's reads the kept rows
+    viewed as [B * K, D] (a reshape in Inductor's post-grad graph): both become
+    lemo.gather_layer_norm, and the step equals the unfused one."""
+    ids = token_batch(2, 150)
+    options = {"block_size": 16, "dense_layers": [0], "mlp": "tokens", "loss_segment": None}
+    model = tiny_opt()
+    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the post-grad pass must run
+        loss = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert backend.reports[-1].counters["fused_gather_norm"] == 6
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    unfused = lemo_compile.LemoBackend({**options, "compiler": "aot_eager", "fuse": False})
+    want = torch.compile(model, backend=unfused, fullgraph=True)(input_ids=ids, labels=ids).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)

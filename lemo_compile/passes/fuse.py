@@ -16,8 +16,9 @@ Rewrites, in this order (each counted in `counters` under its name):
 * `fused_gather_norm`: the gather and the RMSNorm chain that reads it -> `lemo.gather_rms_norm`,
   whose outputs stand in for the norm's output, the gathered rows and 1/rms (the last two are what
   the norm's backward reads); the gather and the LayerNorm chain that reads it (OPT; Inductor's
-  decomposition: var_mean, rsqrt, (h - mean) * rstd * weight + bias) ->
-  `lemo.gather_layer_norm`, whose outputs stand in for the output, the rows, the mean and 1/std.
+  decomposition: var_mean, rsqrt, (h - mean) * rstd * weight + bias; the rows may be viewed as
+  [B * K, D] first, as in OPT's MLP blocks) -> `lemo.gather_layer_norm`, whose outputs stand in
+  for the output, the rows, the mean and 1/std.
 * `fused_gather`: any other gather -> `lemo.gather_rows`.
 * `folded_zero_scatter`: add(g, scatter_add(zeros, ...)) -> `lemo.scatter_add_rows(g, ...)`.
 * `fused_scatter_add`: any other scatter-add -> `lemo.scatter_add_rows`.
@@ -35,6 +36,7 @@ import torch
 from torch import fx
 
 aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def fuse_row_movements(graph: fx.Graph, counters: dict[str, int] | None = None) -> dict[str, int]:
@@ -182,12 +184,15 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
 
 def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     """Rewrite gather + `((h - mean) * rsqrt(var + eps) * weight + bias).to(dtype)`, where
-    var, mean = var_mean(h, -1, correction=0, keepdim=True), h = rows.float()."""
+    var, mean = var_mean(h, -1, correction=0, keepdim=True), h = rows.float(); the rows may be
+    viewed as [B * K, D] first (OPT's MLP blocks), and the fused outputs are then viewed so too."""
     x_val = _val(gather)
     width = x_val.shape[2]
-    h = _float_rows(gather)
+    flat = [u for u in gather.users if u.target in _VIEWS and len(_val(u).shape) == 2]
+    rows = flat[0] if len(flat) == 1 else gather
+    h = _float_rows(rows)
     var_mean = h and _single_user(h, aten.var_mean.correction, lambda u: (
-        list(u.args[1]) in ([-1], [2]) and u.kwargs.get("correction") == 0
+        list(u.args[1]) in ([-1], [_val(h).dim() - 1]) and u.kwargs.get("correction") == 0
         and u.kwargs.get("keepdim") is True))
     if var_mean is None:
         return False
@@ -215,9 +220,9 @@ def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
 
     _substitute(graph, gather, torch.ops.lemo.gather_layer_norm.default,
                 (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
-                (output, gather, mean, rstd),
+                (output, rows, mean, rstd),
                 (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean,
-                 var_mean, h, gather))
+                 var_mean, h, rows, gather))
     return True
 
 
@@ -239,14 +244,23 @@ def _cast_back(node: fx.Node, dtype: torch.dtype) -> fx.Node | None:
 
 def _substitute(graph: fx.Graph, gather: fx.Node, op, args: tuple, originals: tuple,
                 chain: tuple) -> None:
-    """Insert op(*args) before `gather`; its outputs, in order, replace `originals`. The nodes of
-    `chain` that nothing reads any more are erased; those still read (what the backward saves)
-    now compute from the fused outputs."""
+    """Insert op(*args) before `gather`; its outputs, in order, replace `originals`. The op's
+    outputs are [B, K, ...] like the gather; an original viewed as [B * K, ...] is replaced by
+    the same view of its output. The nodes of `chain` that nothing reads any more are erased;
+    those still read (what the backward saves) now compute from the fused outputs."""
+    leading = tuple(_val(gather).shape[:2])
+    vals = [_val(n) if tuple(_val(n).shape[:2]) == leading
+            else _val(n).view(*leading, *_val(n).shape[1:]) for n in originals]
     with graph.inserting_before(gather):
         fused = graph.call_function(op, args)
         outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(originals))]
+        for i, (val, original) in enumerate(zip(vals, originals, strict=True)):
+            outputs[i].meta["val"] = val
+            if val.shape != _val(original).shape:
+                outputs[i] = graph.call_function(aten.view.default,
+                                                 (outputs[i], list(_val(original).shape)))
     fused.meta.update(gather.meta)
-    fused.meta["val"] = tuple(_val(n) for n in originals)
+    fused.meta["val"] = tuple(vals)
     for new, original in zip(outputs, originals, strict=True):
         new.meta.update(original.meta)
         original.replace_all_uses_with(new)
