@@ -219,10 +219,8 @@ def _attribute(module: torch.nn.Module, target: str):
 
 def _set_attribute(module: torch.nn.Module, target: str, value) -> None:
     """Set the attribute a dotted `target` names in `module` (its parent modules must exist)."""
-    *path, last = target.split(".")
-    for name in path:
-        module = getattr(module, name)
-    setattr(module, last, value)
+    parent, _, last = target.rpartition(".")
+    setattr(_attribute(module, parent) if parent else module, last, value)
 
 
 def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:

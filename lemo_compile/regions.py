@@ -110,21 +110,17 @@ class ResidualBlock:
         computes and that is not D wide itself (so, then, I must differ from D). None when not
         found."""
         down = self.down_projection()
-        if down is not None and not (down.args[0].op == "call_function"
-                                     and down.args[0].target in LINEAR_TARGETS):
+        if down is not None and not is_linear(down.args[0]):
             return down.args[0]
         hidden = _shape(self.residual)[-1]
         reads = {n for linear, n in self._linears() if (_shape(linear) or (None,))[-1] == hidden}
-        found = [n for n in reads
-                 if not (n.op == "call_function" and n.target in LINEAR_TARGETS)
-                 and (_shape(n) or (hidden,))[-1] != hidden]
+        found = [n for n in reads if not is_linear(n) and (_shape(n) or (hidden,))[-1] != hidden]
         return found[0] if len(found) == 1 else None
 
     def _linears(self) -> list[tuple[fx.Node, fx.Node]]:
         """(linear call, the tensor it reads) for each `F.linear` of the block."""
         return [(n, n.args[0]) for n in self.nodes
-                if n.op == "call_function" and n.target in LINEAR_TARGETS and n.args
-                and isinstance(n.args[0], fx.Node)]
+                if is_linear(n) and n.args and isinstance(n.args[0], fx.Node)]
 
     def down_projection(self) -> fx.Node | None:
         """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
@@ -132,8 +128,7 @@ class ResidualBlock:
         down = self.output
         while down.op != "placeholder" and down.args and _passes_through(down, down.args[0]):
             down = down.args[0]
-        plain = (down.op == "call_function" and down.target in LINEAR_TARGETS
-                 and not set(down.kwargs) - {"bias"} and len(down.args) >= 2
+        plain = (is_linear(down) and not set(down.kwargs) - {"bias"} and len(down.args) >= 2
                  and all(isinstance(a, fx.Node) for a in down.args[:2]))
         return down if plain else None
 
@@ -375,6 +370,11 @@ def _passes_through(node: fx.Node, source: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in DROPOUT_TARGETS or node.target is torch.reshape
     return node.op == "call_method" and node.target in _VIEWS
+
+
+def is_linear(node: fx.Node) -> bool:
+    """Whether `node` calls `F.linear`."""
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
 
 
 def _is_sdpa(node: fx.Node) -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.regions import LINEAR_TARGETS
+from lemo_compile.regions import is_linear
 
 _CROSS_ENTROPY = (F.cross_entropy,)
 _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16", "half", "double")
@@ -97,7 +97,7 @@ def _match(loss: fx.Node):
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         return f"{loss.name}: the loss input is not [rows, vocab]"
     chain, node = [], source
-    while not (node.op == "call_function" and node.target in LINEAR_TARGETS):
+    while not is_linear(node):
         if not _keeps_rows(node):
             return f"{loss.name}: {node.name} between the LM head and the loss changes rows"
         chain.append(node)
