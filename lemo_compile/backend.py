@@ -5,8 +5,9 @@ group `torch_dynamo_backends`. For each Dynamo graph it:
 
 1. validates the options (`LemoConfig`);
 2. in training (the compiled module is in `.training` mode and gradients are enabled) rewrites the
-   graph with lemo's passes (`passes.manager.run_graph_passes`); an eval graph is left unchanged,
-   so a fine-tuned model is evaluated dense;
+   graph with lemo's passes (`passes.manager.run_graph_passes`); an eval graph is computed
+   unchanged, so a fine-tuned model is evaluated dense (its plain causal masks still become
+   `is_causal=True`, which computes the same attention with the fast kernel);
 3. hands the graph to Inductor's `compile_fx` with lemo's post-grad passes installed, or, with
    `compiler="aot_eager"`, to AOTAutograd with Inductor's decompositions and partitioner but no
    code generation.
@@ -33,7 +34,10 @@ from torch import fx
 from lemo_compile.config import LemoConfig
 from lemo_compile.inspect import DEBUG_DIR_VARIABLE
 from lemo_compile.passes.fuse import fuse_row_movements
-from lemo_compile.passes.manager import CompileReport, PostGradPasses, run_graph_passes
+from lemo_compile.passes.attention import causal_attention_pass
+from lemo_compile.passes.manager import (
+    CompileReport, PostGradPasses, has_symbolic_shapes, run_graph_passes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class LemoBackend:
             report = run_graph_passes(gm, self.config, fake_mode)
         else:
             report = CompileReport(training=False)
+            if not has_symbolic_shapes(gm):
+                report.counters["causal_attention"] = causal_attention_pass(gm)
         self.reports.append(report)
         extra = report.extra_inputs
         # The inputs lemo adds are compiled as static fakes: given as real tensors, AOTAutograd

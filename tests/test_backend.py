@@ -262,7 +262,8 @@ def test_structural_summary_of_a_tiny_hf_llama():
     report = backend.reports[-1]
     assert structural_summary(report) == {
         "plans": [(0, False, 150), (1, True, 70), (2, True, 70), (3, False, 150)],
-        "counters": {"sparse_layers": 2, "dense_fallbacks": 0, "placeholder_outputs": 1,
+        "counters": {"causal_attention": 4, "sparse_layers": 2, "dense_fallbacks": 0,
+                     "placeholder_outputs": 1,
                      "segmented_losses": 1,
                      # post-grad fusion, forward graph only (no backward ran): per sparse layer
                      # the gather + norm, the cos / sin gathers and the residual scatter-add
@@ -270,9 +271,9 @@ def test_structural_summary_of_a_tiny_hf_llama():
     }
     per_layer = inserted_nodes(captured["gm"])
     # score: detach(x), the copied norm (8 nodes), q/k projections + views (6), RoPE (16), repeat_kv
-    # of the keys (3), detach(q), detach(k), block_scores; then select, gathers of x / cos / sin and
-    # of the 4-D causal mask HF builds when use_cache=False, and the scatter_add
-    expected = Counter({"score": 37, "gather": 4, "select": 1, "scatter_add": 1})
+    # of the keys (3), detach(q), detach(k), block_scores; then select, gathers of x / cos / sin
+    # (no mask: HF's causal mask became is_causal=True) and the scatter_add
+    expected = Counter({"score": 37, "gather": 3, "select": 1, "scatter_add": 1})
     assert per_layer == {1: expected, 2: expected}
     targets = Counter(str(n.target) for n in captured["gm"].graph.nodes if n.op == "call_function")
     assert targets["lemo.block_scores.default"] == 2

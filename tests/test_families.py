@@ -82,11 +82,13 @@ def test_family_structural_summary(family):
         compiled(input_ids=ids, labels=ids)
     report = backend.reports[-1]
     assert report.counters["sparse_layers"] == 3 and report.counters["segmented_losses"] == 1
+    assert report.counters["causal_attention"] == 4
     roles = inserted_nodes(backend.gm)
     assert sorted(roles) == [1, 2, 3]
     for counts in roles.values():
-        # gathers of x, cos, sin and the causal mask; one selection; one residual scatter-add
-        assert counts["gather"] == 4 and counts["select"] == 1 and counts["scatter_add"] == 1
+        # gathers of x, cos and sin (the causal mask became is_causal=True); one selection; one
+        # residual scatter-add
+        assert counts["gather"] == 3 and counts["select"] == 1 and counts["scatter_add"] == 1
         assert counts["score"] > 10  # the oracle's copy of norm, q / k projections and RoPE
 
 

@@ -79,3 +79,29 @@ def test_inductor_opt_fuses_the_layer_norm_of_both_blocks():
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inductor_cache_keeps_fused_and_unfused_code_apart(tmp_path, monkeypatch):
+    """Inductor's FX graph cache keys on the post-grad pass's uuid: compiling the same graph with
+    fuse=False and then fuse=True in one process must run lemo's post-grad passes both times (each
+    variant gets its own code), while repeating a variant is served from the cache."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    ids = token_batch(1, 64)
+    options = {"compiler": "inductor", "block_size": 16, "dense_layers": [0], "loss_segment": None}
+    reports = []
+    with torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+        for fuse in (False, True, True):
+            torch._dynamo.reset()
+            model = tiny_llama(layers=2)
+            backend = lemo_compile.LemoBackend({**options, "fuse": fuse})
+            hits = counters["inductor"]["fxgraph_cache_hit"]
+            torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+            reports.append((backend.reports[-1], counters["inductor"]["fxgraph_cache_hit"] - hits))
+    (unfused, unfused_hits), (fused, fused_hits), (again, again_hits) = reports
+    assert unfused_hits == 0 and fused_hits == 0
+    assert "post_grad_forward" in unfused.graphs and "post_grad_forward" in fused.graphs
+    assert not any(name.startswith("fused_") for name in unfused.counters)
+    assert fused.counters["fused_gather_norm"] == 1
+    assert again_hits == 1 and "post_grad_forward" not in again.graphs

@@ -89,14 +89,18 @@ def test_explain_selects_what_the_compiled_model_selects():
         fused, explanation.counters)
 
 
-def test_layer_diffs_are_non_empty_exactly_for_sparse_layers():
+def test_layer_diffs_show_selection_in_sparse_layers_and_only_causal_attention_in_dense_ones():
     model = tiny_llama(layers=5)
     ids = token_batch(1, 64)
     explanation = explain(model, input_ids=ids, labels=ids,
                           options={**OPTIONS, "dense_layers": [0, 2]})
-    changed = {layer for layer, diff in explanation.layer_diffs.items() if diff}
-    assert changed == {p.layer for p in explanation.plans if p.sparse} == {1, 3, 4}
-    assert "select_tokens" in explanation.layer_diffs[1]
+    selecting = {layer for layer, diff in explanation.layer_diffs.items() if "select_tokens" in diff}
+    assert selecting == {p.layer for p in explanation.plans if p.sparse} == {1, 3, 4}
+    for layer in (0, 2):  # the mask HF passes became is_causal=True; nothing else changed
+        changed = [line for line in explanation.layer_diffs[layer].splitlines()
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        assert len(changed) == 2 and all("scaled_dot_product_attention" in l for l in changed)
+        assert "is_causal=True" in changed[1] and "attn_mask" not in changed[1]
     assert list(explanation.diffs()) == ["select"]
     assert explanation.diffs()["select"].startswith("--- dynamo\n+++ select\n")
 
@@ -106,8 +110,11 @@ def test_activation_memory_is_lower_for_sparse_layers_only():
     ids = token_batch(1, 64)
     explanation = explain(model, input_ids=ids, labels=ids, options={**OPTIONS, "dense_layers": [0, 1]})
     memory = explanation.activation_bytes
-    # layer 1 hands its output to sparse layer 2 (module docstring); layer 0 is untouched
-    assert memory[0]["dense"] == memory[0]["lemo"] > 0
+    # layer 1 hands its output to sparse layer 2 (module docstring); layer 0 keeps the same
+    # activations but for the causal mask (a [64, 64] float32 additive mask on the CPU), which
+    # the masked attention of the graph as Dynamo gave it keeps for backward, and
+    # is_causal=True does not need
+    assert memory[0]["dense"] - memory[0]["lemo"] == 64 * 64 * 4 and memory[0]["lemo"] > 0
     for layer in (2, 3, 4):
         assert 0 < memory[layer]["lemo"] < memory[layer]["dense"]
     assert sum(m["lemo"] for m in memory.values()) < sum(m["dense"] for m in memory.values())
@@ -126,7 +133,8 @@ def test_write_produces_parseable_artefacts(tmp_path):
     written = explanation.write(tmp_path)
     assert (tmp_path / "graphs" / "00_dynamo.py").read_text() == explanation.graphs["dynamo"]
     assert (tmp_path / "graphs" / "01_select.diff").read_text() == explanation.diffs()["select"]
-    assert (tmp_path / "layers" / "layer_0.diff").read_text() == ""
+    layer_0 = (tmp_path / "layers" / "layer_0.diff").read_text()  # a dense layer
+    assert "is_causal=True" in layer_0 and "select_tokens" not in layer_0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [p["kept_blocks"] for p in plan["plans"]] == [8, 4, 4, 4]
     assert plan["selected_blocks"]["attention"]["1"] == explanation.selected["attention"][1].tolist()

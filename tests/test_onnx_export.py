@@ -259,11 +259,11 @@ def test_lemo_ops_are_function_calls_of_the_lemo_domain(llama_oracle):
         "block_scores", "select_tokens", "gather_tokens", "scatter_add_tokens",
         "activation_block_scores",
     }
-    # per layer: attention (scores, selection, 5 gathers: x, cos, sin, mask rows and columns,
-    # merge) and MLP (scores, selection, 1 gather, merge)
+    # per layer: attention (scores, selection, 3 gathers: x, cos, sin; the causal mask became
+    # is_causal=True; merge) and MLP (scores, selection, 1 gather, merge)
     assert calls.count("select_tokens") == 4 and calls.count("scatter_add_tokens") == 4
     assert calls.count("block_scores") == calls.count("activation_block_scores") == 2
-    assert calls.count("gather_tokens") == 12
+    assert calls.count("gather_tokens") == 8
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("lemo", 1)}
     for function in functions.values():  # real bodies of standard ops
         assert function.node and all(n.domain == "" for n in function.node), function.name

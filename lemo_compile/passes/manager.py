@@ -2,17 +2,20 @@
 
 Two stages, each seeing one IR:
 
-* `run_graph_passes` on the torch-level Dynamo graph, before AOTAutograd: regions -> plan ->
-  token selection (`select.py`; layers inside activation-checkpoint regions are rewritten inside
-  the region's body graph) -> segmented loss (`loss.py`). It returns a `CompileReport`.
+* `run_graph_passes` on the torch-level Dynamo graph, before AOTAutograd: plain causal masks ->
+  `is_causal=True` (`attention.py`) -> regions -> plan -> token selection (`select.py`; layers
+  inside activation-checkpoint regions are rewritten inside the region's body graph) ->
+  segmented loss (`loss.py`). It returns a `CompileReport`.
 * `PostGradPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
   `post_grad_custom_post_pass`. It holds the kernel-fusion passes; its `uuid()` hashes the source of
-  this package's passes so that Inductor's caches never reuse a graph compiled by other pass code.
+  the package and the list of passes, so that Inductor's caches never reuse a graph compiled by
+  other code or with other passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 import warnings
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
@@ -36,11 +40,14 @@ class LemoWarning(UserWarning):
 class CompileReport:
     """What lemo did to one compiled graph.
 
-    training:  whether the graph was rewritten at all (eval graphs are compiled unchanged).
+    training:  whether the graph was rewritten for training (eval graphs are computed unchanged:
+               only their plain causal masks become `is_causal=True`).
     plans:     one LayerPlan per decoder layer, as applied (a layer that had to stay dense says why).
-    counters:  pass counters: sparse_layers, dense_fallbacks, segmented_losses, placeholder_outputs,
-               mlp_sparse_layers (mlp="tokens"), mlp_channel_layers (mlp="channels": MLP blocks
-               whose backward keeps only their top channels), and the post-grad fusion's
+    counters:  pass counters: causal_attention (SDPA calls whose plain causal mask became
+               `is_causal=True`, `passes/attention.py`; eval graphs too), sparse_layers,
+               dense_fallbacks, segmented_losses, placeholder_outputs, mlp_sparse_layers
+               (mlp="tokens"), mlp_channel_layers (mlp="channels": MLP blocks whose backward
+               keeps only their top channels), and the post-grad fusion's
                (`passes/fuse.py`), summed over the forward graph and, once it is compiled at the
                first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.
@@ -74,13 +81,14 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     """Apply token selection and the segmented loss to a training graph, in place."""
     report = CompileReport(training=True)
     report.graphs["dynamo"] = gm.code
-    if _has_symbolic_shapes(gm):
+    if has_symbolic_shapes(gm):
         report.warn(
             "lemo: the graph has a dynamic sequence length; token elimination needs static "
             "shapes, so this graph runs dense. Pad batches to a fixed length, or pass "
             "dynamic=False to torch.compile."
         )
         return report
+    report.counters["causal_attention"] = causal_attention_pass(gm)
     for module in gm.modules():  # the graph and any activation-checkpoint bodies in it
         if isinstance(module, fx.GraphModule):
             unflatten_residual_adds(module, fake_mode)
@@ -209,7 +217,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     return report
 
 
-def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
+def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         value = node.meta.get("example_value")
         if isinstance(value, torch.SymInt):
@@ -220,7 +228,12 @@ def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
 
 
 class PostGradPasses(CustomGraphPass):
-    """lemo's passes over Inductor's post-grad graphs (forward and backward), in order."""
+    """lemo's passes over Inductor's post-grad graphs (forward and backward), in order.
+
+    Its `uuid()` enters Inductor's cache keys (FX graph cache, AOTAutograd cache): it covers the
+    source of the whole package (passes, ops and kernels, which Inductor may inline) and which
+    passes run (e.g. `fuse=True` or `False`), so that a cached graph is never served to a compile
+    that would have produced other code."""
 
     def __init__(self, passes: list[Callable[[fx.Graph], None]] | None = None) -> None:
         self.passes = list(passes or [])
@@ -230,5 +243,13 @@ class PostGradPasses(CustomGraphPass):
             graph_pass(graph)
 
     def uuid(self) -> bytes:
-        passes_dir = pathlib.Path(__file__).parent
-        return get_hash_for_files(tuple(str(p) for p in sorted(passes_dir.glob("*.py"))))
+        package = pathlib.Path(__file__).parent.parent
+        sources = get_hash_for_files(tuple(str(p) for p in sorted(package.rglob("*.py"))))
+        names = ",".join(_pass_name(p) for p in self.passes)
+        return hashlib.sha256(sources + names.encode()).digest()
+
+
+def _pass_name(graph_pass: Callable) -> str:
+    """The qualified name of a pass (of the function a functools.partial wraps)."""
+    function = getattr(graph_pass, "func", graph_pass)
+    return f"{function.__module__}.{function.__qualname__}"
