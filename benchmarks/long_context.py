@@ -1,0 +1,258 @@
+"""lemo against what users run: LoRA fine-tuning steps at long lengths, side by side.
+
+Model: a Llama built from a config with random bf16 weights (default the Llama-3-8B shape: hidden
+4096, GQA 8 KV heads, MLP 14336, vocabulary 128,256; `--layers` sets the depth), LoRA r=8, alpha=16
+on q/k/v/o (peft), batch 1, AdamW on the adapters; `--checkpointing` turns on HF's gradient
+checkpointing (`use_reentrant=False`). Variants, each in its own process with its own Inductor
+cache directory:
+
+  hf              HF eager, SDPA attention, HF's loss
+  liger           HF eager + Liger-Kernel (`apply_liger_kernel_to_llama`: RoPE, RMSNorm, SwiGLU,
+                  fused linear cross-entropy): what a careful user runs today
+  compile         torch.compile(model), Inductor, dense
+  lemo-base       backend="lemo", keep_ratio=1.0: lemo's compiled base (fast attention, segmented
+                  loss) with no token elimination
+  lemo            backend="lemo", defaults (oracle, keep 0.4 in the sparse layers)
+  lemo-tokens     lemo with mlp="tokens"
+  lemo-channels   lemo with mlp="channels"
+  lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
+                  not their quality)
+
+Per run: the first step (compilation included), the median of the other steps, the CUDA peak over
+those steps, the loss of each step, and one more step under the profiler: the CUDA kernels that
+run SDPA (flash, memory-efficient, cuDNN, or none for the math fallback), the 15 kernels of most
+time, and the time of all kernels summed (`kernels_s`; against `step_s`, how busy the GPU was). A run that runs out of memory is reported as such. Prints a table last and writes
+one JSON line per run to --out.
+
+    python benchmarks/long_context.py --layers 16 --seq-lens 16384 --variants liger lemo-base lemo
+    python benchmarks/long_context.py --layers 16 --seq-lens 65536 --checkpointing --variants liger lemo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-tokens", "lemo-channels",
+            "lemo-predictor")
+ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
+
+
+def build_model(args):
+    """The LoRA-wrapped Llama of the module docstring, on the GPU, in training mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len, use_cache=False,
+        rope_theta=500000.0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model.train()
+
+
+def lemo_options(args) -> dict:
+    import lemo_compile
+
+    options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio}
+    if args.variant == "lemo-tokens":
+        options["mlp"] = "tokens"
+    if args.variant == "lemo-channels":
+        options["mlp"] = "channels"
+    if args.variant == "lemo-predictor":
+        from lemo_compile.predictors import ModelSignature, PredictorBank
+
+        signature = ModelSignature(args.hidden, args.heads, args.hidden // args.heads, args.layers, 64)
+        plans = lemo_compile.plan_layers(lemo_compile.LemoConfig(**options), args.layers, args.seq_len)
+        options.update(scorer="predictor",
+                       predictors=PredictorBank(signature, [p.layer for p in plans if p.sparse]))
+    return options
+
+
+def run_one(args) -> dict:
+    import torch
+
+    model = build_model(args)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    backend = None
+    step_model = model
+    if args.variant == "compile":
+        step_model = torch.compile(model)
+    elif args.variant.startswith("lemo"):
+        import lemo_compile
+
+        backend = lemo_compile.LemoBackend(lemo_options(args))
+        step_model = torch.compile(model, backend=backend)
+    ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(1))
+
+    def step():
+        loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, losses, peak = [], [], 0
+    for index in range(args.steps):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        losses.append(step())
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+        if index >= 1:
+            peak = max(peak, torch.cuda.max_memory_allocated())
+    result = {
+        "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
+        "checkpointing": args.checkpointing, "first_step_s": times[0],
+        "step_s": statistics.median(times[1:]), "peak_gb": peak / 1e9, "losses": losses,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+    }
+    result["attention_kernels"], result["top_kernels"], result["kernels_s"] = profile_step(step)
+    if backend is not None and backend.reports:
+        report = max(backend.reports, key=lambda r: len(r.plans))
+        result["kept_tokens"] = [p.kept_tokens for p in report.plans]
+        result["lemo_counters"] = {k: v for r in backend.reports for k, v in r.counters.items()}
+        result["lemo_warnings"] = [w for r in backend.reports for w in r.warnings]
+    return result
+
+
+def profile_step(step) -> tuple[dict[str, int], list[tuple[str, float, int]], float]:
+    """One step under the profiler: the CUDA kernels whose names say they compute attention, with
+    their counts; the 15 kernels of most total time (name, ms, count); and the summed time of all
+    kernels in seconds (against the step's wall time: how busy the GPU is)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    found: dict[str, int] = {}
+    events = prof.key_averages()
+    for event in events:
+        name = event.key
+        if any(word in name.lower() for word in ATTENTION_KERNEL_WORDS):
+            found[name[:120]] = found.get(name[:120], 0) + event.count
+    timed = sorted(events, key=lambda e: -_device_time(e))
+    top = [(e.key[:120], _device_time(e) / 1e3, e.count) for e in timed[:15]]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy = sum(_device_time(e) for e in kernels) / 1e6
+    return found, top, busy
+
+
+def _device_time(event) -> float:
+    """An event's device time in microseconds."""
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+
+
+def kernel_summary(kernels: dict[str, int]) -> str:
+    """A short word for the SDPA backends that the kernel names show."""
+    kinds = set()
+    for name in map(str.lower, kernels):
+        if "cudnn" in name:
+            kinds.add("cudnn")
+        elif "flash" in name:
+            kinds.add("flash")
+        elif "fmha" in name or "efficient" in name:
+            kinds.add("mem-eff")
+    return "+".join(sorted(kinds)) or "math/none"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["liger", "lemo-base", "lemo"])
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--keep-ratio", type=float, default=0.4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--out", default="long_context.jsonl")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("lemo_compile").setLevel(logging.INFO)
+        try:
+            row = run_one(args)
+        except Exception as err:  # noqa: BLE001 (reported as the row's result)
+            import torch
+
+            if not isinstance(err, torch.OutOfMemoryError):
+                raise
+            row = {"variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
+                   "checkpointing": args.checkpointing, "error": "out of memory"}
+        print(json.dumps(row))
+        return 0
+
+    rows = []
+    for seq_len in args.seq_lens:
+        for variant in args.variants:
+            command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
+            for name in ("keep_ratio", "steps", "layers", "hidden", "intermediate", "heads",
+                         "kv_heads", "vocab"):
+                command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            if args.checkpointing:
+                command.append("--checkpointing")
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
+            row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
+                   "checkpointing": args.checkpointing}
+            try:
+                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, timeout=args.timeout)
+                if done.returncode != 0:
+                    row.update(error=f"exit {done.returncode}", stderr_tail=done.stderr[-3000:])
+                    print(done.stderr[-3000:], file=sys.stderr)
+                else:
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                row["error"] = f"timeout after {args.timeout:.0f} s"
+            rows.append(row)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<15} {'step s':>7} {'peak GB':>8} "
+          f"{'1st step s':>10} {'attention':>10} {'loss 0':>7}")
+    for r in rows:
+        head = f"{r['seq_len']:>7} {'yes' if r['checkpointing'] else 'no':>4} {r['variant']:<15}"
+        if "error" in r:
+            print(f"{head} {r['error']}")
+            continue
+        print(f"{head} {r['step_s']:>7.3f} {r['peak_gb']:>8.1f} {r['first_step_s']:>10.1f} "
+              f"{kernel_summary(r['attention_kernels']):>10} {r['losses'][0]:>7.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
