@@ -13,6 +13,7 @@ cache directory:
   lemo-base       backend="lemo", keep_ratio=1.0: lemo's compiled base (fast attention, segmented
                   loss) with no token elimination
   lemo            backend="lemo", defaults (oracle, keep 0.4 in the sparse layers)
+  lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -40,8 +41,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-tokens", "lemo-channels",
-            "lemo-predictor")
+VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-nofuse", "lemo-tokens",
+            "lemo-channels", "lemo-predictor")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -76,6 +77,8 @@ def lemo_options(args) -> dict:
     import lemo_compile
 
     options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio}
+    if args.variant == "lemo-nofuse":
+        options["fuse"] = False
     if args.variant == "lemo-tokens":
         options["mlp"] = "tokens"
     if args.variant == "lemo-channels":
