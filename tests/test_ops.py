@@ -147,12 +147,23 @@ def test_linear_cross_entropy_bf16_follows_the_upcast_chain():
     torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-3)
 
 
-def test_linear_cross_entropy_all_ignored_is_nan_like_torch():
-    h = torch.randn(4, 8)
-    weight = torch.randn(5, 8)
+def test_linear_cross_entropy_all_ignored_is_nan_like_torch_with_zero_gradients():
+    """No label to count (a prompt-only batch): the loss is NaN, as torch's, and the gradients are
+    zero, as torch's, not NaN (which an optimizer step would write into the weights)."""
+    h = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
     target = torch.full((4,), -100)
-    got = ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 2, torch.float32)
-    assert math.isnan(got.item()) and math.isnan(F.cross_entropy(h @ weight.t(), target).item())
+
+    def segmented():
+        return ops.linear_cross_entropy(h, weight, None, target, -100, "mean", 2, torch.float32)
+
+    def plain():
+        return F.cross_entropy(F.linear(h, weight), target)
+
+    got, want = _loss_and_grads(segmented, h, weight, None), _loss_and_grads(plain, h, weight, None)
+    assert math.isnan(got[0].item()) and math.isnan(want[0].item())
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.equal(w, torch.zeros_like(w)) and torch.equal(g, w)
 
 
 def test_nan_placeholder_holds_one_element():

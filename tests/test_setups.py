@@ -14,6 +14,34 @@ from conftest import tiny_llama, token_batch
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "dense_layers": [0]}
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batch_without_counted_labels_leaves_the_weights_intact(batch):
+    """Labels all -100 (prompt-only rows after truncation): the loss is NaN, as plain HF's, and
+    every gradient equals plain HF's (zero), so an optimizer step keeps the weights finite."""
+    model = tiny_llama()
+    ids = token_batch(batch, 96)
+    labels = torch.full_like(ids, -100)
+    backend = lemo_compile.LemoBackend(OPTIONS)  # the segmented loss is on by default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        loss = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert backend.reports[-1].counters["segmented_losses"] == 1
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want_loss = model(input_ids=ids, labels=labels).loss
+    want_loss.backward()
+    assert torch.isnan(loss) and torch.isnan(want_loss)
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        assert torch.equal(got[name], p.grad), name
+    model.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        p.grad = got[name]
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear"])
 def test_peft_lora_trains_only_the_adapters(targets):
     from peft import LoraConfig, get_peft_model

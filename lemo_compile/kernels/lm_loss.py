@@ -50,13 +50,15 @@ def linear_cross_entropy_reference(
     """(loss, dloss/dh, dloss/dW, dloss/db) of rows h [N, D] against target [N].
 
     reduction "mean" divides by the number of targets != ignore_index (NaN when there are none, like
-    torch) or "sum". The loss is a `logits_dtype` scalar. dh [N, D] is computed when `h_grad`; dW
+    torch, whose gradients are then zero, also like torch) or "sum". The loss is a `logits_dtype` scalar. dh [N, D] is computed when `h_grad`; dW
     [V, D] and db [V] (when there is a bias) when `weight_grad`; the others are None.
     `kernel`: the Triton softmax (see `kernel_supports`).
     """
     valid_count = (target != ignore_index).sum()
     if reduction == "mean":
-        scale = valid_count.to(logits_dtype).reciprocal()
+        # With no label to count the loss is NaN (0 / 0, like torch) but the gradients are zero:
+        # every row's gradient is masked out, and 1 / 0 would turn that 0 into NaN.
+        scale = valid_count.clamp(min=1).to(logits_dtype).reciprocal()
     else:
         scale = torch.ones((), dtype=logits_dtype, device=h.device)
     wants_grad = h_grad or weight_grad
