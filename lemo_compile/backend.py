@@ -4,10 +4,11 @@
 group `torch_dynamo_backends`. For each Dynamo graph it:
 
 1. validates the options (`LemoConfig`);
-2. in training (the compiled module is in `.training` mode and gradients are enabled) rewrites the
-   graph with lemo's passes (`passes.manager.run_graph_passes`); an eval graph is computed
-   unchanged, so a fine-tuned model is evaluated dense (its plain causal masks still become
-   `is_causal=True`, which computes the same attention with the fast kernel);
+2. when the graph will be differentiated (gradients are enabled and one of its inputs requires
+   grad, whatever `module.training` says) rewrites it with lemo's passes
+   (`passes.manager.run_graph_passes`); a graph run under `torch.no_grad()` or
+   `inference_mode()` is computed unchanged, so a fine-tuned model is evaluated dense (its plain
+   causal masks still become `is_causal=True`, the same attention with the fast kernel);
 3. hands the graph to Inductor's `compile_fx` with lemo's post-grad passes installed, or, with
    `compiler="aot_eager"`, to AOTAutograd with Inductor's decompositions and partitioner but no
    code generation.
@@ -58,7 +59,7 @@ class LemoBackend:
             )
         fake_mode = _fake_mode(gm, example_inputs)
         debug = None
-        if _is_training(gm):
+        if _will_be_differentiated(example_inputs):
             if os.environ.get(DEBUG_DIR_VARIABLE):
                 debug = _own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
             if self.config.scorer == "predictor":
@@ -251,36 +252,13 @@ def _record_post_grad(graph: fx.Graph, report: CompileReport) -> None:
                 report.saved_for_backward[node.name] = (tuple(value.shape), value.dtype)
 
 
-def _is_training(gm: fx.GraphModule) -> bool:
-    """True when gradients are enabled and the compiled module is in training mode.
-
-    The graph alone cannot tell train from eval, so the module is looked up through the frame Dynamo
-    is compiling (its module paths are expressions over the frame's locals, `L['self'].model`). If
-    that fails, grad mode alone decides.
-    """
-    if not torch.is_grad_enabled():
-        return False
-    module = _compiled_module(gm)
-    return True if module is None else bool(module.training)
-
-
-def _compiled_module(gm: fx.GraphModule) -> torch.nn.Module | None:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        frame_locals = InstructionTranslator.current_tx().f_locals
-    except Exception:  # not inside Dynamo (a graph compiled by hand), or another torch layout
-        return None
-    for node in gm.graph.nodes:
-        for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-            root = path.split(".", 1)[0]
-            try:
-                module = eval(root, {"__builtins__": {}}, {"L": frame_locals})  # noqa: S307
-            except Exception:
-                continue
-            if isinstance(module, torch.nn.Module):
-                return module
-    return None
+def _will_be_differentiated(example_inputs: Sequence[Any]) -> bool:
+    """True when gradients are enabled and some input of the graph (a parameter, or the caller's
+    tensor) requires grad: the graph is a training graph, whatever `module.training` says (a model
+    from `from_pretrained` is in eval mode until `.train()`). Graphs run under `torch.no_grad()`
+    or `torch.inference_mode()` are evaluation graphs."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 def _fake_mode(gm: fx.GraphModule, example_inputs):

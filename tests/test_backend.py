@@ -138,8 +138,19 @@ def test_eval_mode_compiles_the_model_unchanged():
     assert backend.reports[-1].training is False and not backend.reports[-1].plans
 
 
-def test_eval_mode_with_grad_enabled_is_still_dense():
+def test_a_differentiated_graph_is_rewritten_whatever_the_module_mode():
+    """`from_pretrained` returns a model in eval mode: trained like that (gradients on, parameters
+    requiring grad), its graph is still a training graph and lemo rewrites it."""
     model = tiny_llama().eval()
+    compiled, backend = compile_lemo(model)
+    ids = token_batch(1, 160)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert backend.reports[-1].training is True
+    assert backend.reports[-1].counters["sparse_layers"] == 1
+
+
+def test_a_frozen_model_with_gradients_enabled_compiles_unchanged():
+    model = tiny_llama().train().requires_grad_(False)
     compiled, backend = compile_lemo(model)
     ids = token_batch(1, 160)
     out = compiled(input_ids=ids, labels=ids)
