@@ -6,7 +6,9 @@ See README.md for the options and LEMO.md-style semantics; `LemoBackend` keeps a
 """
 
 from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)
-from lemo_compile.backend import LemoBackend, lemo_backend, register_with_accelerate
+from lemo_compile.backend import (
+    LemoBackend, lemo_backend, recent_reports, register_with_accelerate,
+)
 from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
 from lemo_compile.inspect import Explanation, explain
 from lemo_compile.passes.manager import CompileReport, LemoWarning
@@ -27,5 +29,6 @@ __all__ = [
     "lemo_backend",
     "plan_layers",
     "predictor_recall",
+    "recent_reports",
     "register_with_accelerate",
 ]

@@ -21,6 +21,7 @@ With LEMO_DEBUG_DIR set, every training graph also dumps `explain()`'s artefacts
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -70,6 +71,8 @@ class LemoBackend:
             if not has_symbolic_shapes(gm):
                 report.counters["causal_attention"] = causal_attention_pass(gm)
         self.reports.append(report)
+        _RECENT_REPORTS.append(report)
+        log.info("lemo: compiled a graph: %s", report.summary())
         extra = report.extra_inputs
         # The inputs lemo adds are compiled as static fakes: given as real tensors, AOTAutograd
         # would give them symbolic sizes that Dynamo has no source for, and any guard Inductor
@@ -82,6 +85,17 @@ class LemoBackend:
 
             compiled = debug_dump(gm, debug, report, self.config, list(example_inputs))(compiled)
         return compiled
+
+
+_RECENT_REPORTS: collections.deque[CompileReport] = collections.deque(maxlen=64)
+
+
+def recent_reports() -> list[CompileReport]:
+    """The `CompileReport`s of the last graphs lemo compiled in this process, oldest first (at
+    most 64), from `backend="lemo"` and `LemoBackend` objects alike: how a user of the string
+    backend sees what lemo did (each one is also logged at INFO level by the logger
+    `lemo_compile.backend`)."""
+    return list(_RECENT_REPORTS)
 
 
 def lemo_backend(

@@ -333,3 +333,37 @@ def test_bad_option_through_torch_compile_raises_value_error():
         chain.append(err)
         err = err.__cause__ or err.__context__
     assert any(isinstance(e, ValueError) and "keep_ratio" in str(e) for e in chain)
+
+
+def test_layers_left_dense_by_the_sequence_length_draw_one_warning():
+    model = tiny_llama()
+    ids = token_batch(1, 40)
+    backend = lemo_compile.LemoBackend({**FAST, "block_size": 64})
+    with pytest.warns(lemo_compile.LemoWarning) as caught:
+        torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+    dense = [str(w.message) for w in caught if "not in dense_layers" in str(w.message)]
+    assert dense == ["lemo: these layers run dense although they are not in dense_layers: "
+                     "layers [2]: sequence shorter than one block (40 < 64)"]
+
+
+def test_keep_ratio_one_draws_no_dense_warning():
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    backend = lemo_compile.LemoBackend({**FAST, "keep_ratio": 1.0, "loss_segment": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lemo_compile.LemoWarning)
+        torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+    assert [p.reason for p in backend.reports[-1].plans] == ["dense_layers", "dense_layers",
+                                                             "keeps every block", "dense_layers"]
+
+
+def test_string_backend_reports_are_readable(caplog):
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    with caplog.at_level("INFO", logger="lemo_compile.backend"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        torch.compile(model, backend="lemo", options={"compiler": "aot_eager", "block_size": 16})(
+            input_ids=ids, labels=ids).loss.backward()
+    report = lemo_compile.recent_reports()[-1]
+    assert report.training and [p.layer for p in report.plans if p.sparse] == [2]
+    assert any("sparse layers [2] of 4" in r.getMessage() for r in caplog.records)

@@ -76,6 +76,15 @@ class CompileReport:
         self.warnings.append(message)
         warnings.warn(message, LemoWarning, stacklevel=3)
 
+    def summary(self) -> str:
+        """One line: training or eval, the sequence shape, the sparse layers, the counters."""
+        if not self.training:
+            return f"eval graph, computed unchanged; counters {self.counters}"
+        sparse = [p.layer for p in self.plans if p.sparse]
+        shape = f"batch {self.batch_size} x {self.seq_len} tokens" if self.seq_len else "no layers"
+        return (f"training graph, {shape}, sparse layers {sparse} of {len(self.plans)}; "
+                f"counters {self.counters}; {len(self.warnings)} warnings")
+
 
 def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> CompileReport:
     """Apply token selection and the segmented loss to a training graph, in place."""
@@ -115,6 +124,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
                 "kept instead of real tokens. Pad-free batches (or an all-ones mask) are safe."
             )
         plans = plan_layers(config, len(layers), report.seq_len, padded=padded)
+        _warn_unplanned_dense_layers(report, plans, config)
         selection = SelectionResult([], {})
         if any(l.attention is not None for l in regions.layers):
             selection = select_pass(gm, regions, plans, config, fake_mode, padded)
@@ -215,6 +225,20 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _warn_unplanned_dense_layers(report: CompileReport, plans: list[LayerPlan],
+                                 config: LemoConfig) -> None:
+    """One warning for the layers the plan leaves dense although the options asked for sparsity
+    (the sequence is shorter than a block; keep_ratio < 1 still keeps every block): not the
+    layers of `dense_layers`, nor those given keep_ratio 1.0."""
+    by_reason: dict[str, list[int]] = {}
+    for plan in plans:
+        if plan.reason and plan.reason != "dense_layers" and config.keep_ratio_of(plan.layer) < 1:
+            by_reason.setdefault(plan.reason, []).append(plan.layer)
+    if by_reason:
+        report.warn("lemo: these layers run dense although they are not in dense_layers: " + "; ".join(
+            f"layers {layers}: {reason}" for reason, layers in by_reason.items()))
 
 
 def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
