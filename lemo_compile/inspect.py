@@ -227,6 +227,7 @@ class _Explainer:
         from lemo_compile.backend import _fake_mode, _own_copy
 
         dense = _own_copy(gm)
+        gm = _own_copy(gm)  # the passes may add inputs (predictors), which Dynamo must not see
         report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
         explanation = _explanation(self.config, report, dense, gm, list(example_inputs),
                                    count_fusions=True)

@@ -335,3 +335,20 @@ def test_explain_does_not_make_a_later_compile_dynamic():
     torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
     report = backend.reports[-1]
     assert not report.warnings and report.counters["sparse_layers"] == 1
+
+
+def test_explain_with_the_predictor_scorer():
+    """The predictor scorer adds graph inputs (its weights): explain rewrites its own copy of the
+    graph, so Dynamo's graph keeps the inputs it knows (it crashed with KeyError: grapharg)."""
+    from lemo_compile.predictors import ModelSignature, PredictorBank
+
+    signature = ModelSignature(hidden_size=64, heads=4, head_dim=16, layers=4, block_size=16)
+    torch.manual_seed(0)
+    bank = PredictorBank(signature, [2], width=32, rank=8).requires_grad_(False).eval()
+    model = tiny_llama()
+    ids = token_batch(1, 64)
+    explanation = explain(model, input_ids=ids, labels=ids,
+                          options={**OPTIONS, "block_size": 16, "dense_layers": [0, 1, 3],
+                                   "scorer": "predictor", "predictors": bank})
+    assert [p.layer for p in explanation.plans if p.sparse] == [2]
+    assert explanation.selected["attention"][2].shape == (1, 2)
