@@ -43,7 +43,9 @@ this module without them raises ImportError.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import operator
 import os
 import typing
@@ -111,7 +113,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             )
     copy = _export_copy(gm)
     inputs = tuple(t.detach() for t in example_inputs)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_registration():
         program = torch.onnx.export(
             _Forward(copy).eval(),  # the graph's ops fix train/eval behaviour; eval: no warning
             inputs,
@@ -687,3 +689,16 @@ def _add_functions(model) -> None:
             model.functions[definition.identifier()] = definition
     if called:
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
+
+
+@contextlib.contextmanager
+def _quiet_registration():
+    """torch's ONNX exporter logs a warning for each torchvision op it cannot register when
+    torchvision is not installed; lemo's graphs hold none, so those lines are noise here."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        registration.setLevel(level)
