@@ -107,27 +107,34 @@ def lemo_backend(
 ) -> Callable:
     """The function torch.compile calls for `backend="lemo"`; see the module docstring.
 
-    Without `options`, the environment variable LEMO_OPTIONS (a JSON object of options) supplies
-    them: the way to reach lemo through code that calls torch.compile for you (HF `Trainer` with
-    `torch_compile_backend="lemo"`).
+    Without `options`, those given to `register_with_accelerate(options)` apply, else the
+    environment variable LEMO_OPTIONS (a JSON object of options): the ways to reach lemo through
+    code that calls torch.compile for you (HF `Trainer` with `torch_compile_backend="lemo"`).
     """
+    if options is None:
+        options = _registered_options
     if options is None and os.environ.get(OPTIONS_VARIABLE):
         options = _options_from_environment()
     return LemoBackend(options, mode=mode)(gm, example_inputs)
 
 
 OPTIONS_VARIABLE = "LEMO_OPTIONS"
+_registered_options: LemoConfig | None = None
 
 
-def register_with_accelerate() -> None:
+def register_with_accelerate(options: LemoConfig | Mapping[str, Any] | None = None) -> None:
     """Make Hugging Face accelerate accept the backend name "lemo", so that
-    `TrainingArguments(torch_compile=True, torch_compile_backend="lemo")` works (options through
-    LEMO_OPTIONS).
+    `TrainingArguments(torch_compile=True, torch_compile_backend="lemo")` works, for the HF
+    `Trainer` and TRL's `SFTTrainer` alike; `options` (validated here) become the options of every
+    `backend="lemo"` compile in this process that passes none (else LEMO_OPTIONS applies).
 
     The Trainer hands compilation to accelerate, whose `TorchDynamoPlugin` only takes the names of
     its `DynamoBackend` enum and refuses others ("'LEMO' is not a valid DynamoBackend"). This adds
     the member LEMO to that enum, in this process; accelerate then calls
     `torch.compile(model, backend="lemo")`. Nothing else of accelerate changes. Idempotent."""
+    global _registered_options
+    if options is not None:
+        _registered_options = LemoConfig.from_options(options)
     from accelerate.utils import DynamoBackend
 
     if "LEMO" in DynamoBackend._value2member_map_:

@@ -117,16 +117,24 @@ def test_hf_trainer_with_a_model_compiled_by_lemo(tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_hf_trainer_with_torch_compile_backend_lemo(tmp_path, monkeypatch):
+@pytest.mark.parametrize("through", ["register", "environment"])
+def test_hf_trainer_with_torch_compile_backend_lemo(tmp_path, monkeypatch, through):
     """TrainingArguments(torch_compile_backend="lemo"): accelerate refuses the name until
-    `register_with_accelerate()`; then the Trainer compiles with lemo, options from LEMO_OPTIONS."""
+    `register_with_accelerate()`; then the Trainer compiles with lemo, with the options given
+    to `register_with_accelerate(options)` or, without them, from LEMO_OPTIONS."""
     from transformers import Trainer
 
-    args = _trainer_args(tmp_path, torch_compile=True, torch_compile_backend="lemo",
-                         torch_compile_mode=None)
-    monkeypatch.setenv("LEMO_OPTIONS", json.dumps({**OPTIONS, "loss_segment": 64}))
-    lemo_compile.register_with_accelerate()
-    lemo_compile.register_with_accelerate()  # idempotent
+    from lemo_compile import backend
+
+    options = {**OPTIONS, "loss_segment": 64}
+    monkeypatch.setattr(backend, "_registered_options", None)
+    if through == "register":
+        lemo_compile.register_with_accelerate(options)
+    else:
+        monkeypatch.setenv("LEMO_OPTIONS", json.dumps(options))
+        lemo_compile.register_with_accelerate()
+    lemo_compile.register_with_accelerate()  # idempotent; keeps the registered options
+    args = _trainer_args(tmp_path, torch_compile=True, torch_compile_backend="lemo")
     model = tiny_llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = Trainer(model=model, args=args, train_dataset=_dataset())
