@@ -171,6 +171,7 @@ def module_path(path: str) -> str:
     """Dynamo's module path (`L['self'].model.layers[0]`, `L['args'][0].model.layers.0`) as
     a plain dotted name (`model.layers.0`)."""
     path = re.sub(r"^L\[[^\]]*\](\[\d+\])?\.?", "", path)
+    path = re.sub(r"(\.)?__dict__\['_modules'\]\['([^']*)'\]", r".\2", path)  # PEFT's wrappers
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.lstrip(".")
@@ -243,12 +244,18 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
                 continue
             break
         if mlp is not None and mlp.residual is not block.add:
-            # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
-            # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
-            layers.append(DecoderLayer(index, path, None, (
-                f"layer {path}: the residual stream is transformed between its attention and MLP "
-                "blocks (a post-norm layer, e.g. OPT with do_layer_norm_before=False); lemo "
-                "supports pre-norm layers only")))
+            if block.residual in mlp.nodes or mlp.residual in block.nodes:
+                # y = x + Attn(norm1(x)) + MLP(norm2(x)): one block's output is the other's "residual"
+                problem = ("its attention and MLP outputs are summed before they join the residual "
+                           "stream (a parallel-residual layer, e.g. GPT-NeoX); lemo supports "
+                           "sequential pre-norm layers only")
+            else:
+                # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
+                # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
+                problem = ("the residual stream is transformed between its attention and MLP "
+                           "blocks (a post-norm layer, e.g. OPT with do_layer_norm_before=False); "
+                           "lemo supports pre-norm layers only")
+            layers.append(DecoderLayer(index, path, None, f"layer {path}: {problem}"))
             continue
         layers.append(DecoderLayer(index, path, block, mlp=mlp))
     attends = any(_is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
@@ -323,7 +330,10 @@ def _residual_block(
         output = users[0]
     adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
     if len(adds) != 1 or not _is_add(adds[0]) or len(adds[0].args) != 2:
-        raise _NotABlock(f"the output of {path} is not added into the residual stream")
+        seen = ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in adds}))
+        raise _NotABlock(f"the output of its {path.rsplit('.', 1)[-1]} module is not added into "
+                         f"the residual stream as it is (it goes to {seen or 'nothing'}; lemo "
+                         "supports x + block(norm(x)))")
     add = adds[0]
     residual = add.args[1] if add.args[0] is output else add.args[0]
     if not isinstance(residual, fx.Node):

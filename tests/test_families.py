@@ -208,3 +208,50 @@ def test_post_norm_opt_falls_back_to_dense_with_a_warning():
     assert backend.reports[-1].counters.get("sparse_layers", 0) == 0
     torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out.loss) and model.lm_head.weight.grad is not None
+
+
+def _lemo_warnings(model, *args, **kwargs) -> list[str]:
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, lemo_compile.LemoWarning)]
+
+
+def test_parallel_residual_layers_are_named_as_such_once():
+    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=4, num_attention_heads=4, use_cache=False)
+    torch.manual_seed(0)
+    ids = token_batch(1, 64)
+    (message,) = _lemo_warnings(transformers.GPTNeoXForCausalLM(config).train(), input_ids=ids,
+                                labels=ids)
+    assert message.count("\n  - ") == 1 and "layers gpt_neox.layers.0-3: " in message
+    assert "parallel-residual" in message and "post-norm" not in message
+
+
+def test_a_scaled_block_output_says_what_it_saw():
+    import toy
+
+    class ScaledLayer(toy.Layer):
+        def forward(self, x, cos, sin):
+            x = x + 0.5 * self.attn(self.norm1(x), cos, sin)
+            return x + self.mlp(self.norm2(x))
+
+    model = toy.ToyDecoder(layers=2)
+    model.layers = torch.nn.ModuleList(ScaledLayer(32, 4, 2, 48) for _ in range(2))
+    (message,) = _lemo_warnings(model.train(), token_batch(1, 64, vocab=32))
+    assert message.count("\n  - ") == 1
+    assert "layers layers.0-1: the output of its attn module is not added into the residual" in message
+    assert "(it goes to mul;" in message
+
+
+def test_peft_layer_paths_are_the_module_paths_users_know():
+    from peft import LoraConfig, get_peft_model
+
+    model = _model("qwen2")
+    model.config._attn_implementation = "eager"
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).train()
+    ids = token_batch(1, 64)
+    (message,) = _lemo_warnings(model, input_ids=ids, labels=ids)
+    assert "layers base_model.model.model.layers.0-3: no scaled_dot_product_attention" in message
+    assert "__dict__" not in message

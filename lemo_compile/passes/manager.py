@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import re
 import warnings
 from collections.abc import Callable
 
@@ -109,7 +110,8 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     problems += [p for p in regions.problems if p not in layer_problems]
     sparse_layers = [layer for layer in layers if layer.attention is not None]
     if problems:
-        report.warn("lemo: some decoder layers were not recognised and run dense: " + "; ".join(problems))
+        report.warn("lemo: some decoder layers were not recognised and run dense:"
+                    + "".join(f"\n  - {line}" for line in _grouped_by_reason(problems)))
     if sparse_layers:
         residual = sparse_layers[0].attention.residual.meta["example_value"]
         report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
@@ -225,6 +227,33 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _grouped_by_reason(problems: list[str]) -> list[str]:
+    """Problems of the form "layer <prefix>.<i>: <reason>", one line per (prefix, reason) with the
+    layer indices as ranges ("layer model.layers.0-3, 5: <reason>"); other problems as they are."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    others = []
+    for problem in problems:
+        match = re.match(r"^layer (.*)\.(\d+): (.*)$", problem, re.S)
+        if match:
+            groups.setdefault((match[1], match[3]), []).append(int(match[2]))
+        else:
+            others.append(problem)
+    lines = [f"layer{'s' if len(i) > 1 else ''} {prefix}.{_ranges(i)}: {reason}"
+             for (prefix, reason), i in groups.items()]
+    return lines + others
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _warn_unplanned_dense_layers(report: CompileReport, plans: list[LayerPlan],
