@@ -2,7 +2,7 @@
 
     model = torch.compile(model, backend="lemo", options={"keep_ratio": 0.4})
 
-See README.md for the options and LEMO.md-style semantics; `LemoBackend` keeps a report per graph.
+See README.md for the options and the semantics; `LemoBackend` keeps a report per graph.
 """
 
 from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)

@@ -1,6 +1,6 @@
 """The lemo backend end to end on tiny HF Llama models (no-codegen compiler: fast on the CPU).
 
-The eager reference (`reference.py`) implements LEMO.md's semantics by hand from the model's modules;
+The eager reference (`reference.py`) implements README.md's semantics by hand from the model's modules;
 the compiled model must match it in logits, loss and every parameter gradient.
 """
 

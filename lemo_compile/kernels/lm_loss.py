@@ -1,4 +1,4 @@
-"""Segmented LM head + cross-entropy (LEMO.md, "Loss"): the N x V logits never exist at once.
+"""Segmented LM head + cross-entropy (README.md, "Semantics": segmented loss): the N x V logits never exist at once.
 
 Rows are processed `segment` at a time, and each segment's gradients are computed right away, in
 the forward, while its logits exist: the loss is the graph's last step, so its gradient is known up

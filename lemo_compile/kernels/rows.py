@@ -1,4 +1,4 @@
-"""Moving kept token rows in and out of the residual stream (LEMO.md, "Kernel Optimization" (a)).
+"""Moving kept token rows in and out of the residual stream (LeMo's permutation-free kernels).
 
 Shapes: x [B, S, D] the residual stream (any strides, a batch stride of 0 included), idx [B, K]
 int64 token indices, distinct and sorted per row, rows [B, K, D].

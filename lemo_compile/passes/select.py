@@ -50,7 +50,7 @@ so the forward is exact and the gradient reaches the MLP only through a_k: what 
 the MLP's activation is [B, S, C] instead of [B, S, I] (see `ops.channel_linear` for the gradient).
 A flattened MLP (OPT: a [B*S, I]) is viewed as [B, S, I] for this, and `out` back as [B*S, D].
 
-Promise: the graph computes LEMO.md's semantics v1 for the sparse layers and is unchanged elsewhere;
+Promise: the graph computes the semantics of README.md ("Semantics") for the sparse layers and is unchanged elsewhere;
 a block that cannot be compacted stays dense and is reported in `SelectionResult.dense` (attention)
 or `SelectionResult.mlp_dense` (with the reason).
 """

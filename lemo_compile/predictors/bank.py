@@ -1,4 +1,4 @@
-"""Trained block-score predictors (LEMO.md, "Predictors"), one per sparse layer, and their storage.
+"""Trained block-score predictors (README.md, "Trained predictors"), one per sparse layer, and their storage.
 
 A `BlockPredictor` reads a layer's attention input h = norm1(x) [B, S, D] (D = H slices of D / H),
 reshapes it into 64-token blocks and, per block and per head slice, maps the block's b x D/H values
