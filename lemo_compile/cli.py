@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import warnings
 
 from lemo_compile.demo import DemoSettings, run_demo, run_variant
 from lemo_compile.predictors.bank import DISTANCES
@@ -173,8 +174,12 @@ def run_inspect(args: argparse.Namespace) -> int:
                             generator=torch.Generator().manual_seed(0))
     print(f"explaining {type(model).__name__} at {args.batch_size} x {args.seq_len} tokens ...",
           flush=True)
-    explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, use_cache=False,
-                                       options=options)
+    with warnings.catch_warnings():
+        # inspect never reads the training logits: the segmented loss's placeholder is expected
+        warnings.filterwarnings("ignore", message=".*NaN placeholder",
+                                category=lemo_compile.LemoWarning)
+        explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, use_cache=False,
+                                           options=options)
     print(explanation.table())
     written = explanation.write(args.out, onnx=not args.no_onnx)
     print(f"wrote {len(written)} files to {args.out}/: "

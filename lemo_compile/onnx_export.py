@@ -49,6 +49,7 @@ import logging
 import operator
 import os
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -113,7 +114,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             )
     copy = _export_copy(gm)
     inputs = tuple(t.detach() for t in example_inputs)
-    with torch.no_grad(), _quiet_registration():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             _Forward(copy).eval(),  # the graph's ops fix train/eval behaviour; eval: no warning
             inputs,
@@ -692,13 +693,16 @@ def _add_functions(model) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_registration():
-    """torch's ONNX exporter logs a warning for each torchvision op it cannot register when
-    torchvision is not installed; lemo's graphs hold none, so those lines are noise here."""
+def _quiet_exporter():
+    """Silence what torch's ONNX exporter prints about itself during lemo's export: a warning per
+    torchvision op it cannot register when torchvision is not installed (lemo's graphs hold none),
+    and the FutureWarning its own copying of tree specs raises (`isinstance(treespec, LeafSpec)`)."""
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            yield
     finally:
         registration.setLevel(level)
