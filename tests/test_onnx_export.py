@@ -309,15 +309,20 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     assert ort_logits.shape == logits.shape and torch.isnan(ort_logits).all()
 
 
-def test_toy_decoder_with_random_scores_export(tmp_path):
+def test_toy_decoder_with_random_scores_export(tmp_path, caplog):
     """The random scorer's function is a stand-in (other random blocks than torch's), so the
-    model is checked for structure and shapes only."""
+    model is checked for structure and shapes only. The export prints nothing of torch's
+    exporter's own (its torchvision lookups, its tree-spec FutureWarning)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 32, (1, 62))
     options = {"block_size": 4, "keep_ratio": 0.5, "dense_layers": [0], "loss_segment": None,
                "scorer": "random", "seed": 7}
     gm, inputs = rewritten_graph(ToyDecoder(layers=2).train(), lambda c: c(ids, ids), options)
-    exported = Exported(gm, inputs, tmp_path / "toy.onnx")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        exported = Exported(gm, inputs, tmp_path / "toy.onnx")
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+    assert not [r for r in caplog.records if "torchvision" in r.getMessage()]
     onnx.checker.check_model(exported.model, full_check=True)
     calls = [n.op_type for n in exported.lemo_nodes()]
     assert calls.count("random_block_scores") == 1 and calls.count("select_tokens") == 1
