@@ -97,8 +97,8 @@ def causal_attention_pass(gm: fx.GraphModule) -> int:
 
 def _rewrite(call: fx.Node, is_causal) -> int:
     """Rewrite one SDPA call if its mask is proven causal; 1 if rewritten, else 0."""
-    if call.op != "call_function" or call.target not in SDPA_TARGETS:
-        return 0
+    if call.op != "call_function" or call.target not in SDPA_TARGETS or len(call.args) < 2:
+        return 0  # (a query and key passed by keyword: left as it is)
     args, kwargs = list(call.args), dict(call.kwargs)
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     causal_flag = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
