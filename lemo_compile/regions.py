@@ -275,12 +275,24 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
 
 def checkpointed_layers(gm: fx.GraphModule) -> dict[int, tuple[fx.GraphModule, ModelRegions, DecoderLayer]]:
     """Decoder layers whose attention block sits inside an activation-checkpoint region: layer index
-    -> (the region's body graph module, its regions, the layer as found there).
+    -> (the region's body graph module, its regions, the layer as found there). Each body (see
+    `checkpoint_bodies`) is searched like a whole graph (its nodes keep their module stacks)."""
+    found = {}
+    for body in checkpoint_bodies(gm):
+        body_regions = find_regions(body)
+        for layer in body_regions.layers:
+            if layer.attention is not None:
+                found[layer.index] = (body, body_regions, layer)
+    return found
+
+
+def checkpoint_bodies(gm: fx.GraphModule) -> dict[fx.GraphModule, list[fx.Node]]:
+    """Each activation-checkpoint body of gm and the calls that run it, in graph order.
 
     Dynamo captures `torch.utils.checkpoint` (HF's gradient checkpointing) as a
-    `tag_activation_checkpoint` call whose first argument is a `get_attr` of the body; the body is
-    searched like a whole graph (its nodes keep their module stacks)."""
-    found = {}
+    `tag_activation_checkpoint(body, *args)` call whose first argument is a `get_attr` of the body;
+    the body's placeholders take `args` in order."""
+    bodies: dict[fx.GraphModule, list[fx.Node]] = {}
     checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not checkpoint or not node.args:
@@ -289,13 +301,9 @@ def checkpointed_layers(gm: fx.GraphModule) -> dict[int, tuple[fx.GraphModule, M
         if not isinstance(body_node, fx.Node) or body_node.op != "get_attr":
             continue
         body = getattr(gm, body_node.target, None)
-        if not isinstance(body, fx.GraphModule):
-            continue
-        body_regions = find_regions(body)
-        for layer in body_regions.layers:
-            if layer.attention is not None:
-                found[layer.index] = (body, body_regions, layer)
-    return found
+        if isinstance(body, fx.GraphModule):
+            bodies.setdefault(body, []).append(node)
+    return bodies
 
 
 class _NotABlock(Exception):

@@ -35,7 +35,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from lemo_compile.regions import SDPA_TARGETS
+from lemo_compile.regions import SDPA_TARGETS, checkpoint_bodies
 
 # Ops accepted on values that hold both sequence dims: each output element is computed from the
 # input elements at the same (broadcast) position, so a block of query rows of the output needs
@@ -56,7 +56,6 @@ _POINTWISE_METHODS = {
     "__sub__", "__neg__", "__rand__", "__ror__",
 }
 _ROW_BLOCK_ELEMENTS = 1 << 26  # elements of one evaluated row block: 64M (64 MB as bool)
-_CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def causal_attention_pass(gm: fx.GraphModule) -> int:
         return proven[mask]
 
     count = sum(_rewrite(call, is_causal) for call in list(gm.graph.nodes))
-    for body, calls in _checkpoint_bodies(gm).items():
+    for body, calls in checkpoint_bodies(gm).items():
         placeholders = list(body.graph.find_nodes(op="placeholder"))
         read = {p for p in placeholders if p.users}
 
@@ -182,7 +181,7 @@ def _evaluate_rows(gm, nodes, small: dict, seq_len: int, start: int, stop: int) 
 
     env = {n: rows_of(v) for n, v in small.items()}
     for node in nodes:
-        if _method_name(node) == "expand":
+        if node.op == "call_method" and node.target == "expand":
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
                 sizes = tuple(sizes[0])
@@ -256,24 +255,8 @@ def _is_random(node: fx.Node) -> bool:
     return any(word in name for word in ("rand", "dropout", "bernoulli", "normal", "multinomial"))
 
 
-def _method_name(node: fx.Node) -> str | None:
-    return node.target if node.op == "call_method" else None
-
-
 def _value(node):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
-
-
-def _checkpoint_bodies(gm: fx.GraphModule) -> dict[fx.GraphModule, list[fx.Node]]:
-    """Each activation-checkpoint body of gm and the calls that run it."""
-    bodies: dict[fx.GraphModule, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is _CHECKPOINT and node.args:
-            body_node = node.args[0]
-            body = getattr(gm, body_node.target, None) if body_node.op == "get_attr" else None
-            if isinstance(body, fx.GraphModule):
-                bodies.setdefault(body, []).append(node)
-    return bodies
 
 
 def _drop_inputs(body: fx.GraphModule, calls: list[fx.Node], unused: list[int]) -> None:
