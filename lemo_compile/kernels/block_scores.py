@@ -1,4 +1,5 @@
-"""Oracle block scores (README.md, "Semantics": oracle scores): which 64-token blocks a layer's attention uses most.
+"""Oracle block scores (README.md, "Semantics": oracle scores): which 64-token blocks a layer's
+attention uses most.
 
 For queries q [B, H, S, d] and keys k [B, Hk, S, d] (after RoPE; query head h reads key head
 h // (H // Hk)), with n = S // b full blocks:

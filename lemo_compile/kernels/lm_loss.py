@@ -1,4 +1,5 @@
-"""Segmented LM head + cross-entropy (README.md, "Semantics": segmented loss): the N x V logits never exist at once.
+"""Segmented LM head + cross-entropy (README.md, "Semantics": segmented loss): the N x V logits
+never exist at once.
 
 Rows are processed `segment` at a time, and each segment's gradients are computed right away, in
 the forward, while its logits exist: the loss is the graph's last step, so its gradient is known up
@@ -50,8 +51,9 @@ def linear_cross_entropy_reference(
     """(loss, dloss/dh, dloss/dW, dloss/db) of rows h [N, D] against target [N].
 
     reduction "mean" divides by the number of targets != ignore_index (NaN when there are none, like
-    torch, whose gradients are then zero, also like torch) or "sum". The loss is a `logits_dtype` scalar. dh [N, D] is computed when `h_grad`; dW
-    [V, D] and db [V] (when there is a bias) when `weight_grad`; the others are None.
+    torch, whose gradients are then zero, also like torch) or "sum". The loss is a `logits_dtype`
+    scalar. dh [N, D] is computed when `h_grad`; dW [V, D] and db [V] (when there is a bias) when
+    `weight_grad`; the others are None.
     `kernel`: the Triton softmax (see `kernel_supports`).
     """
     valid_count = (target != ignore_index).sum()
