@@ -42,6 +42,12 @@ def _square_values(gm, seq_len):
             and list(v.shape).count(seq_len) >= 2]
 
 
+def _expands(gm):
+    return [n.name for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes if n.op == "call_method" and n.target == "expand"
+            and n.meta["example_value"].dim() == 5]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_llama_mask_becomes_is_causal_and_disappears(checkpointing):
     model = tiny_llama(layers=3)
@@ -56,7 +62,11 @@ def test_llama_mask_becomes_is_causal_and_disappears(checkpointing):
     assert len(calls) == 3
     for call in calls:
         assert call.kwargs.get("attn_mask") is None and call.kwargs["is_causal"] is True
+        # grouped-query attention as eager transformers runs it: the 2 key/value heads, unrepeated
+        assert call.kwargs["enable_gqa"] is True
+        assert [a.meta["example_value"].shape[1] for a in call.args[1:3]] == [2, 2]
     assert _square_values(gm, 112) == []  # the mask's construction is gone
+    assert _expands(gm) == []  # and the key/value repeats
     got = gm(*inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -70,6 +80,8 @@ def test_padded_mask_is_left_alone():
     gm, _ = _captured(model, input_ids=ids, attention_mask=mask)
     assert causal_attention_pass(gm) == 0
     assert all(c.kwargs.get("attn_mask") is not None for c in _sdpa_calls(gm))
+    # with a mask SDPA's fast kernels take no grouped heads: the key/value repeats stay
+    assert not any(c.kwargs.get("enable_gqa") for c in _sdpa_calls(gm)) and len(_expands(gm)) == 4
 
 
 def test_sliding_window_is_left_alone_and_short_windows_become_causal():
@@ -135,6 +147,7 @@ def test_sparse_layers_attend_causally_over_kept_tokens():
     assert report.counters["causal_attention"] == 4 and report.counters["sparse_layers"] == 1
     assert "attn_mask" not in report.graphs["select"]
     assert report.graphs["select"].count("is_causal = True") == 4
+    assert report.graphs["select"].count("enable_gqa = True") == 4
 
 
 def test_eval_graphs_use_is_causal_too():

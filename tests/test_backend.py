@@ -281,10 +281,11 @@ def test_structural_summary_of_a_tiny_hf_llama():
                      "fused_gather_norm": 2, "fused_gather": 4, "fused_scatter_add": 2},
     }
     per_layer = inserted_nodes(captured["gm"])
-    # score: detach(x), the copied norm (8 nodes), q/k projections + views (6), RoPE (16), repeat_kv
-    # of the keys (3), detach(q), detach(k), block_scores; then select, gathers of x / cos / sin
-    # (no mask: HF's causal mask became is_causal=True) and the scatter_add
-    expected = Counter({"score": 37, "gather": 3, "select": 1, "scatter_add": 1})
+    # score: detach(x), the copied norm (8 nodes), q/k projections + views (6), RoPE (16),
+    # detach(q), detach(k), block_scores (the keys unrepeated: the attention reads them with
+    # enable_gqa); then select, gathers of x / cos / sin (no mask: HF's causal mask became
+    # is_causal=True) and the scatter_add
+    expected = Counter({"score": 34, "gather": 3, "select": 1, "scatter_add": 1})
     assert per_layer == {1: expected, 2: expected}
     targets = Counter(str(n.target) for n in captured["gm"].graph.nodes if n.op == "call_function")
     assert targets["lemo.block_scores.default"] == 2

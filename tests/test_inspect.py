@@ -96,11 +96,18 @@ def test_layer_diffs_show_selection_in_sparse_layers_and_only_causal_attention_i
                           options={**OPTIONS, "dense_layers": [0, 2]})
     selecting = {layer for layer, diff in explanation.layer_diffs.items() if "select_tokens" in diff}
     assert selecting == {p.layer for p in explanation.plans if p.sparse} == {1, 3, 4}
-    for layer in (0, 2):  # the mask HF passes became is_causal=True; nothing else changed
+    for layer in (0, 2):
+        # the mask HF passes became is_causal=True, and the key/value heads are read unrepeated
+        # (enable_gqa=True) instead of through repeat_kv's getitem / expand / reshape; nothing else
         changed = [line for line in explanation.layer_diffs[layer].splitlines()
                    if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-        assert len(changed) == 2 and all("scaled_dot_product_attention" in l for l in changed)
-        assert "is_causal=True" in changed[1] and "attn_mask" not in changed[1]
+        attention = [line for line in changed if "scaled_dot_product_attention" in line]
+        assert len(attention) == 2 and "is_causal=True" in attention[1]
+        assert "attn_mask" not in attention[1] and "enable_gqa=True" in attention[1]
+        repeats = [line for line in changed if line not in attention]
+        assert len(repeats) == 6 and all(line.startswith("-") for line in repeats)
+        assert sorted(line.split(" = ")[1].split("(")[0] for line in repeats) == [
+            "expand", "expand", "getitem", "getitem", "reshape", "reshape"]
     assert list(explanation.diffs()) == ["select"]
     assert explanation.diffs()["select"].startswith("--- dynamo\n+++ select\n")
 
@@ -112,9 +119,11 @@ def test_activation_memory_is_lower_for_sparse_layers_only():
     memory = explanation.activation_bytes
     # layer 1 hands its output to sparse layer 2 (module docstring); layer 0 keeps the same
     # activations but for the causal mask (a [64, 64] float32 additive mask on the CPU), which
-    # the masked attention of the graph as Dynamo gave it keeps for backward, and
-    # is_causal=True does not need
-    assert memory[0]["dense"] - memory[0]["lemo"] == 64 * 64 * 4 and memory[0]["lemo"] > 0
+    # the masked attention of the graph as Dynamo gave it keeps for backward and is_causal=True
+    # does not need, and but for K and V saved at the key/value heads' count (2) instead of
+    # repeated to the query's (4): [1, 2, 64, 16] float32 each instead of [1, 4, 64, 16]
+    mask, repeats = 64 * 64 * 4, 2 * (4 - 2) * 64 * 16 * 4
+    assert memory[0]["dense"] - memory[0]["lemo"] == mask + repeats and memory[0]["lemo"] > 0
     for layer in (2, 3, 4):
         assert 0 < memory[layer]["lemo"] < memory[layer]["dense"]
     assert sum(m["lemo"] for m in memory.values()) < sum(m["dense"] for m in memory.values())

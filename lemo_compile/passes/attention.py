@@ -16,12 +16,20 @@ ops and expands are accepted there, so no S x S tensor is ever built (at 128K to
 padding, packed documents), or that is not causal (sliding windows, chunked attention), or that is
 built by an op this evaluator does not accept, is left as it is.
 
+Grouped-query attention: with a mask, transformers also repeats each key/value head for its group
+of query heads (`repeat_kv`: `kv[:, :, None].expand(B, Hk, n, S, d).reshape(B, Hk * n, S, d)`),
+a copy of K and V at the query's head count that is kept for backward. Without a mask eager
+transformers passes the Hk heads and `enable_gqa=True` instead. A rewritten call whose key and
+value are both such repeats (same n, head dim <= 256 as transformers requires for the fast
+kernels) reads the unrepeated tensors with `enable_gqa=True`, as eager transformers does; SDPA maps
+query head h to key/value head h // n, the head `repeat_kv` put there.
+
 Promise: an SDPA call is rewritten to `is_causal=True` with no mask only when its query and key
 lengths are equal and its mask equals the plain causal mask in every element (bool masks; float
 masks with 0 for kept and -inf or the dtype's lowest value for hidden pairs). Then the two calls
 compute the same attention (up to the kernel's rounding). Checkpoint bodies lose the mask input
-they no longer read, and the mask's construction is removed from the graph when nothing else
-reads it.
+they no longer read, and the mask's construction (and the key/value repeats) are removed from the
+graph when nothing else reads them.
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ def causal_attention_pass(gm: fx.GraphModule) -> int:
 
         rewritten = sum(_rewrite(call, outer) for call in list(body.graph.nodes))
         if rewritten:
+            body.graph.eliminate_dead_code()
+            body.recompile()
             _drop_inputs(body, calls, [i for i, p in enumerate(placeholders)
                                        if p in read and not p.users])
             count += rewritten
@@ -117,8 +127,55 @@ def _rewrite(call: fx.Node, is_causal) -> int:
         args[5] = True
     else:
         kwargs["is_causal"] = True
+    _use_grouped_heads(args, kwargs)
     call.args, call.kwargs = tuple(args), kwargs
     return 1
+
+
+def _use_grouped_heads(args: list, kwargs: dict) -> None:
+    """If the key and value in (args, kwargs) of an SDPA call are both `repeat_kv` copies with the
+    same group size, read the unrepeated tensors with `enable_gqa=True` (in place)."""
+    if len(args) < 3 or kwargs.get("enable_gqa") or (len(args) > 7 and args[7]):
+        return
+    key, value = _unrepeated(args[1]), _unrepeated(args[2])
+    if key is None or value is None or key[1] != value[1]:
+        return
+    head_dims = {_value(key[0]).shape[-1], _value(value[0]).shape[-1]}
+    if len(head_dims) != 1 or head_dims.pop() > 256:
+        return  # transformers keeps repeat_kv here: SDPA's fast kernels would not run
+    args[1], args[2] = key[0], value[0]
+    if len(args) > 7:
+        args[7] = True
+    else:
+        kwargs["enable_gqa"] = True
+
+
+def _unrepeated(node) -> tuple[fx.Node, int] | None:
+    """(kv, n) when `node` is `kv[:, :, None].expand(B, Hk, n, S, d).reshape(B, Hk * n, S, d)` for
+    kv [B, Hk, S, d] (transformers' repeat_kv), else None."""
+    if not (isinstance(node, fx.Node) and node.args and (
+            (node.op == "call_method" and node.target in ("reshape", "view"))
+            or (node.op == "call_function" and node.target is torch.reshape))):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method"
+            and expand.target == "expand" and isinstance(expand.args[0], fx.Node)):
+        return None
+    index = expand.args[0]
+    full = slice(None, None, None)
+    if not (index.op == "call_function" and index.target is operator.getitem
+            and isinstance(index.args[0], fx.Node)
+            and index.args[1] in ((full, full, None), (full, full, None, full, full))):
+        return None
+    kv, repeated, expanded = _value(index.args[0]), _value(node), _value(expand)
+    if not all(isinstance(v, torch.Tensor) for v in (kv, repeated, expanded)) or kv.dim() != 4:
+        return None
+    batch, heads, seq_len, dim = kv.shape
+    groups = expanded.shape[2] if expanded.dim() == 5 else 0
+    if (tuple(expanded.shape) != (batch, heads, groups, seq_len, dim)
+            or tuple(repeated.shape) != (batch, heads * groups, seq_len, dim)):
+        return None
+    return index.args[0], groups
 
 
 def _is_plain_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
