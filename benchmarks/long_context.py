@@ -19,11 +19,14 @@ cache directory:
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
                   not their quality)
 
-Per run: the first step (compilation included), the median of the other steps, the CUDA peak over
-those steps, the loss of each step, and one more step under the profiler: the CUDA kernels that
+Per run: the first step (compilation included), the median of the steps after `--warmup` steps (the
+second step of a compiled model is still slow, ~2x: warm-up, not the steady state), the CUDA peak over
+all steps but the first, the loss of each step, and one more step under the profiler: the CUDA kernels that
 run SDPA (flash, memory-efficient, cuDNN, or none for the math fallback), the 15 kernels of most
-time, and the time of all kernels summed (`kernels_s`; against `step_s`, how busy the GPU was). A run that runs out of memory is reported as such. Prints a table last and writes
-one JSON line per run to --out.
+time, the GPU's busy time (`kernels_s`, against the profiled step's wall time), its longest idle
+stretches and the CUDA runtime calls of most host time (`--trace-dir` also keeps Chrome traces). A
+run that runs out of memory is reported as such. Prints a table last and writes one JSON line per
+run to --out.
 
     python benchmarks/long_context.py --layers 16 --seq-lens 16384 --variants liger lemo-base lemo
     python benchmarks/long_context.py --layers 16 --seq-lens 65536 --checkpointing --variants liger lemo
@@ -32,9 +35,11 @@ one JSON line per run to --out.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,7 +123,7 @@ def run_one(args) -> dict:
         return loss.item()
 
     times, losses, peak = [], [], 0
-    for index in range(args.steps):
+    for index in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         begin = time.perf_counter()
@@ -130,41 +135,151 @@ def run_one(args) -> dict:
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
         "checkpointing": args.checkpointing, "first_step_s": times[0],
-        "step_s": statistics.median(times[1:]), "peak_gb": peak / 1e9, "losses": losses,
-        "torch": torch.__version__,
+        "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
+        "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
     }
-    result["attention_kernels"], result["top_kernels"], result["kernels_s"] = profile_step(step)
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if args.memory:
+        result["live_at_peak"] = live_at_peak(step)
+        if args.trace_dir and cache:  # the generated code the rows point into, to read them by
+            for where in {row[2].split(":")[0] for row in result["live_at_peak"]}:
+                for found in glob.glob(os.path.join(cache, "**", where), recursive=True):
+                    shutil.copy(found, os.path.join(args.trace_dir, f"{args.variant}_{where}"))
+    result.update(profile_step(step, args.trace_dir and os.path.join(
+        args.trace_dir, f"{args.variant}_{args.seq_len}.json")))
     if backend is not None and backend.reports:
         report = max(backend.reports, key=lambda r: len(r.plans))
         result["kept_tokens"] = [p.kept_tokens for p in report.plans]
-        result["lemo_counters"] = {k: v for r in backend.reports for k, v in r.counters.items()}
+        counters: dict[str, int] = {}  # summed: with PEFT + checkpointing the model is 3 graphs
+        for r in backend.reports:
+            for name, value in r.counters.items():
+                counters[name] = counters.get(name, 0) + value
+        result["lemo_counters"] = counters
         result["lemo_warnings"] = [w for r in backend.reports for w in r.warnings]
     return result
 
 
-def profile_step(step) -> tuple[dict[str, int], list[tuple[str, float, int]], float]:
-    """One step under the profiler: the CUDA kernels whose names say they compute attention, with
-    their counts; the 15 kernels of most total time (name, ms, count); and the summed time of all
-    kernels in seconds (against the step's wall time: how busy the GPU is)."""
+def profile_step(step, trace: str | None = None) -> dict:
+    """One step under the profiler (CPU and CUDA activity). Returns:
+
+    attention_kernels: the CUDA kernels whose names say they compute attention, with their counts;
+    top_kernels:       the 15 kernels of most total time (name, ms, count);
+    kernels_s:         the GPU's busy time, the union of all kernel intervals, in seconds;
+    profiled_step_s:   the wall time of the profiled step (against kernels_s: how idle the GPU is);
+    gaps:              the 10 longest stretches with no kernel running (ms), each with the
+                       innermost CPU op running when it began;
+    runtime_calls:     CUDA runtime/driver calls by total host time (name, ms, count): syncs,
+                       allocations and copies show up here.
+    `trace`, if given, is a path the Chrome trace is written to.
+    """
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
         step()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - begin
+    if trace:
+        prof.export_chrome_trace(trace)
     found: dict[str, int] = {}
     events = prof.key_averages()
-    for event in events:
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    for event in kernels:
         name = event.key
         if any(word in name.lower() for word in ATTENTION_KERNEL_WORDS):
             found[name[:120]] = found.get(name[:120], 0) + event.count
-    timed = sorted(events, key=lambda e: -_device_time(e))
+    timed = sorted(kernels, key=lambda e: -_device_time(e))
     top = [(e.key[:120], _device_time(e) / 1e3, e.count) for e in timed[:15]]
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    busy = sum(_device_time(e) for e in kernels) / 1e6
-    return found, top, busy
+    runtime = sorted((e for e in events if e.device_type == DeviceType.CPU
+                      and e.key.startswith(("cuda", "cu"))), key=lambda e: -e.cpu_time_total)
+    calls = [(e.key, e.cpu_time_total / 1e3, e.count) for e in runtime[:8]]
+
+    spans, ops = [], []
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            spans.append((event.time_range.start, event.time_range.end))
+        elif not event.key.startswith(("cuda", "cu")):
+            ops.append((event.time_range.start, event.time_range.end, event.key))
+    busy, gaps = busy_and_gaps(spans)
+    described = []
+    for length, at in sorted(gaps, reverse=True)[:10]:
+        running = [(end - start, name) for start, end, name in ops if start <= at < end]
+        described.append((round(length / 1e3, 3), min(running)[1][:100] if running else ""))
+    return {"attention_kernels": found, "top_kernels": top, "kernels_s": busy / 1e6,
+            "profiled_step_s": wall, "gaps": described, "runtime_calls": calls}
+
+
+def live_at_peak(step, groups: int = 40) -> list[tuple[float, int, str]]:
+    """One step with the CUDA allocator recording its history: the tensors live at the step's peak,
+    grouped by where they were allocated (the innermost three Python frames outside torch's own
+    modules), largest groups first, as (GB, count, where). An allocation in Inductor's generated
+    code also shows that line and the four after it (the kernel that fills the buffer and the
+    graph nodes it computes)."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    total, best, at_best = 0, -1, {}
+    for event in snapshot["device_traces"][torch.cuda.current_device()]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _where(event.get("frames", [])))
+            total += event["size"]
+            if total > best:
+                best, at_best = total, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+    grouped: dict[str, list[int]] = {}
+    for size, where in at_best.values():
+        entry = grouped.setdefault(where, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    rows = sorted(((size / 1e9, count, where) for where, (size, count) in grouped.items()),
+                  reverse=True)
+    return [(round(base / 1e9, 3), 0, "allocated before the step")] + [
+        (round(gb, 3), count, where) for gb, count, where in rows[:groups]]
+
+
+def _where(frames: list[dict]) -> str:
+    """The innermost three frames of an allocation that are not torch's own code."""
+    import linecache
+
+    own = ("/torch/", "/contextlib.py", "/functools.py")
+    kept = [f for f in frames if not any(part in f["filename"] for part in own)][:3]
+    where = " < ".join(f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in kept)
+    if kept and kept[0]["name"] == "call" and "inductor" in kept[0]["filename"]:
+        lines = [linecache.getline(kept[0]["filename"], kept[0]["line"] + i).strip()
+                 for i in range(5)]
+        where += " | " + " / ".join(line[:160] for line in lines if line)
+    return where
+
+
+def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """The length of the union of (start, end) intervals, and each hole between them as
+    (length, start)."""
+    busy, gaps, reach = 0.0, [], None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            if reach is not None:
+                gaps.append((start - reach, reach))
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    return busy, gaps
 
 
 def _device_time(event) -> float:
@@ -192,7 +307,10 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["liger", "lemo-base", "lemo"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--keep-ratio", type=float, default=0.4)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (>= 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--memory", action="store_true",
+                        help="one more step under the allocator's history: what is live at its peak")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
@@ -201,6 +319,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--out", default="long_context.jsonl")
+    parser.add_argument("--trace-dir", help="write each run's profiled step as a Chrome trace here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,11 +342,15 @@ def main() -> int:
     for seq_len in args.seq_lens:
         for variant in args.variants:
             command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
-            for name in ("keep_ratio", "steps", "layers", "hidden", "intermediate", "heads",
+            for name in ("keep_ratio", "warmup", "steps", "layers", "hidden", "intermediate", "heads",
                          "kv_heads", "vocab"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             if args.checkpointing:
                 command.append("--checkpointing")
+            if args.trace_dir:
+                command += ["--trace-dir", args.trace_dir]
+            if args.memory:
+                command.append("--memory")
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
             row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
                    "checkpointing": args.checkpointing}
@@ -246,14 +369,15 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<15} {'step s':>7} {'peak GB':>8} "
-          f"{'1st step s':>10} {'attention':>10} {'loss 0':>7}")
+          f"{'1st step s':>10} {'GPU busy':>8} {'attention':>10} {'loss 0':>7}")
     for r in rows:
         head = f"{r['seq_len']:>7} {'yes' if r['checkpointing'] else 'no':>4} {r['variant']:<15}"
         if "error" in r:
             print(f"{head} {r['error']}")
             continue
+        busy = r["kernels_s"] / r["profiled_step_s"]
         print(f"{head} {r['step_s']:>7.3f} {r['peak_gb']:>8.1f} {r['first_step_s']:>10.1f} "
-              f"{kernel_summary(r['attention_kernels']):>10} {r['losses'][0]:>7.4f}")
+              f"{busy:>8.0%} {kernel_summary(r['attention_kernels']):>10} {r['losses'][0]:>7.4f}")
     return 0
 
 

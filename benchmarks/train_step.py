@@ -16,8 +16,9 @@ process: `predictor_ms`, the time of all sparse layers' score functions (compile
 they are inside the training graph) on a [1, S, D] bf16 input; `predictor_weights_gb`, the bank's
 weights on the GPU; `predictor_extra_gb`, the largest rise of allocated memory over one layer's call.
 
-Each (length, variant) runs in its own process so peaks do not mix. Prints a table last and writes
-one JSON line per run to --out.
+Each (length, variant) runs in its own process, with its own Inductor cache directory, so peaks do
+not mix and no variant is served another's compiled code. Step time: the median of `--steps` steps
+after `--warmup` steps. Prints a table last and writes one JSON line per run to --out.
 
     python benchmarks/train_step.py --seq-lens 4096 8192 --out results.jsonl
 """
@@ -30,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 VARIANTS = ("dense", "lemo-loss", "lemo", "lemo-nofuse", "lemo-predictor")
@@ -74,7 +76,7 @@ def run_one(args) -> dict:
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda")
     times, losses = [], []
     peak_forward = peak_step = 0  # over the steps after the first (compilation)
-    for step in range(args.steps):
+    for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         begin = time.perf_counter()
@@ -94,7 +96,8 @@ def run_one(args) -> dict:
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
         "hidden": args.hidden,
         "keep_ratio": None if args.variant in ("dense", "lemo-loss") else args.keep_ratio,
-        "compile_step_s": times[0], "step_s": statistics.median(times[1:]),
+        "compile_step_s": times[0], "step_s": statistics.median(times[args.warmup:]),
+        "step_times_s": times,
         "peak_gb": peak_step / 1e9, "peak_forward_gb": peak_forward / 1e9, "losses": losses,
         "torch": torch.__version__, "device": torch.cuda.get_device_name(),
     }
@@ -146,7 +149,10 @@ def main() -> int:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "lemo-loss", "lemo"])
     parser.add_argument("--keep-ratio", type=float, default=0.4)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="steps before the timed ones (>= 1; a compiled model's second step is "
+                             "still slow)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
@@ -165,10 +171,11 @@ def main() -> int:
     for seq_len in args.seq_lens:
         for variant in args.variants:
             command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
-            for name in ("keep_ratio", "steps", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
+            for name in ("keep_ratio", "warmup", "steps", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            cache = tempfile.mkdtemp(prefix=f"inductor-{variant}-")  # no variant runs another's code
             done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ))
+                                  env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
             if done.returncode != 0:
                 row = {"variant": variant, "seq_len": seq_len, "error": f"exit {done.returncode}",
                        "stderr_tail": done.stderr[-3000:]}
