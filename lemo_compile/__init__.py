@@ -13,6 +13,7 @@ from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
 from lemo_compile.inspect import Explanation, explain
 from lemo_compile.passes.manager import CompileReport, LemoWarning
 from lemo_compile.predictors import PredictorBank, calibrate, predictor_recall
+from lemo_compile.schedule import Phase, SparsitySchedule
 
 __version__ = "0.1.0"
 
@@ -23,7 +24,9 @@ __all__ = [
     "LemoBackend",
     "LemoConfig",
     "LemoWarning",
+    "Phase",
     "PredictorBank",
+    "SparsitySchedule",
     "calibrate",
     "explain",
     "lemo_backend",
