@@ -5,12 +5,13 @@ parameters as placeholders, `node.meta["nn_module_stack"]` and `node.meta["examp
 Nothing here changes the graph.
 
 A *residual block* is the part of a pre-norm decoder layer that reads the residual stream x and adds
-one result back: `x1 = x + Attn(norm1(x))` (or `x + dropout(Attn(norm1(x)))`, OPT: a dropout or view
-between the module's result and the add belongs to the block). It is found from the graph, not from module names:
-the attention module is the child of a decoder layer that contains a scaled-dot-product-attention
-call; its output's one consumer outside it (after dropouts and views) must be an add whose other operand
-is x; the block is
-everything that output depends on back to x, inside the layer. Layers are the modules at
+one result back: `x1 = x + f(Attn(norm1(x)))`, where f, the block's tail, computes each token's row
+from that row alone: nothing (Llama), a dropout or view (OPT), a scale (Granite's
+`residual_multiplier`), a norm on the block's output (Gemma's sandwich norms), or a chain of these.
+It is found from the graph, not from module names: the attention module is the child of a decoder
+layer that contains a scaled-dot-product-attention call; what its result reaches in the layer
+through row-local ops must be one add whose other operand is x; the block is everything the add's
+block operand depends on back to x, inside the layer. Layers are the modules at
 `<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules. A layer
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
 
@@ -41,11 +42,14 @@ class ResidualBlock:
     """One residual block of a decoder layer, as nodes of the Dynamo graph.
 
     residual: x [B, S, D], the residual stream the block reads.
-    output:   the block's result [B, S, D] (the attention's o_proj output).
+    output:   the block's result [B, S, D], what is added into x (the attention's o_proj output,
+              or the end of the block's tail: the module docstring).
     add:      the node computing x + output.
-    nodes:    the block's nodes in graph order (norm and attention; x excluded).
+    nodes:    the block's nodes in graph order (norm, attention, tail; x excluded).
     attention: the scaled-dot-product-attention call inside it (None for an MLP block).
     cache_outputs: block nodes returned by the graph besides through `add` (a KV cache).
+    module_result: the block module's own result, where its tail starts (`output` when the
+              block has no tail).
     """
 
     layer: int
@@ -56,6 +60,7 @@ class ResidualBlock:
     nodes: list[fx.Node]
     attention: fx.Node | None
     cache_outputs: list[fx.Node]
+    module_result: fx.Node
 
     @property
     def query(self) -> fx.Node:
@@ -123,9 +128,10 @@ class ResidualBlock:
                 if is_linear(n) and n.args and isinstance(n.args[0], fx.Node)]
 
     def down_projection(self) -> fx.Node | None:
-        """The plain linear call `F.linear(a, W[, b])` whose result is the block's output (through
-        dropouts and views: OPT's view(dropout(fc2(a)))), or None when the output is something else."""
-        down = self.output
+        """The plain linear call `F.linear(a, W[, b])` whose result is the block module's result
+        (through dropouts and views: OPT's view(dropout(fc2(a)))), or None when that result is
+        something else. A tail after it (a scale, a norm) only reads it."""
+        down = self.module_result
         while down.op != "placeholder" and down.args and _passes_through(down, down.args[0]):
             down = down.args[0]
         plain = (is_linear(down) and not set(down.kwargs) - {"bias"} and len(down.args) >= 2
@@ -235,8 +241,9 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
             layers.append(DecoderLayer(index, path, None, f"layer {path}: {err}"))
             continue
         mlp = None
+        claimed = set(block.nodes)  # the attention block's norms, before and after it
         for other, other_nodes in children[path].items():
-            if other == child:
+            if other == child or set(other_nodes) <= claimed:
                 continue
             try:
                 mlp = _residual_block(index, other, set(other_nodes), nodes, attention=False)
@@ -327,22 +334,8 @@ def _residual_block(
     outputs = [n for n in leaving if n not in cache_outputs]
     if len(outputs) != 1:
         raise _NotABlock(f"the attention module {path} has {len(outputs)} results used in the layer")
-    output = outputs[0]
-    # Nodes of the layer between the module's result and the residual add that change neither its
-    # values per token nor which tokens it holds (OPT's dropout; a view back to [B, S, D]): they
-    # belong to the block, whose output is then the last of them.
-    while True:
-        users = [u for u in output.users if u not in attention_nodes and u.op != "output"]
-        if len(users) != 1 or users[0] not in layer_nodes or not _passes_through(users[0], output):
-            break
-        output = users[0]
-    adds = [u for u in output.users if u not in attention_nodes and u.op != "output"]
-    if len(adds) != 1 or not _is_add(adds[0]) or len(adds[0].args) != 2:
-        seen = ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in adds}))
-        raise _NotABlock(f"the output of its {path.rsplit('.', 1)[-1]} module is not added into "
-                         f"the residual stream as it is (it goes to {seen or 'nothing'}; lemo "
-                         "supports x + block(norm(x)))")
-    add = adds[0]
+    module_result = outputs[0]
+    output, add = _tail_end_and_add(module_result, attention_nodes, layer_nodes, path)
     residual = add.args[1] if add.args[0] is output else add.args[0]
     if not isinstance(residual, fx.Node):
         raise _NotABlock(f"the residual add after {path} does not add a tensor")
@@ -373,8 +366,116 @@ def _residual_block(
         raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
     return ResidualBlock(
         index, path, residual, output, add, ordered, sdpa[0] if sdpa else None,
-        [n for n in cache_outputs if n in block],
+        [n for n in cache_outputs if n in block], module_result,
     )
+
+
+def _tail_end_and_add(result: fx.Node, module_nodes: set[fx.Node], layer_nodes: set[fx.Node],
+                      path: str) -> tuple[fx.Node, fx.Node]:
+    """(end, add): the residual add that the module's `result` reaches, and the add's operand that
+    holds the block's output (`result` itself, or the last node of the block's tail).
+
+    The tail is what the layer does to the module's result before adding it into the residual
+    stream, and it must compute each token's row from that token's row alone (`_is_row_local`):
+    OPT's dropout and view, Granite's `out * residual_multiplier`, the norm Gemma puts on a block's
+    output (`x + post_norm(block(pre_norm(x)))`). The add is the one node it reaches whose other
+    operand does not come from the result: the residual x."""
+    reach = _downstream(result, layer_nodes)
+    width = (_shape(result) or (None,))[-1]
+    adds: list[fx.Node] = []
+    pending, seen = [result], {result}
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user in module_nodes or user.op == "output" or user in seen:
+                continue
+            seen.add(user)
+            if user not in layer_nodes:
+                raise _NotABlock(f"the output of its {path.rsplit('.', 1)[-1]} module leaves the "
+                                 f"layer before it is added into the residual stream")
+            if _is_residual_add(user, reach):
+                adds.append(user)
+            elif _is_row_local(user, reach, width):
+                pending.append(user)
+            else:
+                name = str(getattr(user.target, "__name__", user.target))
+                raise _NotABlock(f"the output of its {path.rsplit('.', 1)[-1]} module is not added "
+                                 f"into the residual stream through per-token operations (it goes "
+                                 f"to {name}; lemo supports x + f(block(norm(x))) with f a scale, "
+                                 "a norm or a dropout)")
+    if len(adds) != 1:
+        raise _NotABlock(f"the output of its {path.rsplit('.', 1)[-1]} module reaches "
+                         f"{len(adds)} residual adds (one expected)")
+    add = adds[0]
+    end = next(a for a in add.args if a in reach)
+    return end, add
+
+
+def _downstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+    """`node` and every node of `within` computed from it."""
+    found, pending = {node}, [node]
+    while pending:
+        for user in pending.pop().users:
+            if user in within and user not in found:
+                found.add(user)
+                pending.append(user)
+    return found
+
+
+def _is_residual_add(node: fx.Node, reach: set[fx.Node]) -> bool:
+    """An add of two tensors of which exactly one comes from the block (is in `reach`)."""
+    if not (_is_add(node) and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args)):
+        return False
+    return sum(a in reach for a in node.args) == 1
+
+
+# Elementwise ops: each element of the result from the elements at the same (broadcast) position
+# of the inputs. Used by the row-local test below and by mlp="channels" (`passes/select.py`).
+POINTWISE_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
+    torch.exp, torch.erf, torch.relu, torch.square, torch.rsqrt, torch.sqrt,
+    F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.sigmoid, F.tanh, F.mish, F.softplus,
+}
+POINTWISE_METHODS = {
+    "mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "relu", "square",
+    "rsqrt", "sqrt", "to", "float", "half", "bfloat16", "type_as", "contiguous", "clone",
+    "__mul__", "__truediv__", "__add__", "__sub__", "__rmul__", "__radd__",
+}
+
+# Reductions: row-local when over the last dim only (checked in `_is_row_local`).
+_ROW_REDUCTIONS = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}
+
+
+def _is_row_local(node: fx.Node, reach: set[fx.Node], width: int | None) -> bool:
+    """Whether `node` computes each token's row from the same token's row of its inputs that come
+    from the block (`reach`); its other tensor inputs must hold no tokens (all dims but the last
+    of size 1: a weight, a scale). Dropouts and views (OPT) count, as they always did: they keep
+    each element's place in memory, so elementwise ops after them stay row-local; a reduction
+    must then be over a last dim of the block's width (one token's features)."""
+    if node.args and node.args[0] in reach and _passes_through(node, node.args[0]):
+        return True
+    for source in node.all_input_nodes:
+        value = source.meta.get("example_value")
+        if (source not in reach and isinstance(value, torch.Tensor)
+                and math.prod(value.shape[:-1]) != 1):
+            return False
+    target = node.target
+    if node.op == "call_function" and target in (F.layer_norm, getattr(F, "rms_norm", None)):
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        return isinstance(shape, (tuple, list)) and list(shape) == [width]
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if target in _ROW_REDUCTIONS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        shape = _shape(node.args[0]) or ()
+        return (len(shape) > 0 and shape[-1] == width
+                and all(isinstance(d, int) and d % len(shape) == len(shape) - 1 for d in dims))
+    if node.op == "call_function" and node.kwargs.get("inplace", False):
+        return False
+    return target in (POINTWISE_FUNCTIONS if node.op == "call_function" else POINTWISE_METHODS)
 
 
 DROPOUT_TARGETS = (F.dropout, torch.dropout)

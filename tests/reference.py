@@ -382,3 +382,46 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)
     return logits, loss
+
+
+def toy_lemo_forward(model, ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                     block_size: int = 64, keep_ratio=0.4, dense_layers="auto"):
+    """(logits, loss or None) of the project's toy decoder (`tests/toy.py`) under LeMo token
+    elimination with the oracle scorer: the semantics of `lemo_forward`, with each block's tail
+    (the toy's sandwich norm and / or scale on the block's output) part of the block, so run on the
+    kept rows only: x1 = x + tail1(Attn(norm1(x))) in a sparse layer adds tail1 of the kept rows'
+    attention into those rows, and nothing into the others. The MLP block is dense. Batch 1 (the
+    toy's RoPE broadcasts cos [1, S, d] over the batch)."""
+    assert ids.shape[0] == 1, "toy_lemo_forward: batch 1"
+    seq_len = ids.shape[1]
+    plan = sparse_layer_plan(len(model.layers), seq_len, block_size=block_size,
+                             keep_ratio=keep_ratio, dense_layers=dense_layers)
+    cos, sin = model.rope(seq_len, ids.device)
+    x = model.embed(ids)
+    for layer_index, layer in enumerate(model.layers):
+        k_blocks = plan[layer_index]
+        if k_blocks is None:
+            x = x + layer.tail(layer.attn(layer.norm1(x), cos, sin), layer.post1)
+        else:
+            attn = layer.attn
+            with torch.no_grad():
+                h = layer.norm1(x)
+                q = attn.q(h).view(1, seq_len, attn.heads, attn.head_dim).transpose(1, 2)
+                k = attn.k(h).view(1, seq_len, attn.kv_heads, attn.head_dim).transpose(1, 2)
+                q, k = _toy_rotate(q, cos, sin), _toy_rotate(k, cos, sin)
+                scores = oracle_block_scores(q, k, block_size)
+                idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [1, K]
+            rows = x[:, idx[0]]
+            out = layer.tail(attn(layer.norm1(rows), cos[:, idx[0]], sin[:, idx[0]]), layer.post1)
+            x = x[0].index_add(0, idx[0], out[0])[None]
+        x = x + layer.tail(layer.mlp(layer.norm2(x)), layer.post2)
+    logits = model.head(model.norm(x))
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+    return logits, loss
+
+
+def _toy_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin

@@ -229,20 +229,140 @@ def test_parallel_residual_layers_are_named_as_such_once():
     assert "parallel-residual" in message and "post-norm" not in message
 
 
-def test_a_scaled_block_output_says_what_it_saw():
+@pytest.mark.parametrize("scale, sandwich, pre_norm", [
+    (0.5, False, True), (None, True, True), (0.5, True, True), (None, True, False)])
+@pytest.mark.parametrize("keep_ratio", [0.4, 1.0])
+def test_block_tails_match_the_reference(scale, sandwich, pre_norm, keep_ratio):
+    """x + f(block(norm(x))) with f a scale (Granite), a norm on the block output (Gemma's sandwich
+    norms) or both, and x + norm(block(x)) (OLMo2): the tail runs on the kept rows with the block;
+    loss, logits and every gradient equal the eager reference; keep 1.0 equals the plain model;
+    one graph."""
+    import toy
+    from reference import toy_lemo_forward
+
+    torch.manual_seed(0)
+    model = toy.ToyDecoder(layers=3, scale=scale, sandwich=sandwich, pre_norm=pre_norm).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm weights away from 1, so that a missing norm shows
+                p.uniform_(0.5, 1.5)
+    ids, labels = token_batch(1, 150, vocab=32), token_batch(1, 150, vocab=32, seed=2)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None, "keep_ratio": keep_ratio})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lemo_compile.LemoWarning)  # no layer falls back
+        logits, loss = torch.compile(model, backend=backend, fullgraph=True)(ids, labels)
+    loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    if keep_ratio == 1.0:
+        want_logits, want_loss = model(ids, labels)
+    else:
+        want_logits, want_loss = toy_lemo_forward(model, ids, labels, block_size=16,
+                                                  dense_layers=[0])
+    want_loss.backward()
+    (report,) = backend.reports
+    assert report.counters["sparse_layers"] == (2 if keep_ratio < 1 else 0)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-4, msg=name)
+    if keep_ratio < 1:  # the reference is not the plain model: the selection changes the result
+        assert not torch.allclose(want_loss, model(ids, labels)[1])
+
+
+TAILED = {  # families whose blocks have a tail: x + f(block(norm(x)))
+    # x + block * residual_multiplier
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                {"residual_multiplier": 0.5, "embedding_multiplier": 2.0,
+                 "attention_multiplier": 0.25, "logits_scaling": 2.0}),
+    # x + post_norm(block(pre_norm(x))), q/k norms, local and global layers (windows >= S here)
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512}),
+    "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,  # the same, GLM's names
+             {"head_dim": 16, "pad_token_id": 0}),
+    # x + norm(block(x)): no pre-norm
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+}
+
+
+@pytest.mark.parametrize("family, mlp", [
+    *((family, mlp) for family in ("gemma3", "granite") for mlp in ("off", "tokens", "channels")),
+    ("glm4", "off"), ("olmo2", "off")])
+def test_families_with_block_tails_run_sparse_and_keep_one_is_the_plain_model(family, mlp):
+    """Every layer but the first sparse, in each MLP mode (the tails' semantics are checked
+    against the reference on the toy decoder above); keep 1.0 equals the plain model."""
+    config_class, model_class, extra = TAILED[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(**COMMON, **extra)).train()
+    ids = token_batch(1, 150)
+    backend, compiled = _compiled(model, mlp=mlp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    (report,) = backend.reports
+    assert report.counters["sparse_layers"] == 3 and report.counters["causal_attention"] == 4
+    assert report.counters.get("mlp_sparse_layers", 0) == (3 if mlp == "tokens" else 0)
+    assert report.counters.get("mlp_channel_layers", 0) == (3 if mlp == "channels" else 0)
+    assert not [w for w in report.warnings if "dense" in w]
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads(model).values())
+    model.zero_grad(set_to_none=True)
+    if mlp != "off":
+        return
+
+    _, compiled = _compiled(model, keep_ratio=1.0, loss_segment=None)
+    got = compiled(input_ids=ids, labels=ids)
+    got.loss.backward()
+    got_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(input_ids=ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "granite"])
+def test_block_tails_under_checkpointing_equal_no_checkpointing(family):
+    """Inside checkpointed layers too (the partitioner moves Gemma's `1 + weight` after the gather
+    that the fused gather + RMSNorm replaces: the weight is moved back before it)."""
+    config_class, model_class, extra = TAILED[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(**COMMON, **extra)).train()
+    ids = token_batch(1, 150)
+    results = []
+    for checkpointing in (True, False):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        backend, compiled = _compiled(model, scorer="random", seed=0, loss_segment=None)
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert backend.reports[-1].counters["sparse_layers"] == 3
+        results.append((loss.detach(), grads(model)))
+        model.zero_grad(set_to_none=True)
+    (loss, got), (want_loss, want) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_block_tail_that_mixes_tokens_says_what_it_saw():
     import toy
 
-    class ScaledLayer(toy.Layer):
+    class MixingLayer(toy.Layer):
         def forward(self, x, cos, sin):
-            x = x + 0.5 * self.attn(self.norm1(x), cos, sin)
+            x = x + torch.cumsum(self.attn(self.norm1(x), cos, sin), dim=1)
             return x + self.mlp(self.norm2(x))
 
     model = toy.ToyDecoder(layers=2)
-    model.layers = torch.nn.ModuleList(ScaledLayer(32, 4, 2, 48) for _ in range(2))
+    model.layers = torch.nn.ModuleList(MixingLayer(32, 4, 2, 48) for _ in range(2))
     (message,) = _lemo_warnings(model.train(), token_batch(1, 64, vocab=32))
     assert message.count("\n  - ") == 1
-    assert "layers layers.0-1: the output of its attn module is not added into the residual" in message
-    assert "(it goes to mul;" in message
+    assert ("layers layers.0-1: the output of its attn module is not added into the residual "
+            "stream through per-token operations (it goes to cumsum;") in message
 
 
 def test_peft_layer_paths_are_the_module_paths_users_know():

@@ -58,33 +58,53 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int) -> None:
+    """x1 = x + tail1(attn(norm1(x))); y = x1 + tail2(mlp(norm2(x1))), where a tail is nothing, or
+    (Gemma's sandwich norms) an RMSNorm of the block's output, then (Granite) times `scale`.
+    pre_norm=False drops norm1 and norm2 (OLMo2 with sandwich=True: x + norm(block(x)))."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, *,
+                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True) -> None:
         super().__init__()
-        self.norm1, self.attn = RMSNorm(dim), Attention(dim, heads, kv_heads)
-        self.norm2, self.mlp = RMSNorm(dim), MLP(dim, hidden)
+        self.norm1 = RMSNorm(dim) if pre_norm else nn.Identity()
+        self.norm2 = RMSNorm(dim) if pre_norm else nn.Identity()
+        self.attn, self.mlp = Attention(dim, heads, kv_heads), MLP(dim, hidden)
+        self.post1 = RMSNorm(dim) if sandwich else None
+        self.post2 = RMSNorm(dim) if sandwich else None
+        self.scale = scale
+
+    def tail(self, out: torch.Tensor, post: RMSNorm | None) -> torch.Tensor:
+        if post is not None:
+            out = post(out)
+        return out if self.scale is None else out * self.scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.tail(self.attn(self.norm1(x), cos, sin), self.post1)
+        return x + self.tail(self.mlp(self.norm2(x)), self.post2)
 
 
 class ToyDecoder(nn.Module):
     """ids [B, S] -> (logits [B, S, V], loss or None); labels are already aligned with ids."""
 
-    def __init__(self, vocab=32, dim=32, heads=4, kv_heads=2, hidden=48, layers=3) -> None:
+    def __init__(self, vocab=32, dim=32, heads=4, kv_heads=2, hidden=48, layers=3, *,
+                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(Layer(dim, heads, kv_heads, hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(Layer(dim, heads, kv_heads, hidden, scale=scale,
+                                          sandwich=sandwich, pre_norm=pre_norm)
+                                    for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head_dim = dim // heads
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None):
-        seq = ids.shape[1]
-        freqs = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, device=ids.device) / self.head_dim)
-        angles = torch.outer(torch.arange(seq, device=ids.device, dtype=torch.float32), freqs)
+    def rope(self, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, seq, head_dim] of positions 0..seq-1."""
+        freqs = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, device=device) / self.head_dim)
+        angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), freqs)
         angles = torch.cat([angles, angles], dim=-1)[None]
-        cos, sin = angles.cos(), angles.sin()
+        return angles.cos(), angles.sin()
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None):
+        cos, sin = self.rope(ids.shape[1], ids.device)
         x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)

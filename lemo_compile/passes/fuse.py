@@ -25,7 +25,9 @@ Rewrites, in this order (each counted in `counters` under its name):
 
 Promise: only chains whose index comes from lemo's token selection are touched (those indices are
 distinct and sorted per row, which the fused ops rely on), and each rewrite computes the same values
-as the chain it replaces, up to floating-point rounding in the norm.
+as the chain it replaces, up to floating-point rounding in the norm. A norm weight computed in the
+graph after the gather (Gemma's `1 + weight`, in a reordered checkpoint body) is moved before it
+when only pure calls compute it; otherwise that gather is left unfused.
 """
 
 from __future__ import annotations
@@ -175,11 +177,10 @@ def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
         return False
     weight = weight_mul.args[0] if weight_mul.args[1] is scaled_input else weight_mul.args[1]
 
-    _substitute(graph, gather, torch.ops.lemo.gather_rms_norm.default,
-                (gather.args[0], _token_index(gather), weight, plus_eps.args[1]),
-                (weight_mul, gather, rstd),
-                (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather))
-    return True
+    return _substitute(graph, gather, torch.ops.lemo.gather_rms_norm.default,
+                       (gather.args[0], _token_index(gather), weight, plus_eps.args[1]),
+                       (weight_mul, gather, rstd),
+                       (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather))
 
 
 def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
@@ -218,12 +219,11 @@ def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
     weight = weight_mul.args[0] if weight_mul.args[1] is normed else weight_mul.args[1]
     bias = bias_add.args[0] if bias_add.args[1] is weight_mul else bias_add.args[1]
 
-    _substitute(graph, gather, torch.ops.lemo.gather_layer_norm.default,
-                (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
-                (output, rows, mean, rstd),
-                (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean,
-                 var_mean, h, rows, gather))
-    return True
+    return _substitute(graph, gather, torch.ops.lemo.gather_layer_norm.default,
+                       (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
+                       (output, rows, mean, rstd),
+                       (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean,
+                        var_mean, h, rows, gather))
 
 
 def _float_rows(gather: fx.Node) -> fx.Node | None:
@@ -243,11 +243,15 @@ def _cast_back(node: fx.Node, dtype: torch.dtype) -> fx.Node | None:
 
 
 def _substitute(graph: fx.Graph, gather: fx.Node, op, args: tuple, originals: tuple,
-                chain: tuple) -> None:
+                chain: tuple) -> bool:
     """Insert op(*args) before `gather`; its outputs, in order, replace `originals`. The op's
     outputs are [B, K, ...] like the gather; an original viewed as [B * K, ...] is replaced by
     the same view of its output. The nodes of `chain` that nothing reads any more are erased;
-    those still read (what the backward saves) now compute from the fused outputs."""
+    those still read (what the backward saves) now compute from the fused outputs. False (and
+    the graph unchanged but for pure nodes moved earlier) when an argument cannot be computed
+    before the gather."""
+    if not all(_hoist(arg, gather) for arg in args if isinstance(arg, fx.Node)):
+        return False
     leading = tuple(_val(gather).shape[:2])
     vals = [_val(n) if tuple(_val(n).shape[:2]) == leading
             else _val(n).view(*leading, *_val(n).shape[1:]) for n in originals]
@@ -267,6 +271,30 @@ def _substitute(graph: fx.Graph, gather: fx.Node, op, args: tuple, originals: tu
     for node in dict.fromkeys(chain):  # h is the gather itself in fp32 models
         if not node.users:
             graph.erase_node(node)
+    return True
+
+
+def _hoist(node: fx.Node, before: fx.Node) -> bool:
+    """Make `node` come before `before`, moving it and what it is computed from if they come later:
+    a norm weight computed in the graph (Gemma's `1 + weight`) can follow the gather, where the
+    partitioner reorders a recomputed checkpoint body. Only pure calls move; False (nothing moved)
+    when another node would have to."""
+    order = {n: i for i, n in enumerate(before.graph.nodes)}
+    later: list[fx.Node] = []  # to move, inputs first
+
+    def visit(n: fx.Node) -> bool:
+        if order[n] < order[before] or n in later:
+            return True
+        if n.op != "call_function" or n.is_impure() or not all(map(visit, n.all_input_nodes)):
+            return False
+        later.append(n)
+        return True
+
+    if not visit(node):
+        return False
+    for n in later:
+        before.prepend(n)
+    return True
 
 
 def _only_user(node: fx.Node, target) -> fx.Node | None:

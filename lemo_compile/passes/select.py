@@ -76,7 +76,9 @@ from lemo_compile.passes.compact import (
 from lemo_compile.predictors.bank import (
     ModelSignature, as_bank, predicted_block_scores, predicted_mlp_block_scores,
 )
-from lemo_compile.regions import DROPOUT_TARGETS, ModelRegions, ResidualBlock
+from lemo_compile.regions import (
+    DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
+)
 
 
 @dataclasses.dataclass
@@ -249,21 +251,6 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
     return merged
 
 
-# Pointwise ops that may sit between the MLP's projections and its intermediate activation
-# (activations, the gate product, LoRA's scaled adds, dtype casts): computing them on a subset of
-# channels gives those channels of the full result.
-_POINTWISE_FUNCTIONS = {
-    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
-    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
-    torch.exp, torch.erf, torch.relu, torch.square,
-    F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.sigmoid, F.tanh, F.mish, F.softplus,
-}
-_POINTWISE_METHODS = {
-    "mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "relu", "square",
-    "to", "float", "half", "bfloat16", "type_as",
-}
-
-
 def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     """mlp="channels" in one MLP block (module docstring); a block whose down projection or
     intermediate activation is not recognised stays dense, its reason in `result.mlp_dense`."""
@@ -321,6 +308,8 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     graph.erase_node(output)
     if block.output is output:
         block.output = new
+    if block.module_result is output:
+        block.module_result = new
     result.mlp_channels[layer.index] = (kept, channels)
 
 
@@ -356,8 +345,10 @@ def _pointwise_chain(block: ResidualBlock, a: fx.Node, shape):
 
 def _is_pointwise(node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in _POINTWISE_FUNCTIONS and not node.kwargs.get("inplace", False)
-    return node.op == "call_method" and node.target in _POINTWISE_METHODS
+        # (the MLP's activations, the gate product, LoRA's scaled adds, dtype casts: computed on
+        # a subset of channels they give those channels of the full result)
+        return node.target in POINTWISE_FUNCTIONS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in POINTWISE_METHODS
 
 
 def _copy_with_values(graph, fake_mode, node: fx.Node, env) -> fx.Node:
