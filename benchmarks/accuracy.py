@@ -1,0 +1,307 @@
+"""Accuracy after lemo fine-tuning: held-out loss and passkey retrieval, evaluated dense, per variant.
+
+One run, one process, same data and seeds for every variant:
+
+1. Corpus: the Python sources of this interpreter's standard library and installed packages, read
+   as bytes (a byte-level model: 256 token ids), files split into training and held-out sets by a
+   hash of their path (1 in 10 held out), so no held-out file is ever trained on.
+2. Pretraining: a Llama built from a config (`--layers` x `--hidden`, random init) trained from
+   scratch at `--short` tokens for `--pretrain-steps` steps (AdamW, bf16 autocast, torch.compile).
+3. Context extension: linear RoPE scaling by `--long / --short` (transformers' `rope_parameters`
+   {"rope_type": "linear"}), then for each variant LoRA (r=16, alpha=32, q/k/v/o) fine-tuning at
+   `--long` tokens for `--steps` steps of `--batch` sequences, from the same base weights, the same
+   batches and the same seeds. A quarter of the fine-tuning sequences are passkey tasks (LongLoRA's
+   test: filler sentences with "The pass key is NNNNN. Remember it." at a random depth, ending with
+   "What is the pass key? The pass key is NNNNN"), so the small model can learn the skill at all.
+4. Evaluation, dense (`model.eval()`, no grad: lemo leaves evaluation unchanged): the mean loss on
+   `--eval-windows` held-out windows of `--long` tokens, and passkey accuracy (the 5 digits greedily
+   decoded, exact match) at depths 0, 0.25, 0.5, 0.75 and 1, `--passkey-trials` new keys each.
+
+Variants (`--variants`):
+  dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
+  oracle        lemo defaults (oracle scores, keep 0.4, first half of the layers and the last dense)
+  random        random block selection (`scorer="random"`): the baseline the selection must beat
+  tokens        lemo with mlp="tokens"
+  channels      lemo with mlp="channels"
+  keep06        lemo with keep_ratio=0.6
+  then-dense    `SparsitySchedule.sparse_then_dense(0.75)`: oracle for 75% of the steps, then dense
+                with gradient checkpointing
+
+Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
+
+    python benchmarks/accuracy.py --out accuracy.jsonl                      # the H200 default
+    python benchmarks/accuracy.py --smoke                                   # a tiny CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+import zlib
+
+import torch
+
+VARIANTS = ("dense", "oracle", "random", "tokens", "channels", "keep06", "then-dense")
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def load_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held_out): uint8 tensors of concatenated .py files (each followed by a blank
+    line), at most `max_bytes` each; a file is held out when crc32(path) % 10 == 0."""
+    roots = sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]})
+    parts: dict[bool, list[bytes]] = {True: [], False: []}
+    sizes = {True: 0, False: 0}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                held = zlib.crc32(os.path.relpath(path, root).encode()) % 10 == 0
+                if sizes[held] >= max_bytes:
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read() + b"\n\n"
+                except OSError:
+                    continue
+                parts[held].append(text)
+                sizes[held] += len(text)
+    train, held_out = (torch.frombuffer(bytearray(b"".join(parts[h])[:max_bytes]),
+                                        dtype=torch.uint8) for h in (False, True))
+    return train, held_out
+
+
+def windows(data: torch.Tensor, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """count random windows [count, length] (int64) of data."""
+    starts = torch.randint(0, data.numel() - length, (count,), generator=generator)
+    return torch.stack([data[s:s + length] for s in starts.tolist()]).long()
+
+
+def passkey_sample(length: int, depth: float, key: int) -> tuple[torch.Tensor, int]:
+    """(ids [length], answer_start): filler with the key sentence at `depth` of the filler, ending
+    with the question and the 5-digit answer; answer_start is where the answer's digits begin."""
+    digits = f"{key:05d}".encode()
+    needle = b"The pass key is " + digits + b". Remember it. " + digits + b" is the pass key. "
+    question = b"What is the pass key? The pass key is "
+    room = length - len(needle) - len(question) - len(digits)
+    filler = (FILLER * (room // len(FILLER) + 1))[:room]
+    cut = int(depth * room)
+    text = filler[:cut] + needle + filler[cut:] + question + digits
+    assert len(text) == length
+    return torch.tensor(list(text), dtype=torch.long), length - len(digits)
+
+
+def build_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.long,
+        use_cache=False, attn_implementation="sdpa", tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config).to(device)
+
+
+def extend_context(model, factor: float) -> None:
+    """Linear RoPE scaling by `factor` (positions divided by it), in place."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    theta = model.config.rope_parameters["rope_theta"]
+    model.config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    device = next(model.parameters()).device
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config).to(device)
+
+
+def pretrain(model, train: torch.Tensor, args, device) -> list[float]:
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.1)
+    compiled = torch.compile(model) if device.type == "cuda" else model
+    losses = []
+    for step in range(args.pretrain_steps):
+        ids = windows(train, args.short, args.pretrain_batch, generator).to(device)
+        for group in optimizer.param_groups:  # linear warm-up, cosine decay
+            warm = min(1.0, (step + 1) / max(1, args.pretrain_steps // 20))
+            group["lr"] = args.pretrain_lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % max(1, args.pretrain_steps // 10) == 0:
+            print(f"pretrain step {step}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    return losses
+
+
+def finetune_batches(train: torch.Tensor, args) -> list[torch.Tensor]:
+    """The fine-tuning batches [batch, long], the same for every variant: corpus windows, a quarter
+    of the rows replaced by passkey samples (random depth and key)."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    rng = random.Random(args.seed + 1)
+    batches = []
+    for _ in range(args.steps):
+        batch = windows(train, args.long, args.batch, generator)
+        for row in range(args.batch):
+            if rng.random() < 0.25:
+                batch[row] = passkey_sample(args.long, rng.random(), rng.randrange(100000))[0]
+        batches.append(batch)
+    return batches
+
+
+def lemo_options(variant: str, args) -> dict:
+    options = {"block_size": args.block_size, "compiler": "inductor" if args.device == "cuda" else "aot_eager"}
+    if variant == "dense":
+        options["keep_ratio"] = 1.0
+    elif variant == "random":
+        options.update(scorer="random", seed=args.seed)
+    elif variant == "tokens":
+        options["mlp"] = "tokens"
+    elif variant == "channels":
+        options["mlp"] = "channels"
+    elif variant == "keep06":
+        options["keep_ratio"] = 0.6
+    return options
+
+
+def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
+    """A copy of the base model, context-extended, LoRA-fine-tuned with `variant`; returns it
+    (adapters merged, eval mode), the training losses and, per phase, the layers lemo made sparse."""
+    import lemo_compile
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(args, device)
+    model.load_state_dict(base_state)
+    extend_context(model, args.long / args.short)
+    torch.manual_seed(args.seed + 2)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    options = lemo_options("oracle" if variant == "then-dense" else variant, args)
+    if variant == "then-dense":
+        schedule = lemo_compile.SparsitySchedule.sparse_then_dense(0.75, options)
+    else:
+        schedule = lemo_compile.SparsitySchedule([lemo_compile.Phase(options)])
+    losses = []
+    for step, ids in enumerate(batches):
+        schedule.apply(model, step, len(batches))
+        ids = ids.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    sparse = [sorted({p.layer for r in b.reports if r.training for p in r.plans if p.sparse})
+              for b in schedule.backends if b is not None]
+    merged = model.merge_and_unload()
+    return merged.eval(), losses, sparse
+
+
+@torch.no_grad()
+def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
+    """Dense evaluation: held-out loss at --long tokens and passkey accuracy per depth."""
+    model = model.eval()
+    generator = torch.Generator().manual_seed(args.seed + 3)
+    losses = []
+    for ids in windows(held_out, args.long, args.eval_windows, generator).split(args.batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses.append(model(input_ids=ids.to(device), labels=ids.to(device)).loss.float().item())
+    rng = random.Random(args.seed + 4)
+    accuracy = {}
+    for depth in DEPTHS:
+        right = 0
+        for _ in range(args.passkey_trials):
+            ids, start = passkey_sample(args.long, depth, rng.randrange(100000))
+            prompt = ids[:start][None].to(device)
+            for _ in range(5):  # greedy decoding of the 5 digits
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(input_ids=prompt[:, -args.long:]).logits[:, -1]
+                prompt = torch.cat([prompt, logits.argmax(-1, keepdim=True)], dim=1)
+            right += bool(torch.equal(prompt[0, start:start + 5].cpu(), ids[start:start + 5]))
+        accuracy[str(depth)] = right / args.passkey_trials
+    return {"held_out_loss": sum(losses) / len(losses), "passkey": accuracy}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--short", type=int, default=1024, help="pretraining length")
+    parser.add_argument("--long", type=int, default=4096, help="fine-tuning and evaluation length")
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-batch", type=int, default=32)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per variant")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--passkey-trials", type=int, default=20)
+    parser.add_argument("--corpus-bytes", type=int, default=200_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="accuracy.jsonl")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny configuration that runs on a CPU in a few minutes")
+    args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.short, args.long = 4, 128, 256, 512
+        args.pretrain_steps, args.pretrain_batch, args.steps, args.batch = 20, 4, 4, 2
+        args.block_size, args.eval_windows, args.passkey_trials = 32, 4, 1
+        args.corpus_bytes = 2_000_000
+    device = torch.device(args.device)
+    begin = time.perf_counter()
+    train, held_out = load_corpus(args.corpus_bytes)
+    print(f"corpus: {train.numel():,} training bytes, {held_out.numel():,} held out",
+          file=sys.stderr, flush=True)
+    model = build_model(args, device)
+    pretrain_losses = pretrain(model, train, args, device)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    extend_context(model, args.long / args.short)
+    common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
+              "steps": args.steps, "batch": args.batch, "seed": args.seed, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    rows = [{"variant": "base (extended, not fine-tuned)", **common,
+             "pretrain_loss_last": pretrain_losses[-1], **evaluate(model, held_out, args, device)}]
+    del model
+    batches = finetune_batches(train, args)
+    for variant in args.variants:
+        started = time.perf_counter()
+        tuned, losses, sparse = finetune(base_state, variant, batches, args, device)
+        rows.append({"variant": variant, **common, "sparse_layers_per_phase": sparse,
+                     "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+                     "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device)})
+        print(json.dumps(rows[-1]), flush=True)
+        del tuned
+        torch._dynamo.reset()
+    with open(args.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
+    print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}")
+    for row in rows:
+        versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
+        print(f"{row['variant']:<32} {row['held_out_loss']:>13.4f} {versus:>8}  "
+              + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS))
+    print(f"total {time.perf_counter() - begin:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
