@@ -101,14 +101,15 @@ class SparsitySchedule:
                           options: Mapping[str, Any] | None = None, *,
                           total_steps: int | None = None,
                           dense_checkpointing: bool = True) -> SparsitySchedule:
-        """Sparse with `options` for the first `sparse_fraction` of the steps, then dense
-        (`keep_ratio=1.0`, the other options kept) to the end, with gradient checkpointing switched
-        on for the dense phase unless `dense_checkpointing` is False."""
+        """Sparse with `options` for the first `sparse_fraction` of the steps, then dense to the
+        end (`keep_ratio=1.0`, `mlp="off"`, the other options kept: no token or channel is
+        dropped), with gradient checkpointing switched on for the dense phase unless
+        `dense_checkpointing` is False."""
         options = dict(options or {})
+        dense = {**options, "keep_ratio": 1.0, "mlp": "off", "mlp_keep_ratio": None}
         return cls([
             Phase(options, fraction=sparse_fraction),
-            Phase({**options, "keep_ratio": 1.0},
-                  gradient_checkpointing=True if dense_checkpointing else None),
+            Phase(dense, gradient_checkpointing=True if dense_checkpointing else None),
         ], total_steps)
 
     def boundaries(self, total_steps: int | None = None) -> list[int]:

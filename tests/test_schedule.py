@@ -29,6 +29,16 @@ def test_phase_boundaries_from_fractions_and_steps():
     assert thirds.boundaries(total_steps=10) == [0, 3, 7]  # cumulative: no drift
 
 
+def test_sparse_then_dense_drops_nothing_in_its_dense_phase():
+    schedule = SparsitySchedule.sparse_then_dense(
+        0.8, {"keep_ratio": 0.5, "mlp": "channels", "mlp_keep_ratio": 0.3})
+    sparse, dense = schedule.configs
+    assert (sparse.keep_ratio, sparse.mlp, sparse.mlp_keep_ratio) == (0.5, "channels", 0.3)
+    assert (dense.keep_ratio, dense.mlp, dense.mlp_keep_ratio) == (1.0, "off", None)
+    assert [p.gradient_checkpointing for p in schedule.phases] == [None, True]
+    assert schedule.boundaries(total_steps=10) == [0, 8]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: Phase(steps=2, fraction=0.5), "not both"),
     (lambda: Phase(fraction=1.5), "fraction"),

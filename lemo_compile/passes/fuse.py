@@ -285,7 +285,8 @@ def _hoist(node: fx.Node, before: fx.Node) -> bool:
     def visit(n: fx.Node) -> bool:
         if order[n] < order[before] or n in later:
             return True
-        if n.op != "call_function" or n.is_impure() or not all(map(visit, n.all_input_nodes)):
+        if (n is before or n.op != "call_function" or n.is_impure()
+                or not all(map(visit, n.all_input_nodes))):
             return False
         later.append(n)
         return True
