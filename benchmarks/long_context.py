@@ -219,7 +219,9 @@ def live_at_peak(step, groups: int = 40) -> list[tuple[float, int, str]]:
     grouped by where they were allocated (the innermost three Python frames outside torch's own
     modules), largest groups first, as (GB, count, where). An allocation in Inductor's generated
     code also shows that line and the four after it (the kernel that fills the buffer and the
-    graph nodes it computes)."""
+    graph nodes it computes). Inductor reuses buffers (`bufN = bufM; del bufM  # reuse`): a row
+    names where the memory was allocated, which may hold a later value of the same size at the
+    peak; read the generated code (`--trace-dir` copies it) to know which."""
     import torch
 
     torch.cuda.synchronize()
