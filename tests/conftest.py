@@ -90,6 +90,24 @@ def assert_matches_reference(model, ids, backend, *, tol: float = 1e-4, referenc
     return compiled
 
 
+def assert_equals_plain_model(compiled, model, ids, *, grad_rtol: float = 1e-5):
+    """One training step of `compiled` (`model` compiled) against `model` itself: logits and loss
+    within 1e-5, every parameter gradient within rtol `grad_rtol`, atol 1e-5. Leaves no gradients
+    behind; returns the compiled step's output."""
+    got = compiled(input_ids=ids, labels=ids)
+    got.loss.backward()
+    got_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    want = model(input_ids=ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=grad_rtol, atol=1e-5, msg=name)
+    model.zero_grad(set_to_none=True)
+    return got
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     """Copies of the parameters' gradients, by name (parameters without one left out)."""
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

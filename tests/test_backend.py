@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import lemo_compile
-from conftest import assert_matches_reference, grads, inserted_nodes, tiny_llama, token_batch
+from conftest import (
+    assert_equals_plain_model, assert_matches_reference, grads, inserted_nodes, tiny_llama,
+    token_batch,
+)
 from reference import lemo_forward
 
 FAST = {"compiler": "aot_eager", "block_size": 16}
@@ -69,16 +72,7 @@ def test_keep_ratio_one_equals_the_plain_model():
     model = tiny_llama()
     ids = token_batch(2, 150)
     compiled, backend = compile_lemo(model, keep_ratio=1.0, dense_layers=[], loss_segment=None)
-    out = compiled(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got = grads(model)
-    model.zero_grad(set_to_none=True)
-    plain = model(input_ids=ids, labels=ids)
-    plain.loss.backward()
-    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-5)
-    for name, grad in grads(model).items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert_equals_plain_model(compiled, model, ids)
     assert not any(p.sparse for p in backend.reports[-1].plans)
 
 
