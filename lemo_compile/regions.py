@@ -526,10 +526,10 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
             continue
         (back,) = node.users
         shape = _shape(back)
-        if not (_is_view(back) and back.args[0] is node and shape is not None and len(shape) == 3):
+        if not (is_view(back) and back.args[0] is node and shape is not None and len(shape) == 3):
             continue
         for flat, out in (node.args, node.args[::-1]):
-            if not (isinstance(flat, fx.Node) and isinstance(out, fx.Node) and _is_view(flat)
+            if not (isinstance(flat, fx.Node) and isinstance(out, fx.Node) and is_view(flat)
                     and flat.args[0] is not None and isinstance(flat.args[0], fx.Node)
                     and _shape(flat.args[0]) == shape and _shape(flat) == _shape(out)
                     and len(_shape(flat)) == 2):
@@ -563,7 +563,8 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
     return count
 
 
-def _is_view(node) -> bool:
+def is_view(node) -> bool:
+    """Whether `node` is a view or reshape (`x.view(...)`, `x.reshape(...)`, `torch.reshape`)."""
     if not isinstance(node, fx.Node) or not node.args:
         return False
     if node.op == "call_function":

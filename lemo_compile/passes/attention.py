@@ -43,7 +43,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from lemo_compile.regions import SDPA_TARGETS, checkpoint_bodies
+from lemo_compile.regions import SDPA_TARGETS, checkpoint_bodies, is_view
 
 # Ops accepted on values that hold both sequence dims: each output element is computed from the
 # input elements at the same (broadcast) position, so a block of query rows of the output needs
@@ -153,9 +153,7 @@ def _use_grouped_heads(args: list, kwargs: dict) -> None:
 def _unrepeated(node) -> tuple[fx.Node, int] | None:
     """(kv, n) when `node` is `kv[:, :, None].expand(B, Hk, n, S, d).reshape(B, Hk * n, S, d)` for
     kv [B, Hk, S, d] (transformers' repeat_kv), else None."""
-    if not (isinstance(node, fx.Node) and node.args and (
-            (node.op == "call_method" and node.target in ("reshape", "view"))
-            or (node.op == "call_function" and node.target is torch.reshape))):
+    if not is_view(node):
         return None
     expand = node.args[0]
     if not (isinstance(expand, fx.Node) and expand.op == "call_method"
