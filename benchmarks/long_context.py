@@ -13,6 +13,8 @@ cache directory:
   lemo-base       backend="lemo", keep_ratio=1.0: lemo's compiled base (fast attention, segmented
                   loss) with no token elimination
   lemo            backend="lemo", defaults (oracle, keep 0.4 in the sparse layers)
+  lemo-save-attention  lemo with save_attention=True (with --checkpointing: attention outputs
+                  kept for the backward, not recomputed)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
@@ -46,8 +48,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-nofuse", "lemo-tokens",
-            "lemo-channels", "lemo-predictor")
+VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-nofuse",
+            "lemo-tokens", "lemo-channels", "lemo-predictor")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -84,6 +86,8 @@ def lemo_options(args) -> dict:
     options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio}
     if args.variant == "lemo-nofuse":
         options["fuse"] = False
+    if args.variant == "lemo-save-attention":
+        options["save_attention"] = True
     if args.variant == "lemo-tokens":
         options["mlp"] = "tokens"
     if args.variant == "lemo-channels":
@@ -370,10 +374,10 @@ def main() -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<15} {'step s':>7} {'peak GB':>8} "
+    print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<20} {'step s':>7} {'peak GB':>8} "
           f"{'1st step s':>10} {'GPU busy':>8} {'attention':>10} {'loss 0':>7}")
     for r in rows:
-        head = f"{r['seq_len']:>7} {'yes' if r['checkpointing'] else 'no':>4} {r['variant']:<15}"
+        head = f"{r['seq_len']:>7} {'yes' if r['checkpointing'] else 'no':>4} {r['variant']:<20}"
         if "error" in r:
             print(f"{head} {r['error']}")
             continue

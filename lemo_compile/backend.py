@@ -37,8 +37,9 @@ from lemo_compile.config import LemoConfig
 from lemo_compile.inspect import DEBUG_DIR_VARIABLE
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.attention import causal_attention_pass
+from lemo_compile.passes.recompute import save_in_checkpoints
 from lemo_compile.passes.manager import (
-    CompileReport, PostGradPasses, has_symbolic_shapes, run_graph_passes,
+    CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
 )
 
 log = logging.getLogger(__name__)
@@ -184,13 +185,16 @@ def _compile(
         passes.append(functools.partial(fuse_row_movements, counters=report.counters))
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
-    post_grad = PostGradPasses(passes)
+    post_grad = InductorPasses(passes)
+    joint = InductorPasses([functools.partial(save_in_checkpoints, attention=config.save_attention,
+                                              counters=report.counters)] if report.training else [])
     if config.compiler == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad
+        patches["joint_custom_post_pass"] = joint
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     from torch._dynamo.backends.common import aot_autograd
@@ -203,13 +207,18 @@ def _compile(
         graph_module.recompile()
         return boxed_nop(graph_module, inputs)
 
+    def partition(joint_module: fx.GraphModule, joint_inputs, **kwargs):
+        joint(joint_module.graph)
+        return min_cut_rematerialization_partition(joint_module, joint_inputs, compiler="inductor",
+                                                   **kwargs)
+
     if mode:
         log.info("lemo: mode=%r has no effect with compiler='aot_eager'", mode)
     return aot_autograd(
         fw_compiler=compile_without_codegen,
         bw_compiler=compile_without_codegen,
         decompositions=select_decomp_table(),
-        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
+        partition_fn=partition,
     )(gm, example_inputs)
 
 

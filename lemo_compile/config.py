@@ -46,6 +46,11 @@ class LemoConfig:
     fuse:         rewrite the gathers and scatter-adds of selection, in the forward and backward
                   graphs, into lemo's fused row kernels (`passes/fuse.py`); False leaves them to
                   Inductor (for comparisons).
+    save_attention: with activation checkpointing (e.g. HF gradient checkpointing), keep each
+                  checkpointed layer's attention output and log-sum-exp for the backward instead of
+                  recomputing attention there (`passes/recompute.py`): faster at long lengths, and
+                  S x hidden x 2 bytes (bf16) more per dense layer, K x hidden x 2 per sparse one.
+                  No effect without checkpointing.
     seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
                   gives each layer a fixed pattern.
     """
@@ -61,6 +66,7 @@ class LemoConfig:
     loss_segment: int | None = 2048
     compiler: str = "inductor"
     fuse: bool = True
+    save_attention: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -93,8 +99,10 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"lemo option 'fuse' must be True or False, got {self.fuse!r}")
+        for name in ("fuse", "save_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"lemo option {name!r} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
         if self.loss_segment is not None:
             _check_int("loss_segment", self.loss_segment, minimum=1)
         if self.seed is not None:

@@ -322,6 +322,8 @@ def test_gradient_checkpointing_on_a_padded_batch():
         results.append((out.loss.detach(), grads(model), backend.reports[-1]))
     (loss, got, report), (plain_loss, want, plain_report) = results
     assert report.counters["sparse_layers"] == plain_report.counters["sparse_layers"] == 3
+    # per sparse layer, its kept token indices and which of them are real tokens are saved
+    assert report.counters["saved_selections"] == 6
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)

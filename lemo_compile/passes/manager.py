@@ -1,15 +1,18 @@
 """Ordering lemo's passes, and what they report.
 
-Two stages, each seeing one IR:
+Three stages, each seeing one IR:
 
 * `run_graph_passes` on the torch-level Dynamo graph, before AOTAutograd: plain causal masks ->
   `is_causal=True` (`attention.py`) -> regions -> plan -> token selection (`select.py`; layers
   inside activation-checkpoint regions are rewritten inside the region's body graph) ->
   segmented loss (`loss.py`). It returns a `CompileReport`.
-* `PostGradPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
-  `post_grad_custom_post_pass`. It holds the kernel-fusion passes; its `uuid()` hashes the source of
-  the package and the list of passes, so that Inductor's caches never reuse a graph compiled by
-  other code or with other passes.
+* `InductorPasses` on AOTAutograd's joint graph, installed as `joint_custom_post_pass`: what
+  activation checkpointing saves in lemo's layers (`recompute.py`).
+* `InductorPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
+  `post_grad_custom_post_pass`: the kernel fusion (`fuse.py`).
+
+An `InductorPasses`' `uuid()` hashes the source of the package and its list of passes, so that
+Inductor's caches never reuse a graph compiled by other code or with other passes.
 """
 
 from __future__ import annotations
@@ -280,13 +283,14 @@ def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
     return False
 
 
-class PostGradPasses(CustomGraphPass):
-    """lemo's passes over Inductor's post-grad graphs (forward and backward), in order.
+class InductorPasses(CustomGraphPass):
+    """lemo's passes over one of Inductor's graph stages (the joint graph, or the post-grad forward
+    and backward graphs), in order.
 
     Its `uuid()` enters Inductor's cache keys (FX graph cache, AOTAutograd cache): it covers the
     source of the whole package (passes, ops and kernels, which Inductor may inline) and which
-    passes run (e.g. `fuse=True` or `False`), so that a cached graph is never served to a compile
-    that would have produced other code."""
+    passes run with which arguments (e.g. `fuse=True` or `False`), so that a cached graph is never
+    served to a compile that would have produced other code."""
 
     def __init__(self, passes: list[Callable[[fx.Graph], None]] | None = None) -> None:
         self.passes = list(passes or [])
@@ -303,6 +307,9 @@ class PostGradPasses(CustomGraphPass):
 
 
 def _pass_name(graph_pass: Callable) -> str:
-    """The qualified name of a pass (of the function a functools.partial wraps)."""
+    """The qualified name of a pass (of the function a functools.partial wraps) and the settings
+    (bool, int or str keyword arguments) it was bound to."""
     function = getattr(graph_pass, "func", graph_pass)
-    return f"{function.__module__}.{function.__qualname__}"
+    settings = sorted((key, value) for key, value in getattr(graph_pass, "keywords", {}).items()
+                      if isinstance(value, (bool, int, str)))
+    return f"{function.__module__}.{function.__qualname__}{settings}"

@@ -1,0 +1,80 @@
+"""What activation checkpointing recomputes in lemo's layers.
+
+IR: AOTAutograd's joint forward-backward graph (aten ops, after Inductor's decompositions), before
+the partitioner splits it; installed as Inductor's `joint_custom_post_pass` (and run by the
+`aot_eager` compiler before its partitioner). Nodes that came from an activation-checkpoint region
+carry `meta["recompute"]` (a `CheckpointPolicy`); the partitioner recomputes those in the backward
+unless one says MUST_SAVE. This pass changes only such tags, never the graph's nodes, so every value
+and gradient is unchanged; what changes is what the forward saves and what the backward recomputes.
+
+Promises, inside checkpointed regions only (a graph without them is left as it is):
+
+* **Selections are saved.** The token indices a sparse block runs on (and, for padded batches, which
+  of them are real) are saved for the backward: a few bytes per kept token. Without this the
+  partitioner recomputes the whole selection (the scorer over all tokens, its sort) in the backward
+  just to know which rows to scatter gradients to. Saving it also guarantees that the backward sees
+  the very rows the forward chose.
+* **Attention outputs are saved** when asked (`save_attention=True`): the fused attention ops' outputs
+  (the attention output and its log-sum-exp) are kept, so the backward recomputes the projections
+  but not attention itself. That costs S x hidden x 2 bytes per dense layer and K x hidden x 2 per
+  sparse one (bf16), and saves the recomputation of the costliest op at long lengths.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+# Roles (select.py's tags) of the nodes that decide which rows a sparse block runs on.
+SELECTION_ROLES = frozenset({
+    "select", "select_kept", "select_valid", "mlp_select", "mlp_select_kept", "mlp_select_valid",
+})
+
+
+def save_in_checkpoints(graph: fx.Graph, *, attention: bool, counters: dict[str, int]) -> None:
+    """Mark, in checkpointed regions of the joint graph, lemo's selections (and with `attention`,
+    the fused attention ops) MUST_SAVE; counts them in `counters` ("saved_selections",
+    "saved_attention")."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not _is_recomputed(node):
+            continue
+        if _role(node) in SELECTION_ROLES and any(_role(u) not in SELECTION_ROLES for u in node.users):
+            _must_save(node)
+            counters["saved_selections"] = counters.get("saved_selections", 0) + 1
+        elif attention and _is_fused_attention(node):
+            _must_save(node)
+            counters["saved_attention"] = counters.get("saved_attention", 0) + 1
+
+
+def _is_recomputed(node: fx.Node) -> bool:
+    return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE,
+                                          CheckpointPolicy.MUST_RECOMPUTE)
+
+
+def _role(node: fx.Node) -> str | None:
+    return (node.meta.get("custom") or {}).get("lemo")
+
+
+def _must_save(node: fx.Node) -> None:
+    """Tag MUST_SAVE the op that computes node's data: node, or for a view the op under it (the
+    partitioner recomputes views of saved values, and never bans a view from recomputation); for a
+    multi-output op (reached through a getitem), the op and all its getitems, as the partitioner
+    decides recomputation per op and saves the outputs it needs."""
+    while isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+        node = node.args[0]
+    producer = node.args[0] if node.target is operator.getitem else node
+    for tagged in (producer, *(u for u in producer.users if u.target is operator.getitem)):
+        tagged.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def _is_fused_attention(node: fx.Node) -> bool:
+    """An SDPA forward kernel (flash, cuDNN, memory-efficient, CPU flash): the ops that return the
+    attention output with the statistics their backward needs."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return False
+    name = target._opname
+    return name.startswith("_scaled_dot_product_") and not name.endswith("_backward")

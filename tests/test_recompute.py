@@ -1,0 +1,87 @@
+"""What activation checkpointing recomputes in lemo's layers (`passes/recompute.py`): selections are
+saved, attention outputs when asked, and gradients are those of the run without checkpointing."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+import lemo_compile
+from conftest import grads, tiny_llama, token_batch
+from lemo_compile.passes.manager import InductorPasses
+from lemo_compile.passes.recompute import save_in_checkpoints
+
+OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
+           "loss_segment": None}
+SEQ_LEN = 256
+
+
+def _step(checkpointing: bool, mlp: str = "off", **options):
+    """One compiled training step of a 4-layer Llama (layers 1-3 sparse): (loss, gradients,
+    report)."""
+    model = tiny_llama()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backend = lemo_compile.LemoBackend({**OPTIONS, "mlp": mlp, **options})
+    ids = token_batch(1, SEQ_LEN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loss = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    (report,) = [r for r in backend.reports if r.training]
+    return loss.detach(), grads(model), report
+
+
+def _scorer_ops(code: str) -> list[str]:
+    """The selection's ops (sorts; the oracle's score reductions) in a post-grad graph's code."""
+    return [line.strip() for line in code.splitlines() if "aten.sort" in line or "aten.amax" in line]
+
+
+@pytest.mark.parametrize("save_attention", [False, True])
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_checkpointed_layers_save_their_selection_and_keep_their_gradients(mlp, save_attention):
+    loss, got, report = _step(True, mlp, save_attention=save_attention)
+    want_loss, want, plain_report = _step(False, mlp)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    blocks = 3 * (2 if mlp == "tokens" else 1)  # sparse attention (and MLP) blocks
+    assert report.counters["saved_selections"] == blocks
+    kept = (1, SEQ_LEN // 2)  # a block's kept token indices [B, K]
+    saved = [shape for shape, dtype in report.saved_for_backward.values() if dtype == torch.int64]
+    assert saved.count(kept) == blocks
+    assert _scorer_ops(report.graphs["post_grad_backward"]) == []  # nothing re-selected
+    if save_attention:
+        assert report.counters["saved_attention"] == 4  # every checkpointed layer's attention
+        assert "_scaled_dot_product_flash_attention_for_cpu.default" not in (
+            report.graphs["post_grad_backward"])  # attention's forward is not recomputed
+    else:
+        assert "saved_attention" not in report.counters
+    # without checkpointing the pass has nothing to do
+    assert not {"saved_selections", "saved_attention"} & set(plain_report.counters)
+
+
+def test_without_saving_the_selection_the_backward_would_recompute_it(monkeypatch):
+    """The baseline the pass improves on: the partitioner re-runs the scorer in the backward."""
+    monkeypatch.setattr("lemo_compile.passes.recompute.SELECTION_ROLES", frozenset())
+    _, _, report = _step(True)
+    assert "saved_selections" not in report.counters
+    assert _scorer_ops(report.graphs["post_grad_backward"])
+
+
+def test_the_cache_key_covers_the_passes_settings():
+    def key(attention):
+        return InductorPasses([functools.partial(save_in_checkpoints, attention=attention,
+                                                 counters={})]).uuid()
+
+    assert key(True) != key(False)
+    assert key(True) == key(True)
+
+
+def test_save_attention_must_be_a_bool():
+    with pytest.raises(ValueError, match="save_attention"):
+        lemo_compile.LemoConfig(save_attention="yes")
