@@ -162,7 +162,7 @@ def finetune_batches(train: torch.Tensor, args) -> list[torch.Tensor]:
 
 
 def lemo_options(variant: str, args) -> dict:
-    options = {"block_size": args.block_size, "compiler": "inductor" if args.device == "cuda" else "aot_eager"}
+    options = {"block_size": args.block_size, "compiler": args.compiler}
     if variant == "dense":
         options["keep_ratio"] = 1.0
     elif variant == "random":
@@ -256,6 +256,9 @@ def main() -> int:
     parser.add_argument("--corpus-bytes", type=int, default=200_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compiler", choices=("aot_eager", "inductor"), default="aot_eager",
+                        help="lemo's compiler for fine-tuning: at this model size compiling with "
+                             "Inductor takes longer than the fine-tuning itself")
     parser.add_argument("--out", default="accuracy.jsonl")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny configuration that runs on a CPU in a few minutes")
@@ -275,11 +278,15 @@ def main() -> int:
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     extend_context(model, args.long / args.short)
     common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
-              "steps": args.steps, "batch": args.batch, "seed": args.seed, "torch": torch.__version__,
+              "steps": args.steps, "batch": args.batch, "seed": args.seed,
+              "compiler": args.compiler, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     rows = [{"variant": "base (extended, not fine-tuned)", **common,
-             "pretrain_loss_last": pretrain_losses[-1], **evaluate(model, held_out, args, device)}]
+             "pretrain_loss_last": pretrain_losses[-1], "seconds": time.perf_counter() - begin,
+             **evaluate(model, held_out, args, device)}]
     del model
+    with open(args.out, "a") as f:  # row by row: a run cut short keeps what it finished
+        f.write(json.dumps(rows[-1]) + "\n")
     batches = finetune_batches(train, args)
     for variant in args.variants:
         started = time.perf_counter()
@@ -288,11 +295,10 @@ def main() -> int:
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device)})
         print(json.dumps(rows[-1]), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
         del tuned
         torch._dynamo.reset()
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}")
     for row in rows:
