@@ -6,13 +6,15 @@ One run, one process, same data and seeds for every variant:
    as bytes (a byte-level model: 256 token ids), files split into training and held-out sets by a
    hash of their path (1 in 10 held out), so no held-out file is ever trained on.
 2. Pretraining: a Llama built from a config (`--layers` x `--hidden`, random init) trained from
-   scratch at `--short` tokens for `--pretrain-steps` steps (AdamW, bf16 autocast, torch.compile).
+   scratch at `--short` tokens for `--pretrain-steps` steps (AdamW, bf16 autocast, torch.compile),
+   a share `--passkey-fraction` of the rows passkey samples (below), so that the base model has
+   the retrieval skill that fine-tuning must carry to the longer context.
 3. Context extension: linear RoPE scaling by `--long / --short` (transformers' `rope_parameters`
    {"rope_type": "linear"}), then for each variant LoRA (r=16, alpha=32, q/k/v/o) fine-tuning at
    `--long` tokens for `--steps` steps of `--batch` sequences, from the same base weights, the same
-   batches and the same seeds. A quarter of the fine-tuning sequences are passkey tasks (LongLoRA's
-   test: filler sentences with "The pass key is NNNNN. Remember it." at a random depth, ending with
-   "What is the pass key? The pass key is NNNNN"), so the small model can learn the skill at all.
+   batches and the same seeds. A share `--passkey-fraction` (default a quarter) of the rows are
+   passkey tasks (LongLoRA's test: filler sentences with "The pass key is NNNNN. Remember it." at
+   a random depth, ending with "What is the pass key? The pass key is NNNNN").
 4. Evaluation, dense (`model.eval()`, no grad: lemo leaves evaluation unchanged): the mean loss on
    `--eval-windows` held-out windows of `--long` tokens, and passkey accuracy (the 5 digits greedily
    decoded, exact match) at depths 0, 0.25, 0.5, 0.75 and 1, `--passkey-trials` new keys each.
@@ -124,13 +126,26 @@ def extend_context(model, factor: float) -> None:
     model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config).to(device)
 
 
+def with_passkeys(batch: torch.Tensor, fraction: float, rng: random.Random) -> torch.Tensor:
+    """batch [N, L] with each row replaced, with probability `fraction`, by a passkey sample of
+    length L (random depth and key), in place."""
+    for row in range(batch.shape[0]):
+        if rng.random() < fraction:
+            batch[row] = passkey_sample(batch.shape[1], rng.random(), rng.randrange(100000))[0]
+    return batch
+
+
 def pretrain(model, train: torch.Tensor, args, device) -> list[float]:
+    """AdamW at --short tokens, passkey rows mixed in (so the base model has the skill that the
+    fine-tuning must carry to --long); returns the losses."""
     generator = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.1)
     compiled = torch.compile(model) if device.type == "cuda" else model
     losses = []
     for step in range(args.pretrain_steps):
-        ids = windows(train, args.short, args.pretrain_batch, generator).to(device)
+        ids = with_passkeys(windows(train, args.short, args.pretrain_batch, generator),
+                            args.passkey_fraction, rng).to(device)
         for group in optimizer.param_groups:  # linear warm-up, cosine decay
             warm = min(1.0, (step + 1) / max(1, args.pretrain_steps // 20))
             group["lr"] = args.pretrain_lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps))
@@ -147,18 +162,12 @@ def pretrain(model, train: torch.Tensor, args, device) -> list[float]:
 
 
 def finetune_batches(train: torch.Tensor, args) -> list[torch.Tensor]:
-    """The fine-tuning batches [batch, long], the same for every variant: corpus windows, a quarter
-    of the rows replaced by passkey samples (random depth and key)."""
+    """The fine-tuning batches [batch, long], the same for every variant: corpus windows, a
+    fraction `--passkey-fraction` of the rows replaced by passkey samples."""
     generator = torch.Generator().manual_seed(args.seed + 1)
     rng = random.Random(args.seed + 1)
-    batches = []
-    for _ in range(args.steps):
-        batch = windows(train, args.long, args.batch, generator)
-        for row in range(args.batch):
-            if rng.random() < 0.25:
-                batch[row] = passkey_sample(args.long, rng.random(), rng.randrange(100000))[0]
-        batches.append(batch)
-    return batches
+    return [with_passkeys(windows(train, args.long, args.batch, generator), args.passkey_fraction,
+                          rng) for _ in range(args.steps)]
 
 
 def lemo_options(variant: str, args) -> dict:
@@ -253,6 +262,8 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--passkey-trials", type=int, default=20)
+    parser.add_argument("--passkey-fraction", type=float, default=0.25,
+                        help="share of pretraining and fine-tuning rows that are passkey samples")
     parser.add_argument("--corpus-bytes", type=int, default=200_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -278,8 +289,9 @@ def main() -> int:
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     extend_context(model, args.long / args.short)
     common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
-              "steps": args.steps, "batch": args.batch, "seed": args.seed,
-              "compiler": args.compiler, "torch": torch.__version__,
+              "steps": args.steps, "batch": args.batch, "seed": args.seed, "compiler": args.compiler,
+              "pretrain_steps": args.pretrain_steps, "passkey_fraction": args.passkey_fraction,
+              "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     rows = [{"variant": "base (extended, not fine-tuned)", **common,
              "pretrain_loss_last": pretrain_losses[-1], "seconds": time.perf_counter() - begin,
