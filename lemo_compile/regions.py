@@ -2,7 +2,7 @@
 
 IR seen: the torch-level FX graph Dynamo hands a backend (`call_function` / `call_method` nodes,
 parameters as placeholders, `node.meta["nn_module_stack"]` and `node.meta["example_value"]` intact).
-Nothing here changes the graph.
+Nothing here changes the graph but the two rewrites of residual adds named below.
 
 A *residual block* is the part of a pre-norm decoder layer that reads the residual stream x and adds
 one result back: `x1 = x + f(Attn(norm1(x)))`, where f, the block's tail, computes each token's row
@@ -15,8 +15,11 @@ block operand depends on back to x, inside the layer. Layers are the modules at
 `<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules. A layer
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
 
-Flattened residual adds (OPT's MLP: `(x.reshape(-1, D) + out).view(B, S, D)`) must first be
-rewritten by `unflatten_residual_adds` to `x + out.reshape(B, S, D)`, the one rewrite in this module.
+Two rewrites here put residual adds in that form first (`canonical_residual_adds`): flattened
+adds (OPT's MLP: `(x.reshape(-1, D) + out).view(B, S, D)` becomes `x + out.reshape(B, S, D)`) and
+parallel-residual sums (`x + Attn(norm(x)) + MLP(norm'(x))`, in any order, becomes
+`(x + Attn(...)) + MLP(...)`: the MLP block then adds into x1 = x + Attn while reading x, and a
+norm both blocks read is an input of each block, not part of either).
 """
 
 from __future__ import annotations
@@ -252,10 +255,12 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
             break
         if mlp is not None and mlp.residual is not block.add:
             if block.residual in mlp.nodes or mlp.residual in block.nodes:
-                # y = x + Attn(norm1(x)) + MLP(norm2(x)): one block's output is the other's "residual"
-                problem = ("its attention and MLP outputs are summed before they join the residual "
-                           "stream (a parallel-residual layer, e.g. GPT-NeoX); lemo supports "
-                           "sequential pre-norm layers only")
+                # y = x + f(Attn(norm1(x)) + MLP(norm2(x))) with f not the identity (Falcon):
+                # canonical_residual_adds found no x + a + m to reorder
+                problem = ("its attention and MLP outputs are summed, and the sum changed, before "
+                           "they join the residual stream (a parallel-residual layer like "
+                           "Falcon's); lemo supports x + f(Attn(norm(x))) + g(MLP(norm'(x))), "
+                           "each block's output changed on its own")
             else:
                 # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
                 # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
@@ -346,21 +351,17 @@ def _residual_block(
             f"(residual {res_shape}, block output {out_shape})"
         )
 
-    block: set[fx.Node] = set()
-    pending = [output]
-    while pending:
-        node = pending.pop()
-        if node in block or node is residual or node.op in ("placeholder", "get_attr"):
-            continue
-        if node not in layer_nodes:
-            continue  # computed outside the layer (rotary embedding, mask): an input of the block
-        block.add(node)
-        pending.extend(node.all_input_nodes)
+    block = _block_nodes(output, residual, add, layer_nodes)
     ordered = [n for n in output.graph.nodes if n in block]
-    for node in ordered:
-        for user in node.users:
-            if user not in block and user is not add and user.op != "output":
-                raise _NotABlock(f"{node.name} inside the attention block is also used by {user.name}")
+    if ordered and residual in layer_nodes:
+        position = {n: i for i, n in enumerate(output.graph.nodes) if n is residual or n is ordered[0]}
+        if position[residual] > position[ordered[0]]:  # (lemo inserts selection before the block)
+            raise _NotABlock(
+                f"the output of its {path.rsplit('.', 1)[-1]} module is added into a tensor "
+                "computed after that block begins (a parallel-residual layer like Falcon's, whose "
+                "attention and MLP outputs are summed, and the sum changed, before they join the "
+                "residual stream?); lemo supports x + f(Attn(norm(x))) + g(MLP(norm'(x))), each "
+                "block's output changed on its own")
     sdpa = [n for n in ordered if _is_sdpa(n)]
     if len(sdpa) != (1 if attention else 0):
         raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
@@ -368,6 +369,31 @@ def _residual_block(
         index, path, residual, output, add, ordered, sdpa[0] if sdpa else None,
         [n for n in cache_outputs if n in block], module_result,
     )
+
+
+def _block_nodes(output: fx.Node, residual: fx.Node, add: fx.Node,
+                 layer_nodes: set[fx.Node]) -> set[fx.Node]:
+    """Everything `output` depends on inside the layer, back to `residual`, except what the rest of
+    the layer also uses: a node with a user outside the block (a norm that a parallel-residual
+    layer's attention and MLP both read) is the block's input, not part of it, and so is what
+    only it needs. Removing such nodes can expose more (an ancestor also used by a removed node),
+    so this repeats until no node of the block is used outside it."""
+    shared: set[fx.Node] = set()
+    while True:
+        block: set[fx.Node] = set()
+        pending = [output]
+        while pending:
+            node = pending.pop()
+            if (node in block or node is residual or node in shared
+                    or node.op in ("placeholder", "get_attr") or node not in layer_nodes):
+                continue  # (outside the layer: rotary embedding, mask: an input of the block)
+            block.add(node)
+            pending.extend(node.all_input_nodes)
+        used_outside = {n for n in block if n is not output and any(
+            u not in block and u is not add and u.op != "output" for u in n.users)}
+        if not used_outside:
+            return block
+        shared |= used_outside
 
 
 def _tail_end_and_add(result: fx.Node, module_nodes: set[fx.Node], layer_nodes: set[fx.Node],
@@ -515,6 +541,12 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def canonical_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
+    """`unflatten_residual_adds` then `reassociate_parallel_residuals` on gm (the same values);
+    returns how many adds were rewritten."""
+    return unflatten_residual_adds(gm, fake_mode) + reassociate_parallel_residuals(gm, fake_mode)
+
+
 def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
     """Rewrite `(x.reshape(-1, D) + out).view(B, S, D)` (x [B, S, D], out [B*S, D]; OPT's MLP)
     to `x + out.reshape(B, S, D)`, so that the MLP block reads and adds into x like any other
@@ -561,6 +593,126 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
         graph.lint()
         gm.recompile()
     return count
+
+
+def reassociate_parallel_residuals(gm: fx.GraphModule, fake_mode=None) -> int:
+    """Rewrite each parallel-residual layer's output, the sum of its input x, its attention
+    block's output a and its MLP block's output m in any order and grouping (GPT-NeoX's
+    `(m + a) + x`, GPT-J's and Phi's `(a + m) + x`, ...), as `(x + a) + m`: the attention block then
+    adds into x like a sequential layer's, and the MLP block into x + a, while still reading x.
+    The same sum up to rounding; returns how many sums were rewritten (or, already in that order,
+    moved: x + a is then computed right after a, before the MLP block).
+
+    The roles are read off the graph: within one layer (a module path of the nodes' module stacks)
+    a is computed from the layer's one attention call, x is one of that call's inputs' sources,
+    m is neither."""
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    count = 0
+    for layer_nodes in _nodes_by_layer(gm).values():
+        calls = [n for n in layer_nodes if _is_sdpa(n)]
+        if len(calls) != 1:
+            continue
+        after = _downstream(calls[0], layer_nodes)
+        before = _upstream(calls[0], layer_nodes)
+        for outer in [n for n in graph.nodes if n in layer_nodes and _is_plain_add(n)]:
+            if outer not in layer_nodes:
+                continue  # erased by an earlier rewrite
+            inner = next((a for a in outer.args if _is_plain_add(a) and len(a.users) == 1
+                          and a in layer_nodes), None)
+            if inner is None:
+                continue
+            leaves = [*inner.args, next(a for a in outer.args if a is not inner)]
+            a = [n for n in leaves if n in after]
+            x = [n for n in leaves if n in before and n not in after]
+            m = [n for n in leaves if n not in before and n not in after]
+            if not (len(a) == len(x) == len(m) == 1) or len({_shape(n) for n in leaves}) != 1:
+                continue
+            (a,), (x,), (m,) = a, x, m
+            count += 1
+            # x1 = x + a right after a, and the MLP's own nodes after it, as in a sequential
+            # layer: lemo inserts a block's selection before the block's first node, and the MLP
+            # block's selection reads x1.
+            last = max((x, a), key=order.__getitem__)
+            mlp_nodes = _feeding_only(m, layer_nodes - before - after)
+            if any(u not in (inner, outer) for u in m.users):
+                mlp_nodes = set()
+            if inner.args in ((x, a), (a, x)):  # already (x + a) + m (Cohere): only moved
+                last.append(inner)
+                x1, y = inner, outer
+            else:
+                with graph.inserting_after(last):
+                    x1 = graph.call_function(operator.add, (x, a))
+                with graph.inserting_before(outer):
+                    y = graph.call_function(operator.add, (x1, m))
+                for created in (x1, y):
+                    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                        if key in outer.meta:
+                            created.meta[key] = outer.meta[key]
+                    created.meta["example_value"] = outer.meta["example_value"]
+                if fake_mode is not None:  # (x1's value: same shape, dtype and device as y's)
+                    with fake_mode:
+                        x1.meta["example_value"] = torch.empty_like(outer.meta["example_value"])
+                outer.replace_all_uses_with(y)
+                graph.erase_node(outer)
+                graph.erase_node(inner)
+                layer_nodes.difference_update((outer, inner))
+                layer_nodes.update((x1, y))
+            for node in [n for n in graph.nodes if n in mlp_nodes]:
+                y.prepend(node)
+            order = {node: i for i, node in enumerate(graph.nodes)}
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def _nodes_by_layer(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
+    """The nodes of each decoder-layer candidate (a module at `<name>.<index>`), by its path."""
+    layers: dict[str, set[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        for path, _cls in module_stack(node):
+            if _LAYER_PATH.match(path):
+                layers.setdefault(path, set()).add(node)
+                break
+    return layers
+
+
+def _upstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+    """Every node `node` is computed from inside `within`, plus the nodes outside it that those
+    read directly (the layer's inputs)."""
+    found, pending = set(), [node]
+    while pending:
+        for source in pending.pop().all_input_nodes:
+            if source not in found:
+                found.add(source)
+                if source in within:
+                    pending.append(source)
+    return found
+
+
+def _feeding_only(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+    """`node` and the operations (no graph inputs) it is computed from inside `within`, when all
+    of them are used only to compute `node` (else the empty set: nothing can be moved on its
+    own)."""
+    found, pending = {node}, [node]
+    while pending:
+        for source in pending.pop().all_input_nodes:
+            if source in within and source not in found and source.op.startswith("call_"):
+                found.add(source)
+                pending.append(source)
+    if any(u not in found for n in found - {node} for u in n.users):
+        return set()
+    return found
+
+
+def _is_plain_add(node) -> bool:
+    """An out-of-place add of two tensors (an in-place one changes its first operand, which other
+    nodes may read: not rewritten)."""
+    out_of_place = (node.target in (operator.add, torch.add) if node.op == "call_function"
+                    else node.target == "add") if isinstance(node, fx.Node) else False
+    return (out_of_place and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args))
 
 
 def is_view(node) -> bool:

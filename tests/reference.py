@@ -135,14 +135,15 @@ def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack([t[b if t.shape[0] > 1 else 0, idx[b]] for b in range(idx.shape[0])])
 
 
-def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """layer.self_attn on h [B, T, D] with RoPE cos/sin [1 or B, T, d], causal over T -> [B, T, D].
+def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """layer.self_attn on h [B, T, D] with RoPE cos/sin [1 or B, T, d], causal over T -> [B, T, D];
+    with `mask` (bool [B, 1, T, T], True attends) that mask instead (sdpa attention only).
 
     With attention_mask=None the sdpa (and flash) paths of HF apply a causal mask themselves; the
     eager path would attend to everything, so it gets an explicit additive causal mask instead.
     """
-    mask = None
-    if getattr(layer.self_attn.config, "_attn_implementation", "sdpa") == "eager":
+    if mask is None and getattr(layer.self_attn.config, "_attn_implementation", "sdpa") == "eager":
         t = h.shape[1]
         future = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
         mask = torch.zeros(t, t, dtype=h.dtype, device=h.device).masked_fill(
@@ -154,10 +155,15 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
                  mlp: str = "off", mlp_keep_ratio: float | None = None,
-                 mlp_channel_ratio: float = 0.5, mlp_scorer=None):
+                 mlp_channel_ratio: float = 0.5, mlp_scorer=None,
+                 position_ids: torch.Tensor | None = None):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
-    input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). The model is used as
+    input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). position_ids
+    [B, S] that restart at 0 mark packed documents (HF's DataCollatorWithFlattening): RoPE takes
+    them, and a token attends only to the earlier tokens of its own document, in dense layers and,
+    restricted to the kept tokens, in sparse ones; blocks and scores ignore the documents (the
+    oracle scores every earlier token of the row). The model is used as
     it is (train or eval mode) and not modified. Gradients flow through everything except the block
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
@@ -182,14 +188,20 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                              dense_layers=dense_layers)
 
     x = inner.embed_tokens(input_ids)                                          # [B, S, D]
-    position_ids = torch.arange(seq_len, device=input_ids.device)[None]        # [1, S]
-    cos, sin = inner.rotary_emb(x, position_ids)                               # [1, S, d] each
+    mask = None
+    if position_ids is None:
+        position_ids = torch.arange(seq_len, device=input_ids.device)[None]    # [1, S]
+    else:
+        document = (position_ids == 0).cumsum(dim=1)                           # [B, S]
+        earlier = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+        mask = ((document[:, :, None] == document[:, None, :]) & earlier)[:, None]  # [B, 1, S, S]
+    cos, sin = inner.rotary_emb(x, position_ids)                               # [1 or B, S, d]
 
     for layer_index, layer in enumerate(inner.layers):
         k_blocks = plan[layer_index]
         if k_blocks is None:
             # Dense attention block.
-            x = x + causal_attention(layer, layer.input_layernorm(x), cos, sin)
+            x = x + causal_attention(layer, layer.input_layernorm(x), cos, sin, mask)
         else:
             # Choose the kept tokens (no gradient).
             with torch.no_grad():
@@ -203,8 +215,10 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                 idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [B, K]
             # Attention on the kept residual rows only, added back into those rows.
             rows = gather_rows(x, idx)                                         # [B, K, D]
+            kept_mask = None if mask is None else torch.stack(
+                [mask[b][:, idx[b]][:, :, idx[b]] for b in range(batch)])    # [B, 1, K, K]
             a = causal_attention(layer, layer.input_layernorm(rows), gather_rows(cos, idx),
-                                 gather_rows(sin, idx))                         # [B, K, D]
+                                 gather_rows(sin, idx), kept_mask)              # [B, K, D]
             x = torch.stack([x[b].index_add(0, idx[b], a[b].to(x.dtype)) for b in range(batch)])
         if mlp == "tokens" and k_blocks is not None:
             # MLP on the blocks whose intermediate activation is largest (no gradient in the choice).
@@ -385,13 +399,17 @@ def opt_lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None
 
 
 def toy_lemo_forward(model, ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                     block_size: int = 64, keep_ratio=0.4, dense_layers="auto"):
+                     block_size: int = 64, keep_ratio=0.4, dense_layers="auto", mlp: str = "off"):
     """(logits, loss or None) of the project's toy decoder (`tests/toy.py`) under LeMo token
     elimination with the oracle scorer: the semantics of `lemo_forward`, with each block's tail
     (the toy's sandwich norm and / or scale on the block's output) part of the block, so run on the
     kept rows only: x1 = x + tail1(Attn(norm1(x))) in a sparse layer adds tail1 of the kept rows'
-    attention into those rows, and nothing into the others. The MLP block is dense. Batch 1 (the
-    toy's RoPE broadcasts cos [1, S, d] over the batch)."""
+    attention into those rows, and nothing into the others. mlp: "off" (a dense MLP block) or
+    "tokens" (in a sparse layer the MLP block runs on as many blocks, those of largest
+    ||silu(gate) * up|| per token, and adds into those rows). A parallel-residual layer
+    (y = x + Attn(norm1(x)) + MLP(norm(x))) is the same with the MLP block reading x instead of
+    x1 and adding into x1: each block chooses its own rows from x. Batch 1 (the toy's RoPE
+    broadcasts cos [1, S, d] over the batch)."""
     assert ids.shape[0] == 1, "toy_lemo_forward: batch 1"
     seq_len = ids.shape[1]
     plan = sparse_layer_plan(len(model.layers), seq_len, block_size=block_size,
@@ -401,7 +419,7 @@ def toy_lemo_forward(model, ids: torch.Tensor, labels: torch.Tensor | None = Non
     for layer_index, layer in enumerate(model.layers):
         k_blocks = plan[layer_index]
         if k_blocks is None:
-            x = x + layer.tail(layer.attn(layer.norm1(x), cos, sin), layer.post1)
+            x1 = x + layer.tail(layer.attn(layer.norm1(x), cos, sin), layer.post1)
         else:
             attn = layer.attn
             with torch.no_grad():
@@ -413,8 +431,17 @@ def toy_lemo_forward(model, ids: torch.Tensor, labels: torch.Tensor | None = Non
                 idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [1, K]
             rows = x[:, idx[0]]
             out = layer.tail(attn(layer.norm1(rows), cos[:, idx[0]], sin[:, idx[0]]), layer.post1)
-            x = x[0].index_add(0, idx[0], out[0])[None]
-        x = x + layer.tail(layer.mlp(layer.norm2(x)), layer.post2)
+            x1 = x[0].index_add(0, idx[0], out[0])[None]
+        mlp_in, norm = (x if layer.parallel else x1), layer.mlp_norm()
+        if mlp == "tokens" and k_blocks is not None:
+            with torch.no_grad():
+                h2 = norm(mlp_in)
+                activation = F.silu(layer.mlp.gate(h2)) * layer.mlp.up(h2)
+                idx = mlp_token_selection(activation.float().norm(dim=-1), k_blocks, None, block_size)
+            out = layer.tail(layer.mlp(norm(mlp_in[:, idx[0]])), layer.post2)
+            x = x1[0].index_add(0, idx[0], out[0])[None]
+        else:
+            x = x1 + layer.tail(layer.mlp(norm(mlp_in)), layer.post2)
     logits = model.head(model.norm(x))
     loss = None
     if labels is not None:

@@ -221,14 +221,16 @@ def _lemo_warnings(model, *args, **kwargs) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, lemo_compile.LemoWarning)]
 
 
-def test_parallel_residual_layers_are_named_as_such_once():
-    config = transformers.GPTNeoXConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
-                                        num_hidden_layers=4, num_attention_heads=4, use_cache=False)
+def test_a_parallel_residual_sum_changed_as_a_whole_is_named_as_such_once():
+    """Falcon adds its attention output into the MLP's in place and applies a dropout to the sum
+    before adding x: no `x + a + m` to reorder, so its layers run dense, with one warning."""
+    config = transformers.FalconConfig(vocab_size=101, hidden_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, use_cache=False)
     torch.manual_seed(0)
     ids = token_batch(1, 64)
-    (message,) = _lemo_warnings(transformers.GPTNeoXForCausalLM(config).train(), input_ids=ids,
+    (message,) = _lemo_warnings(transformers.FalconForCausalLM(config).train(), input_ids=ids,
                                 labels=ids)
-    assert message.count("\n  - ") == 1 and "layers gpt_neox.layers.0-3: " in message
+    assert message.count("\n  - ") == 1 and "layers transformer.h.0-3: " in message
     assert "parallel-residual" in message and "post-norm" not in message
 
 
@@ -240,17 +242,34 @@ def test_block_tails_match_the_reference(scale, sandwich, pre_norm, keep_ratio):
     norms) or both, and x + norm(block(x)) (OLMo2): the tail runs on the kept rows with the block;
     loss, logits and every gradient equal the eager reference; keep 1.0 equals the plain model;
     one graph."""
+    _toy_matches_the_reference(keep_ratio, scale=scale, sandwich=sandwich, pre_norm=pre_norm)
+
+
+@pytest.mark.parametrize("parallel, mlp, keep_ratio", [
+    ("two", "off", 0.4), ("shared", "off", 0.4), ("two", "tokens", 0.4), ("shared", "tokens", 0.4),
+    ("shared", "off", 1.0)])
+def test_parallel_residual_layers_match_the_reference(parallel, mlp, keep_ratio):
+    """y = x + Attn(norm1(x)) + MLP(norm2(x)), summed as GPT-NeoX does ((m + a) + x), with two
+    norms or one that both blocks read: the attention block adds its kept rows into x, the MLP
+    block (dense, or on its own kept rows) into the result, reading x."""
+    _toy_matches_the_reference(keep_ratio, mlp=mlp, parallel=parallel)
+
+
+def _toy_matches_the_reference(keep_ratio: float, mlp: str = "off", **toy_options) -> None:
+    """One compiled training step of a 3-layer toy decoder (layers 1 and 2 sparse) against the
+    eager reference, or against the plain model at keep 1.0: logits, loss, every gradient."""
     import toy
     from reference import toy_lemo_forward
 
     torch.manual_seed(0)
-    model = toy.ToyDecoder(layers=3, scale=scale, sandwich=sandwich, pre_norm=pre_norm).train()
+    model = toy.ToyDecoder(layers=3, **toy_options).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:  # norm weights away from 1, so that a missing norm shows
                 p.uniform_(0.5, 1.5)
     ids, labels = token_batch(1, 150, vocab=32), token_batch(1, 150, vocab=32, seed=2)
-    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None, "keep_ratio": keep_ratio})
+    backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": None, "keep_ratio": keep_ratio,
+                                        "mlp": mlp})
     with warnings.catch_warnings():
         warnings.simplefilter("error", lemo_compile.LemoWarning)  # no layer falls back
         logits, loss = torch.compile(model, backend=backend, fullgraph=True)(ids, labels)
@@ -261,10 +280,11 @@ def test_block_tails_match_the_reference(scale, sandwich, pre_norm, keep_ratio):
         want_logits, want_loss = model(ids, labels)
     else:
         want_logits, want_loss = toy_lemo_forward(model, ids, labels, block_size=16,
-                                                  dense_layers=[0])
+                                                  dense_layers=[0], mlp=mlp)
     want_loss.backward()
     (report,) = backend.reports
     assert report.counters["sparse_layers"] == (2 if keep_ratio < 1 else 0)
+    assert report.counters.get("mlp_sparse_layers", 0) == (2 if mlp == "tokens" else 0)
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
     for name, grad in grads(model).items():
@@ -288,15 +308,37 @@ TAILED = {  # families whose blocks have a tail: x + f(block(norm(x)))
 }
 
 
-@pytest.mark.parametrize("family, mlp", [
-    *((family, mlp) for family in ("gemma3", "granite") for mlp in ("off", "tokens", "channels")),
-    ("glm4", "off"), ("olmo2", "off")])
-def test_families_with_block_tails_run_sparse_and_keep_one_is_the_plain_model(family, mlp):
-    """Every layer but the first sparse, in each MLP mode (the tails' semantics are checked
-    against the reference on the toy decoder above); keep 1.0 equals the plain model."""
-    config_class, model_class, extra = TAILED[family]
+PARALLEL = {  # parallel-residual families: y = x + Attn(norm(x)) + MLP(norm'(x))
+    # two norms, (m + a) + x
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        **{**COMMON, "num_key_value_heads": None})),
+    # one norm both blocks read: (x + a) + m; (a + m) + x with dropouts on each; the same in GPT-J's
+    # names
+    "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON)),
+    "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
+        **{**COMMON, "num_key_value_heads": 4})),
+    "gptj": lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        vocab_size=101, n_embd=64, n_inner=96, n_layer=4, n_head=4, rotary_dim=8, use_cache=False)),
+}
+
+
+def _shaped_model(family: str):
     torch.manual_seed(0)
-    model = model_class(config_class(**COMMON, **extra)).train()
+    if family in PARALLEL:
+        return PARALLEL[family]().train()
+    config_class, model_class, extra = TAILED[family]
+    return model_class(config_class(**COMMON, **extra)).train()
+
+
+@pytest.mark.parametrize("family, mlp", [
+    *((family, mlp) for family in ("gemma3", "granite", "gpt_neox", "cohere")
+      for mlp in ("off", "tokens", "channels")),
+    ("glm4", "off"), ("olmo2", "off"), ("phi", "off"), ("gptj", "off")])
+def test_families_of_other_residual_shapes_run_sparse_and_keep_one_is_the_plain_model(family, mlp):
+    """Block tails and parallel residuals in Hugging Face families: every layer but the first
+    sparse, in each MLP mode (the shapes' semantics are checked against the reference on the toy
+    decoder above); keep 1.0 equals the plain model."""
+    model = _shaped_model(family)
     ids = token_batch(1, 150)
     backend, compiled = _compiled(model, mlp=mlp)
     with warnings.catch_warnings():
@@ -317,13 +359,12 @@ def test_families_with_block_tails_run_sparse_and_keep_one_is_the_plain_model(fa
     assert_equals_plain_model(compiled, model, ids, grad_rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "granite"])
-def test_block_tails_under_checkpointing_equal_no_checkpointing(family):
+@pytest.mark.parametrize("family", ["gemma3", "granite", "cohere"])
+def test_other_residual_shapes_under_checkpointing_equal_no_checkpointing(family):
     """Inside checkpointed layers too (the partitioner moves Gemma's `1 + weight` after the gather
-    that the fused gather + RMSNorm replaces: the weight is moved back before it)."""
-    config_class, model_class, extra = TAILED[family]
-    torch.manual_seed(0)
-    model = model_class(config_class(**COMMON, **extra)).train()
+    that the fused gather + RMSNorm replaces: the weight is moved back before it; Cohere's shared
+    norm and parallel sum are rewritten inside the checkpointed body)."""
+    model = _shaped_model(family)
     ids = token_batch(1, 150)
     results = []
     for checkpointing in (True, False):

@@ -350,3 +350,46 @@ def test_hide_invalid_keys_and_real_tokens_for_bool_and_additive_masks():
     torch.testing.assert_close(
         hidden_additive,
         torch.zeros(want.shape).masked_fill(~want, torch.finfo(torch.float32).min))
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_packed_sequences_match_the_reference(keep_ratio):
+    """HF's padding-free collator (`DataCollatorWithFlattening`): three documents in one row, their
+    positions restarting at 0. transformers builds a block-diagonal causal mask from the
+    position_ids; lemo keeps it (it depends on an input) and gathers it at the kept tokens, so each
+    kept token attends to the kept tokens of its own document only (`lemo_forward` with
+    position_ids); keep 1.0 equals the plain model."""
+    from transformers import DataCollatorWithFlattening
+
+    from reference import lemo_forward
+
+    documents = [{"input_ids": token_batch(1, n, seed=s)[0].tolist()}
+                 for s, n in enumerate((64, 50, 14))]
+    packed = DataCollatorWithFlattening()(documents)
+    ids, labels, position_ids = packed["input_ids"], packed["labels"], packed["position_ids"]
+    model = tiny_llama()
+    backend = lemo_compile.LemoBackend({**OPTIONS, "keep_ratio": keep_ratio})
+    out = torch.compile(model, backend=backend, fullgraph=True)(
+        input_ids=ids, labels=labels, position_ids=position_ids)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    if keep_ratio == 1.0:
+        want = model(input_ids=ids, labels=labels, position_ids=position_ids)
+        want_logits, want_loss = want.logits, want.loss
+    else:
+        want_logits, want_loss = lemo_forward(model, ids, labels, block_size=BLOCK,
+                                              keep_ratio=keep_ratio, dense_layers=[0],
+                                              position_ids=position_ids)
+    want_loss.backward()
+    (report,) = backend.reports
+    assert report.counters["sparse_layers"] == (3 if keep_ratio < 1 else 0)
+    assert report.counters["causal_attention"] == 0  # the documents' mask is not plain causal
+    torch.testing.assert_close(out.logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-4, atol=1e-4)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    if keep_ratio < 1:  # the documents matter: as one document, the reference differs
+        one_document, _ = lemo_forward(model, ids, labels, block_size=BLOCK,
+                                       keep_ratio=keep_ratio, dense_layers=[0])
+        assert (one_document - want_logits).abs().max() > 1e-2

@@ -60,37 +60,51 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     """x1 = x + tail1(attn(norm1(x))); y = x1 + tail2(mlp(norm2(x1))), where a tail is nothing, or
     (Gemma's sandwich norms) an RMSNorm of the block's output, then (Granite) times `scale`.
-    pre_norm=False drops norm1 and norm2 (OLMo2 with sandwich=True: x + norm(block(x)))."""
+    pre_norm=False drops norm1 and norm2 (OLMo2 with sandwich=True: x + norm(block(x))).
+    parallel="two" (GPT-NeoX): y = tail2(mlp(norm2(x))) + tail1(attn(norm1(x))) + x, summed in
+    that order; parallel="shared" (Cohere, Phi, GPT-J): the same with one norm, computed once and
+    read by both blocks."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, *,
-                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True) -> None:
+                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True,
+                 parallel: str | None = None) -> None:
         super().__init__()
         self.norm1 = RMSNorm(dim) if pre_norm else nn.Identity()
-        self.norm2 = RMSNorm(dim) if pre_norm else nn.Identity()
+        self.norm2 = RMSNorm(dim) if pre_norm and parallel != "shared" else None
         self.attn, self.mlp = Attention(dim, heads, kv_heads), MLP(dim, hidden)
         self.post1 = RMSNorm(dim) if sandwich else None
         self.post2 = RMSNorm(dim) if sandwich else None
         self.scale = scale
+        self.parallel = parallel
 
     def tail(self, out: torch.Tensor, post: RMSNorm | None) -> torch.Tensor:
         if post is not None:
             out = post(out)
         return out if self.scale is None else out * self.scale
 
+    def mlp_norm(self) -> nn.Module:
+        """The norm the MLP block reads through."""
+        return self.norm1 if self.norm2 is None else self.norm2
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:
+            h = self.norm1(x)
+            m = self.tail(self.mlp(h if self.norm2 is None else self.norm2(x)), self.post2)
+            return m + self.tail(self.attn(h, cos, sin), self.post1) + x
         x = x + self.tail(self.attn(self.norm1(x), cos, sin), self.post1)
-        return x + self.tail(self.mlp(self.norm2(x)), self.post2)
+        return x + self.tail(self.mlp(self.mlp_norm()(x)), self.post2)
 
 
 class ToyDecoder(nn.Module):
     """ids [B, S] -> (logits [B, S, V], loss or None); labels are already aligned with ids."""
 
     def __init__(self, vocab=32, dim=32, heads=4, kv_heads=2, hidden=48, layers=3, *,
-                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True) -> None:
+                 scale: float | None = None, sandwich: bool = False, pre_norm: bool = True,
+                 parallel: str | None = None) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(Layer(dim, heads, kv_heads, hidden, scale=scale,
-                                          sandwich=sandwich, pre_norm=pre_norm)
+                                          sandwich=sandwich, pre_norm=pre_norm, parallel=parallel)
                                     for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)

@@ -33,7 +33,7 @@ from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
-from lemo_compile.regions import checkpointed_layers, find_regions, unflatten_residual_adds
+from lemo_compile.regions import canonical_residual_adds, checkpointed_layers, find_regions
 
 
 class LemoWarning(UserWarning):
@@ -104,7 +104,7 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     report.counters["causal_attention"] = causal_attention_pass(gm)
     for module in gm.modules():  # the graph and any activation-checkpoint bodies in it
         if isinstance(module, fx.GraphModule):
-            unflatten_residual_adds(module, fake_mode)
+            canonical_residual_adds(module, fake_mode)
     regions = find_regions(gm)
     checkpointed = checkpointed_layers(gm)
     layers = [checkpointed[l.index][2] if l.index in checkpointed else l for l in regions.layers]

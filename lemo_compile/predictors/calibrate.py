@@ -31,7 +31,7 @@ from lemo_compile.config import LemoConfig, plan_layers
 from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
 from lemo_compile.ops import token_block_scores
 from lemo_compile.predictors.bank import DISTANCES, ModelSignature, PredictorBank
-from lemo_compile.regions import find_regions, unflatten_residual_adds
+from lemo_compile.regions import canonical_residual_adds, find_regions
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ class _Capture:
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Any:
         from lemo_compile.passes.select import model_signature
 
-        unflatten_residual_adds(gm)
+        canonical_residual_adds(gm)
         regions = find_regions(gm)
         found = {l.index: l for l in regions.layers if l.attention is not None}
         if not found and not regions.problems:
