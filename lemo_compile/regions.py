@@ -53,6 +53,8 @@ class ResidualBlock:
     cache_outputs: block nodes returned by the graph besides through `add` (a KV cache).
     module_result: the block module's own result, where its tail starts (`output` when the
               block has no tail).
+    routes_to_experts: the block's module takes a top-k over per-token scores (a
+              mixture-of-experts MLP's router).
     """
 
     layer: int
@@ -64,6 +66,7 @@ class ResidualBlock:
     attention: fx.Node | None
     cache_outputs: list[fx.Node]
     module_result: fx.Node
+    routes_to_experts: bool = False
 
     @property
     def query(self) -> fx.Node:
@@ -368,6 +371,7 @@ def _residual_block(
     return ResidualBlock(
         index, path, residual, output, add, ordered, sdpa[0] if sdpa else None,
         [n for n in cache_outputs if n in block], module_result,
+        routes_to_experts=any(_is_topk(n) for n in attention_nodes),
     )
 
 
@@ -524,6 +528,11 @@ def is_linear(node: fx.Node) -> bool:
 
 def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def _is_topk(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target is torch.topk)
+            or (node.op == "call_method" and node.target == "topk"))
 
 
 def _is_add(node: fx.Node) -> bool:

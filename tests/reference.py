@@ -156,14 +156,17 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
                  mlp: str = "off", mlp_keep_ratio: float | None = None,
                  mlp_channel_ratio: float = 0.5, mlp_scorer=None,
-                 position_ids: torch.Tensor | None = None):
+                 position_ids: torch.Tensor | None = None, sliding_window=None):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). position_ids
     [B, S] that restart at 0 mark packed documents (HF's DataCollatorWithFlattening): RoPE takes
     them, and a token attends only to the earlier tokens of its own document, in dense layers and,
     restricted to the kept tokens, in sparse ones; blocks and scores ignore the documents (the
-    oracle scores every earlier token of the row). The model is used as
+    oracle scores every earlier token of the row). sliding_window: a token attends only to the
+    `sliding_window` latest tokens, itself included (Mistral's window), by their positions in the
+    row; an int for every layer, or one int or None (no window) per layer; the oracle still scores
+    every earlier token. The model is used as
     it is (train or eval mode) and not modified. Gradients flow through everything except the block
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
@@ -188,17 +191,28 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                              dense_layers=dense_layers)
 
     x = inner.embed_tokens(input_ids)                                          # [B, S, D]
-    mask = None
+    token = torch.arange(seq_len, device=input_ids.device)
+    earlier = token[None, :] <= token[:, None]                                 # [S, S]
+    documents = None                                                           # [B, 1, S, S]
     if position_ids is None:
-        position_ids = torch.arange(seq_len, device=input_ids.device)[None]    # [1, S]
+        position_ids = token[None]                                             # [1, S]
     else:
         document = (position_ids == 0).cumsum(dim=1)                           # [B, S]
-        earlier = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
-        mask = ((document[:, :, None] == document[:, None, :]) & earlier)[:, None]  # [B, 1, S, S]
+        documents = ((document[:, :, None] == document[:, None, :]) & earlier)[:, None]
+    windows = (sliding_window if isinstance(sliding_window, (list, tuple))
+               else [sliding_window] * len(inner.layers))
+    masks = []  # per layer: bool [1 or B, 1, S, S], or None (plain causal)
+    for window in windows:
+        mask = documents
+        if window is not None:
+            local = (earlier & (token[:, None] - token[None, :] < window))[None, None]
+            mask = local if mask is None else mask & local
+        masks.append(mask)
     cos, sin = inner.rotary_emb(x, position_ids)                               # [1 or B, S, d]
 
     for layer_index, layer in enumerate(inner.layers):
         k_blocks = plan[layer_index]
+        mask = masks[layer_index]
         if k_blocks is None:
             # Dense attention block.
             x = x + causal_attention(layer, layer.input_layernorm(x), cos, sin, mask)
@@ -216,7 +230,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             # Attention on the kept residual rows only, added back into those rows.
             rows = gather_rows(x, idx)                                         # [B, K, D]
             kept_mask = None if mask is None else torch.stack(
-                [mask[b][:, idx[b]][:, :, idx[b]] for b in range(batch)])    # [B, 1, K, K]
+                [mask[b if mask.shape[0] > 1 else 0][:, idx[b]][:, :, idx[b]]
+                 for b in range(batch)])                                       # [B, 1, K, K]
             a = causal_attention(layer, layer.input_layernorm(rows), gather_rows(cos, idx),
                                  gather_rows(sin, idx), kept_mask)              # [B, K, D]
             x = torch.stack([x[b].index_add(0, idx[b], a[b].to(x.dtype)) for b in range(batch)])

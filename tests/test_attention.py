@@ -98,6 +98,47 @@ def test_sliding_window_is_left_alone_and_short_windows_become_causal():
     assert causal_attention_pass(gm) == 2  # a window as long as the sequence is
 
 
+@pytest.mark.parametrize("window, local_layers", [(32, "all"), (40, "all"), (32, "odd")])
+def test_sliding_window_layers_match_the_reference(window, local_layers):
+    """A window shorter than the sequence stays a mask, gathered at the kept tokens: a kept token
+    attends to the kept tokens among its `window` latest (by position in the row), as dense
+    attention restricted to them would (windows of 2 and 2.5 blocks; Mistral's window in every
+    layer, or Qwen2's local layers 1 and 3 between global ones)."""
+    from reference import lemo_forward
+
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, use_cache=False, sliding_window=window)
+    torch.manual_seed(0)
+    if local_layers == "all":
+        model = transformers.MistralForCausalLM(
+            transformers.MistralConfig(**common, num_hidden_layers=3)).train()
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **common, num_hidden_layers=4, use_sliding_window=True,
+            layer_types=["full_attention", "sliding_attention"] * 2)).train()
+        window = [None, window] * 2
+    ids = token_batch(1, 150)
+    backend = lemo_compile.LemoBackend({"compiler": "aot_eager", "block_size": 16,
+                                        "dense_layers": [0], "loss_segment": None})
+    out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want_logits, want_loss = lemo_forward(model, ids, ids, block_size=16, dense_layers=[0],
+                                          sliding_window=window)
+    want_loss.backward()
+    (report,) = backend.reports
+    layers = len(model.model.layers)
+    assert report.counters["sparse_layers"] == layers - 1  # (dense_layers=[0])
+    assert report.counters["causal_attention"] == (0 if local_layers == "all" else 2)
+    torch.testing.assert_close(out.logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    whole, _ = lemo_forward(model, ids, ids, block_size=16, dense_layers=[0])
+    assert (whole - want_logits).abs().max() > 1e-2  # the window matters here
+
+
 class MaskedAttention(nn.Module):
     """One SDPA call with a mask built from aranges by `mask_of(q_index, kv_index)`."""
 

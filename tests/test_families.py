@@ -16,6 +16,7 @@ from conftest import (
     assert_equals_plain_model, assert_matches_reference, grads, inserted_nodes, tiny_opt,
     token_batch,
 )
+from lemo_compile.passes.select import MIXTURE_OF_EXPERTS
 from reference import opt_lemo_forward
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -410,3 +411,30 @@ def test_peft_layer_paths_are_the_module_paths_users_know():
     (message,) = _lemo_warnings(model, input_ids=ids, labels=ids)
     assert "layers base_model.model.model.layers.0-3: no scaled_dot_product_attention" in message
     assert "__dict__" not in message
+
+
+MIXTURES = {  # MoE MLPs: a router's top-k picks experts per token
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32)),
+}
+
+
+@pytest.mark.parametrize("family, mlp", [("mixtral", "tokens"), ("qwen2_moe", "channels")])
+def test_mixture_of_experts_mlps_stay_dense_with_one_warning_that_says_so(family, mlp):
+    """The attention blocks are sparse; the expert MLPs run dense (their router sees every token),
+    and one warning names them as mixture-of-experts MLPs."""
+    torch.manual_seed(0)
+    model = MIXTURES[family]().train()
+    ids = token_batch(1, 64)
+    backend, compiled = _compiled(model, mlp=mlp, loss_segment=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    messages = [str(w.message) for w in caught if issubclass(w.category, lemo_compile.LemoWarning)]
+    (report,) = backend.reports
+    assert report.counters["sparse_layers"] == 3
+    assert not report.counters.get("mlp_sparse_layers") and not report.counters.get("mlp_channel_layers")
+    assert messages == ["lemo: these MLP blocks run dense: layers 1-3: " + MIXTURE_OF_EXPERTS]

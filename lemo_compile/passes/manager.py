@@ -184,8 +184,11 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
                              if l.mlp is None and (plans[l.index].mlp_sparse
                                                    or plans[l.index].mlp_channel_ratio is not None)})
         if mlp_fallback:
-            report.warn("lemo: these MLP blocks run dense: "
-                        + "; ".join(f"layer {i}: {why}" for i, why in sorted(mlp_fallback.items())))
+            by_reason: dict[str, list[int]] = {}
+            for index, why in sorted(mlp_fallback.items()):
+                by_reason.setdefault(why, []).append(index)
+            report.warn("lemo: these MLP blocks run dense: " + "; ".join(
+                f"layer{'s' if len(i) > 1 else ''} {_ranges(i)}: {why}" for why, i in by_reason.items()))
         report.plans = [
             dataclasses.replace(p, mlp_kept_blocks=p.n_blocks, mlp_kept_tokens=p.seq_len)
             if p.layer in mlp_fallback else p

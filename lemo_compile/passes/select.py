@@ -179,6 +179,12 @@ def _tagger(layer_index: int, anchor: fx.Node):
     return tag
 
 
+MIXTURE_OF_EXPERTS = (
+    "a mixture-of-experts MLP (a router picks experts per token): mlp='tokens' and 'channels' "
+    "leave it dense, so the router and its auxiliary losses see every token; the layer's "
+    "attention block is still sparse")
+
+
 def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx.Node | None:
     """Selection around one attention block; returns the new residual stream (None: left dense)."""
     block = layer.attention
@@ -205,6 +211,9 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
     left dense). Scores: the layer's `MlpPredictor` on the MLP's input when the bank has one, else
     the norm of its intermediate activation per token, both on all tokens and without gradient."""
     block = layer.mlp
+    if block.routes_to_experts:
+        result.mlp_dense[layer.index] = MIXTURE_OF_EXPERTS
+        return None
     intermediate = block.mlp_activation()
     if intermediate is None:
         result.mlp_dense[layer.index] = "the MLP's intermediate activation was not recognised"
@@ -255,6 +264,9 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     """mlp="channels" in one MLP block (module docstring); a block whose down projection or
     intermediate activation is not recognised stays dense, its reason in `result.mlp_dense`."""
     block = layer.mlp
+    if block.routes_to_experts:
+        result.mlp_dense[layer.index] = MIXTURE_OF_EXPERTS
+        return
     output = block.down_projection()
     if output is None:
         result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
