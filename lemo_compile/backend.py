@@ -37,10 +37,10 @@ from lemo_compile.config import LemoConfig
 from lemo_compile.inspect import DEBUG_DIR_VARIABLE
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.attention import causal_attention_pass
-from lemo_compile.passes.recompute import save_in_checkpoints
 from lemo_compile.passes.manager import (
     CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
 )
+from lemo_compile.passes.recompute import save_in_checkpoints
 
 log = logging.getLogger(__name__)
 
