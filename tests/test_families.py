@@ -353,6 +353,11 @@ def test_families_of_other_residual_shapes_run_sparse_and_keep_one_is_the_plain_
     assert not [w for w in report.warnings if "dense" in w]
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads(model).values())
     model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        other = token_batch(1, 150, seed=3)  # (labels that are input_ids, as in the first step)
+        compiled(input_ids=other, labels=other)  # a second step: no recompile
+    assert len(backend.reports) == 1
     if mlp != "off":
         return
 
