@@ -260,10 +260,7 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
             if block.residual in mlp.nodes or mlp.residual in block.nodes:
                 # y = x + f(Attn(norm1(x)) + MLP(norm2(x))) with f not the identity (Falcon):
                 # canonical_residual_adds found no x + a + m to reorder
-                problem = ("its attention and MLP outputs are summed, and the sum changed, before "
-                           "they join the residual stream (a parallel-residual layer like "
-                           "Falcon's); lemo supports x + f(Attn(norm(x))) + g(MLP(norm'(x))), "
-                           "each block's output changed on its own")
+                problem = "its attention and MLP outputs are " + _PARALLEL_SUM_CHANGED
             else:
                 # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
                 # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
@@ -321,6 +318,11 @@ def checkpoint_bodies(gm: fx.GraphModule) -> dict[fx.GraphModule, list[fx.Node]]
     return bodies
 
 
+_PARALLEL_SUM_CHANGED = (
+    "summed, and the sum changed, before they join the residual stream, like Falcon's; lemo "
+    "supports x + f(Attn(norm(x))) + g(MLP(norm'(x))), each block's output changed on its own")
+
+
 class _NotABlock(Exception):
     pass
 
@@ -361,10 +363,8 @@ def _residual_block(
         if position[residual] > position[ordered[0]]:  # (lemo inserts selection before the block)
             raise _NotABlock(
                 f"the output of its {path.rsplit('.', 1)[-1]} module is added into a tensor "
-                "computed after that block begins (a parallel-residual layer like Falcon's, whose "
-                "attention and MLP outputs are summed, and the sum changed, before they join the "
-                "residual stream?); lemo supports x + f(Attn(norm(x))) + g(MLP(norm'(x))), each "
-                "block's output changed on its own")
+                "computed after that block begins (in a parallel-residual layer whose attention "
+                "and MLP outputs are " + _PARALLEL_SUM_CHANGED + ")")
     sdpa = [n for n in ordered if _is_sdpa(n)]
     if len(sdpa) != (1 if attention else 0):
         raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
@@ -581,9 +581,7 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
                 out3 = graph.call_method("reshape", (out, shape))
                 new = graph.call_function(operator.add, (x, out3))
             for created in (out3, new):
-                for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-                    if key in node.meta:
-                        created.meta[key] = node.meta[key]
+                _inherit_meta(created, node)
             value = out.meta["example_value"]
             if fake_mode is not None:
                 with fake_mode:
@@ -655,9 +653,7 @@ def reassociate_parallel_residuals(gm: fx.GraphModule, fake_mode=None) -> int:
                 with graph.inserting_before(outer):
                     y = graph.call_function(operator.add, (x1, m))
                 for created in (x1, y):
-                    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-                        if key in outer.meta:
-                            created.meta[key] = outer.meta[key]
+                    _inherit_meta(created, outer)
                     created.meta["example_value"] = outer.meta["example_value"]
                 if fake_mode is not None:  # (x1's value: same shape, dtype and device as y's)
                     with fake_mode:
@@ -674,6 +670,14 @@ def reassociate_parallel_residuals(gm: fx.GraphModule, fake_mode=None) -> int:
         graph.lint()
         gm.recompile()
     return count
+
+
+def _inherit_meta(created: fx.Node, replaced: fx.Node) -> None:
+    """Give a node a rewrite created the module stack and source of the node it replaces (what
+    the region finder and error messages read)."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in replaced.meta:
+            created.meta[key] = replaced.meta[key]
 
 
 def _nodes_by_layer(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
@@ -704,12 +708,7 @@ def _feeding_only(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
     """`node` and the operations (no graph inputs) it is computed from inside `within`, when all
     of them are used only to compute `node` (else the empty set: nothing can be moved on its
     own)."""
-    found, pending = {node}, [node]
-    while pending:
-        for source in pending.pop().all_input_nodes:
-            if source in within and source not in found and source.op.startswith("call_"):
-                found.add(source)
-                pending.append(source)
+    found = {node} | {n for n in _upstream(node, within) if n in within and n.op.startswith("call_")}
     if any(u not in found for n in found - {node} for u in n.users):
         return set()
     return found

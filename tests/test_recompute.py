@@ -40,29 +40,30 @@ def _scorer_ops(code: str) -> list[str]:
     return [line.strip() for line in code.splitlines() if "aten.sort" in line or "aten.amax" in line]
 
 
-@pytest.mark.parametrize("save_attention", [False, True])
 @pytest.mark.parametrize("mlp", ["off", "tokens"])
-def test_checkpointed_layers_save_their_selection_and_keep_their_gradients(mlp, save_attention):
-    loss, got, report = _step(True, mlp, save_attention=save_attention)
+def test_checkpointed_layers_save_their_selection_and_keep_their_gradients(mlp):
     want_loss, want, plain_report = _step(False, mlp)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
-    for name, grad in want.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
-
-    blocks = 3 * (2 if mlp == "tokens" else 1)  # sparse attention (and MLP) blocks
-    assert report.counters["saved_selections"] == blocks
-    kept = (1, SEQ_LEN // 2)  # a block's kept token indices [B, K]
-    saved = [shape for shape, dtype in report.saved_for_backward.values() if dtype == torch.int64]
-    assert saved.count(kept) == blocks
-    assert _scorer_ops(report.graphs["post_grad_backward"]) == []  # nothing re-selected
-    if save_attention:
-        assert report.counters["saved_attention"] == 4  # every checkpointed layer's attention
-        assert "_scaled_dot_product_flash_attention_for_cpu.default" not in (
-            report.graphs["post_grad_backward"])  # attention's forward is not recomputed
-    else:
-        assert "saved_attention" not in report.counters
     # without checkpointing the pass has nothing to do
     assert not {"saved_selections", "saved_attention"} & set(plain_report.counters)
+    for save_attention in (False, True):
+        loss, got, report = _step(True, mlp, save_attention=save_attention)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+        blocks = 3 * (2 if mlp == "tokens" else 1)  # sparse attention (and MLP) blocks
+        assert report.counters["saved_selections"] == blocks
+        kept = (1, SEQ_LEN // 2)  # a block's kept token indices [B, K]
+        saved = [shape for shape, dtype in report.saved_for_backward.values()
+                 if dtype == torch.int64]
+        assert saved.count(kept) == blocks
+        assert _scorer_ops(report.graphs["post_grad_backward"]) == []  # nothing re-selected
+        if save_attention:
+            assert report.counters["saved_attention"] == 4  # every checkpointed layer's attention
+            assert "_scaled_dot_product_flash_attention_for_cpu.default" not in (
+                report.graphs["post_grad_backward"])  # attention's forward is not recomputed
+        else:
+            assert "saved_attention" not in report.counters
 
 
 def test_without_saving_the_selection_the_backward_would_recompute_it(monkeypatch):
