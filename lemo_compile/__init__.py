@@ -9,8 +9,9 @@ from lemo_compile import ops  # noqa: F401  (registers the lemo:: custom ops)
 from lemo_compile.backend import (
     LemoBackend, lemo_backend, recent_reports, register_with_accelerate,
 )
-from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.config import LayerGroup, LayerPlan, LemoConfig, plan_layers
 from lemo_compile.inspect import Explanation, explain
+from lemo_compile.layerwise import compile_decoder_layers
 from lemo_compile.passes.manager import CompileReport, LemoWarning
 from lemo_compile.predictors import PredictorBank, calibrate, predictor_recall
 from lemo_compile.schedule import Phase, SparsitySchedule
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileReport",
     "Explanation",
+    "LayerGroup",
     "LayerPlan",
     "LemoBackend",
     "LemoConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "PredictorBank",
     "SparsitySchedule",
     "calibrate",
+    "compile_decoder_layers",
     "explain",
     "lemo_backend",
     "plan_layers",

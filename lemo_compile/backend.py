@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from lemo_compile.config import LemoConfig
+from lemo_compile.config import LayerGroup, LemoConfig
 from lemo_compile.inspect import DEBUG_DIR_VARIABLE
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.attention import causal_attention_pass
@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 class LemoBackend:
     """A torch.compile backend with fixed lemo options; `reports` holds one CompileReport per graph."""
 
-    def __init__(self, options: LemoConfig | Mapping[str, Any] | None = None, *, mode: str | None = None):
+    def __init__(self, options: LemoConfig | Mapping[str, Any] | None = None, *, mode: str | None = None,
+                 layer_group: LayerGroup | None = None):
         self.config = LemoConfig.from_options(options)
         self.mode = mode
+        self.layer_group = layer_group  # set: every graph is one decoder layer of the group
         self.reports: list[CompileReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
@@ -66,7 +68,7 @@ class LemoBackend:
                 debug = _own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
             if self.config.scorer == "predictor":
                 gm = _own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
-            report = run_graph_passes(gm, self.config, fake_mode)
+            report = run_graph_passes(gm, self.config, fake_mode, self.layer_group)
         else:
             report = CompileReport(training=False)
             if not has_symbolic_shapes(gm):

@@ -206,6 +206,23 @@ class LayerPlan:
         return self.mlp_kept_tokens < self.seq_len
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Decoder layers compiled one by one that share one backend: each graph that backend sees is
+    one decoder layer (the graph's root module is the layer), of a model of `num_layers` layers.
+
+    layers: the indices of the layers sharing the backend, ascending; they share one plan, so one
+            Dynamo graph serves them all and it is planned as `layers[0]`.
+    """
+
+    layers: tuple[int, ...]
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(not 0 <= i < self.num_layers for i in self.layers):
+            raise ValueError(f"layer group {self.layers} is not within 0..{self.num_layers - 1}")
+
+
 def dense_layer_set(config: LemoConfig, num_layers: int) -> frozenset[int]:
     """Indices of the layers `config.dense_layers` keeps dense in a model of `num_layers` layers."""
     if config.dense_layers == "auto":

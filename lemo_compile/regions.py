@@ -195,19 +195,25 @@ def module_stack(node: fx.Node) -> list[tuple[str, type]]:
     return [(module_path(path), cls) for path, cls in stack.values()]
 
 
-def find_regions(gm: fx.GraphModule) -> ModelRegions:
-    """Locate decoder layers and their attention blocks in a Dynamo graph (see module docstring)."""
+def find_regions(gm: fx.GraphModule, root_layer: int | None = None) -> ModelRegions:
+    """Locate decoder layers and their attention blocks in a Dynamo graph (see module docstring).
+
+    root_layer: the graph is one decoder layer compiled on its own (`module.compile()` of the
+    layer): its root module, whose nodes carry no module path of their own, is layer `root_layer`
+    and its children (`self_attn`, `mlp`) are the layer's children."""
     layer_nodes: dict[str, list[fx.Node]] = {}
     layer_index: dict[str, int] = {}
     children: dict[str, dict[str, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
         stack = module_stack(node)
+        if root_layer is not None:
+            stack = [("", type(gm))] + stack
         for depth, (path, _cls) in enumerate(stack):
-            match = _LAYER_PATH.match(path)
-            if match is None:
+            index = _layer_index(path, root_layer)
+            if index is None:
                 continue
             layer_nodes.setdefault(path, []).append(node)
-            layer_index[path] = int(match.group(2))
+            layer_index[path] = index
             if depth + 1 < len(stack):
                 child = stack[depth + 1][0]
                 children.setdefault(path, {}).setdefault(child, []).append(node)
@@ -276,22 +282,34 @@ def find_regions(gm: fx.GraphModule) -> ModelRegions:
         # (a graph without attention, such as the embedding or the loss split off by a graph
         # break, holds no decoder layer to rewrite: nothing to say about it)
         problems.append(
-            "no decoder layers (modules at '<name>.<index>' with sub-modules) were found"
+            "no decoder layers (modules at '<name>.<index>' with sub-modules) were found (a "
+            "graph that is one decoder layer, as a whole model compiled under FSDP2 gives, needs "
+            "lemo_compile.compile_decoder_layers)"
         )
     problems.extend(layer.problem for layer in layers if layer.problem)
     indices = [layer.index for layer in layers]
-    if indices != list(range(len(layers))):
+    if root_layer is None and indices != list(range(len(layers))):
         problems.append(f"decoder layer indices are not 0..L-1: {indices}")
     return ModelRegions(layers, problems)
 
 
-def checkpointed_layers(gm: fx.GraphModule) -> dict[int, tuple[fx.GraphModule, ModelRegions, DecoderLayer]]:
+def _layer_index(path: str, root_layer: int | None) -> int | None:
+    """The decoder-layer index of the module at `path`, None if it is not a decoder layer."""
+    if root_layer is not None:
+        return root_layer if path == "" else None
+    match = _LAYER_PATH.match(path)
+    return None if match is None else int(match.group(2))
+
+
+def checkpointed_layers(gm: fx.GraphModule, root_layer: int | None = None,
+                        ) -> dict[int, tuple[fx.GraphModule, ModelRegions, DecoderLayer]]:
     """Decoder layers whose attention block sits inside an activation-checkpoint region: layer index
     -> (the region's body graph module, its regions, the layer as found there). Each body (see
-    `checkpoint_bodies`) is searched like a whole graph (its nodes keep their module stacks)."""
+    `checkpoint_bodies`) is searched like a whole graph (its nodes keep their module stacks);
+    root_layer as for `find_regions`."""
     found = {}
     for body in checkpoint_bodies(gm):
-        body_regions = find_regions(body)
+        body_regions = find_regions(body, root_layer)
         for layer in body_regions.layers:
             if layer.attention is not None:
                 found[layer.index] = (body, body_regions, layer)

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lemo_compile.config import LayerPlan, LemoConfig, plan_layers
+from lemo_compile.config import LayerGroup, LayerPlan, LemoConfig, plan_layers
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
@@ -91,8 +91,12 @@ class CompileReport:
                 f"counters {self.counters}; {len(self.warnings)} warnings")
 
 
-def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> CompileReport:
-    """Apply token selection and the segmented loss to a training graph, in place."""
+def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode,
+                     layer_group: LayerGroup | None = None) -> CompileReport:
+    """Apply token selection and the segmented loss to a training graph, in place.
+
+    layer_group: the graph is one decoder layer compiled on its own, serving the group's layers
+    (planned as its first layer; the report's plans are one per layer of the group)."""
     report = CompileReport(training=True)
     report.graphs["dynamo"] = gm.code
     if has_symbolic_shapes(gm):
@@ -106,8 +110,9 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
     for module in gm.modules():  # the graph and any activation-checkpoint bodies in it
         if isinstance(module, fx.GraphModule):
             canonical_residual_adds(module, fake_mode)
-    regions = find_regions(gm)
-    checkpointed = checkpointed_layers(gm)
+    root_layer = layer_group.layers[0] if layer_group else None
+    regions = find_regions(gm, root_layer)
+    checkpointed = checkpointed_layers(gm, root_layer)
     layers = [checkpointed[l.index][2] if l.index in checkpointed else l for l in regions.layers]
     layer_problems = {l.problem for l in regions.layers}
     problems = [l.problem for l in layers if l.problem]
@@ -129,8 +134,10 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
                 "itself?), so lemo cannot tell padding apart: with padded batches, padding can be "
                 "kept instead of real tokens. Pad-free batches (or an all-ones mask) are safe."
             )
-        plans = plan_layers(config, len(layers), report.seq_len, padded=padded)
-        _warn_unplanned_dense_layers(report, plans, config)
+        num_layers = layer_group.num_layers if layer_group else len(layers)
+        plans = plan_layers(config, num_layers, report.seq_len, padded=padded)
+        _warn_unplanned_dense_layers(
+            report, [plans[i] for i in layer_group.layers] if layer_group else plans, config)
         selection = SelectionResult([], {})
         if any(l.attention is not None for l in regions.layers):
             selection = select_pass(gm, regions, plans, config, fake_mode, padded)
@@ -201,6 +208,9 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode) -> Compi
             if p.layer in selection.mlp_channels else dataclasses.replace(p, mlp_channel_ratio=None)
             for p in report.plans
         ]
+        if layer_group:
+            report.plans = [dataclasses.replace(report.plans[layer_group.layers[0]], layer=i)
+                            for i in layer_group.layers]
         if config.mlp == "tokens":
             report.counters["mlp_sparse_layers"] = len(selection.mlp_sparse)
         if config.mlp == "channels":
