@@ -28,6 +28,9 @@ Variants (`--variants`):
   keep06        lemo with keep_ratio=0.6
   then-dense    `SparsitySchedule.sparse_then_dense(0.75)`: oracle for 75% of the steps, then dense
                 with gradient checkpointing
+  layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
+                mean keep ratio over the sparse layers, more for the layers whose oracle scores
+                are spread), measured on the extended base model over the first 4 batches
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -49,7 +52,7 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "tokens", "channels", "keep06", "then-dense")
+VARIANTS = ("dense", "oracle", "random", "tokens", "channels", "keep06", "then-dense", "layerwise")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -187,19 +190,24 @@ def lemo_options(variant: str, args) -> dict:
 
 def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
     """A copy of the base model, context-extended, LoRA-fine-tuned with `variant`; returns it
-    (adapters merged, eval mode), the training losses and, per phase, the layers lemo made sparse."""
+    (adapters merged, eval mode), the training losses, per phase the layers lemo made sparse, and
+    the keep ratio used (per layer for "layerwise")."""
     import lemo_compile
     from peft import LoraConfig, get_peft_model
 
     model = build_model(args, device)
     model.load_state_dict(base_state)
     extend_context(model, args.long / args.short)
+    options = lemo_options("oracle" if variant in ("then-dense", "layerwise") else variant, args)
+    if variant == "layerwise":
+        options["keep_ratio"] = lemo_compile.layer_keep_ratios(
+            model, [ids.to(device) for ids in batches[:4]], options=options)
+        torch._dynamo.reset()
     torch.manual_seed(args.seed + 2)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    options = lemo_options("oracle" if variant == "then-dense" else variant, args)
     if variant == "then-dense":
         schedule = lemo_compile.SparsitySchedule.sparse_then_dense(0.75, options)
     else:
@@ -217,7 +225,7 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     sparse = [sorted({p.layer for r in b.reports if r.training for p in r.plans if p.sparse})
               for b in schedule.backends if b is not None]
     merged = model.merge_and_unload()
-    return merged.eval(), losses, sparse
+    return merged.eval(), losses, sparse, lemo_compile.LemoConfig.from_options(options).keep_ratio
 
 
 @torch.no_grad()
@@ -302,8 +310,9 @@ def main() -> int:
     batches = finetune_batches(train, args)
     for variant in args.variants:
         started = time.perf_counter()
-        tuned, losses, sparse = finetune(base_state, variant, batches, args, device)
+        tuned, losses, sparse, keep_ratio = finetune(base_state, variant, batches, args, device)
         rows.append({"variant": variant, **common, "sparse_layers_per_phase": sparse,
+                     "keep_ratio": keep_ratio,
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device)})
         print(json.dumps(rows[-1]), flush=True)

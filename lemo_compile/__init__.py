@@ -13,7 +13,7 @@ from lemo_compile.config import LayerGroup, LayerPlan, LemoConfig, plan_layers
 from lemo_compile.inspect import Explanation, explain
 from lemo_compile.layerwise import compile_decoder_layers
 from lemo_compile.passes.manager import CompileReport, LemoWarning
-from lemo_compile.predictors import PredictorBank, calibrate, predictor_recall
+from lemo_compile.predictors import PredictorBank, calibrate, layer_keep_ratios, predictor_recall
 from lemo_compile.schedule import Phase, SparsitySchedule
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "calibrate",
     "compile_decoder_layers",
     "explain",
+    "layer_keep_ratios",
     "lemo_backend",
     "plan_layers",
     "predictor_recall",

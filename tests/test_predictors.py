@@ -420,3 +420,32 @@ def test_calibrate_without_the_distance_bias(tmp_path):
         torch.testing.assert_close(loaded.predictor(layer)(h), bank.predictor(layer)(h))
     with pytest.raises(ValueError, match="distances must be at least 1"):
         lemo_compile.calibrate(model, batch, options=options, distances=0)
+
+
+def test_coverage_ratios_give_concentrated_layers_fewer_blocks():
+    from lemo_compile.predictors.calibrate import ratios_for_coverage
+
+    def shares(*scores):
+        ordered = torch.tensor(scores).sort(dim=1, descending=True).values
+        return ordered.cumsum(1) / ordered.sum(1, keepdim=True)
+
+    concentrated, flat = shares([100.0, 1.0, 1.0, 1.0]), shares([1.0, 1.0, 1.0, 1.0])
+    # a target up to 0.75 needs 1 block of the concentrated layer and 3 of the flat one: mean 0.5
+    assert ratios_for_coverage({3: [concentrated], 5: [flat]}, 0.5) == {3: 0.25, 5: 0.75}
+    assert ratios_for_coverage({3: [concentrated], 5: [flat]}, 1.0) == {3: 1.0, 5: 1.0}
+    assert ratios_for_coverage({3: [concentrated], 5: [flat]}, 0.1) == {3: 0.25, 5: 0.25}
+    # the samples of a layer average: one sample needs 1 block, the other 3
+    assert ratios_for_coverage({0: [torch.cat([concentrated, flat])]}, 0.5) == {0: 0.5}
+
+
+def test_layer_keep_ratios_spend_the_budget_and_compile():
+    model = tiny_llama(layers=6)
+    batches = [token_batch(2, 512, seed=s) for s in (1, 2)]
+    ratios = lemo_compile.layer_keep_ratios(model, batches, options={"keep_ratio": 0.4})
+    assert len(ratios) == 6 and [ratios[i] for i in (0, 1, 2, 5)] == [1.0] * 4
+    sparse = [ratios[3], ratios[4]]
+    assert 0.4 - 1 / 8 < sum(sparse) / 2 <= 0.4  # 8 blocks of 64: the mean moves in steps of 1/8
+    assert all(1 / 8 <= r <= 1 for r in sparse)
+    backend = lemo_compile.LemoBackend({"keep_ratio": ratios, "compiler": "aot_eager",
+                                        "loss_segment": None})
+    assert_matches_reference(model, batches[0], backend, keep_ratio=ratios)

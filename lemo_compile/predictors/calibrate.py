@@ -1,4 +1,5 @@
-"""Training predictors against the oracle (`calibrate`) and measuring them (`predictor_recall`).
+"""Training predictors against the oracle (`calibrate`), measuring them (`predictor_recall`), and
+per-layer keep ratios from the oracle's scores (`layer_keep_ratios`).
 
 Both run the frozen model on the user's batches through a capturing torch.compile backend: lemo's
 region finder locates every sparse layer's attention input h and its queries and keys in the Dynamo
@@ -56,6 +57,7 @@ class _Capture:
         self.signature: ModelSignature | None = None
         self.kept_blocks: dict[int, int] = {}
         self.mlp_kept_blocks: dict[int, int] = {}
+        self.num_layers = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Any:
         from lemo_compile.passes.select import model_signature
@@ -68,7 +70,8 @@ class _Capture:
         if not found:
             raise ValueError("lemo calibrate: no decoder layers recognised: "
                              + "; ".join(regions.problems))
-        plans = plan_layers(self.config, len(regions.layers), regions.seq_len)
+        self.num_layers = len(regions.layers)
+        plans = plan_layers(self.config, self.num_layers, regions.seq_len)
         layers = [p.layer for p in plans if p.sparse and p.layer in found]
         if not layers:
             raise ValueError("lemo calibrate: no layer is sparse with these options at this length")
@@ -310,6 +313,69 @@ def predictor_recall(
                 values.setdefault(prefix + "overlap", []).append(overlap)
     return {layer: {name: sum(v) / len(v) for name, v in values.items()}
             for layer, values in totals.items()}
+
+
+def layer_keep_ratios(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    options: LemoConfig | Mapping[str, Any] | None = None,
+) -> tuple[float, ...]:
+    """Per-layer keep ratios that spend the blocks `options` spend, shifted to the layers whose
+    oracle scores are spread over more blocks (sparsity differs by layer: LeMo's observation).
+
+    model, batches: as for `calibrate` (the model frozen; batches iterated once). options: lemo's
+    options; their sparse layers and the mean of those layers' keep ratios (the budget) are kept.
+    Per sparse layer and sample, the share of the sample's total block score (sigma) held by its
+    top k blocks; a coverage target t gives each layer the mean over samples of (the fewest blocks
+    whose share reaches t) / n, and t is the largest target whose ratios average at most the
+    budget (`ratios_for_coverage`). Returns one ratio per decoder layer, 1.0 for the dense ones:
+    pass it as options["keep_ratio"] with the same other options.
+    """
+    config = LemoConfig.from_options(options)
+    capture = _Capture(config)
+    shares: dict[int, list[torch.Tensor]] = {}
+    for samples in _run_frozen(model, capture, batches):
+        for layer, sample in samples.items():
+            ordered = scores_from_tiles(sample.tiles).float().sort(dim=1, descending=True).values
+            total = ordered.sum(dim=1, keepdim=True).clamp_min(1e-30)
+            shares.setdefault(layer, []).append((ordered.cumsum(dim=1) / total).cpu())
+    if not shares:
+        raise ValueError("lemo layer_keep_ratios: no batches")
+    budget = sum(config.keep_ratio_of(layer) for layer in shares) / len(shares)
+    ratios = ratios_for_coverage(shares, budget)
+    return tuple(ratios.get(layer, 1.0) for layer in range(capture.num_layers))
+
+
+def ratios_for_coverage(shares: Mapping[int, list[torch.Tensor]], budget: float) -> dict[int, float]:
+    """Per layer, the keep ratio reaching the largest common coverage target within `budget`.
+
+    shares: per layer, tensors [B, n] of the cumulative share of the block score held by each
+    sample's top 1..n blocks (non-decreasing along n, ending at 1). For a target t in [0, 1], a
+    sample needs min(n, 1 + #{k: share_k < t}) blocks; a layer's ratio is the mean over its
+    samples of that count over n. Returns the ratios at the largest t (bisection, to 1e-6) whose
+    mean over the layers is at most `budget`, or at t = 0 (one block each) if none is."""
+    def at(target: float) -> dict[int, float]:
+        ratios = {}
+        for layer, tensors in shares.items():
+            needed = [((s < target).sum(dim=1) + 1).clamp(max=s.shape[1]) / s.shape[1]
+                      for s in tensors]
+            ratios[layer] = torch.cat(needed).float().mean().item()
+        return ratios
+
+    def mean(ratios: dict[int, float]) -> float:
+        return sum(ratios.values()) / len(ratios)
+
+    low, high = 0.0, 1.0
+    if mean(at(high)) <= budget:
+        return at(high)
+    while high - low > 1e-6:
+        middle = (low + high) / 2
+        if mean(at(middle)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return at(low)
 
 
 def _progress(total: int | None, enabled: bool):
