@@ -16,6 +16,11 @@ cache directory:
   lemo-save-attention  lemo with save_attention=True (with --checkpointing: attention outputs
                   kept for the backward, not recomputed)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
+  lemo-noreuse    lemo with Inductor's buffer reuse off (`torch._inductor.config.allow_buffer_reuse
+                  = False`): a buffer Inductor will reuse for a later value of the same size stays
+                  allocated from its last use to that reuse (in a checkpointed backward, from one
+                  layer's MLP backward to the next layer's MLP recomputation, across the attention
+                  backward between them); off, the caching allocator can lend it meanwhile
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -49,7 +54,7 @@ import tempfile
 import time
 
 VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-nofuse",
-            "lemo-tokens", "lemo-channels", "lemo-predictor")
+            "lemo-noreuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -113,6 +118,11 @@ def run_one(args) -> dict:
         step_model = torch.compile(model)
     elif args.variant.startswith("lemo"):
         import lemo_compile
+
+        if args.variant == "lemo-noreuse":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.allow_buffer_reuse = False
 
         backend = lemo_compile.LemoBackend(lemo_options(args))
         step_model = torch.compile(model, backend=backend)
