@@ -25,10 +25,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
 VARIANTS = ("dense", "lemo", "lemo-tokens")
 
@@ -36,25 +36,11 @@ VARIANTS = ("dense", "lemo", "lemo-tokens")
 def build_model(args):
     """The LoRA-wrapped Llama of the module docstring, its layers compiled and sharded."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import lemo_compile
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len, use_cache=False,
-        rope_theta=500000.0, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = lora_llama(args, args.device, torch.float32)
     layers = lemo_compile.layerwise.decoder_layers(model)
     smoke = args.device == "cpu"  # no Inductor code generation on the CPU smoke run
     if args.variant == "dense":
@@ -134,12 +120,7 @@ def main() -> int:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=18, help="timed steps after the warm-up")
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser, layers=16)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--out", default="fsdp.jsonl")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -155,29 +136,11 @@ def main() -> int:
         for gpus in args.gpus:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc_per_node={gpus}", __file__, "--variant", variant]
-            for name in ("device", "seq_len", "global_batch", "warmup", "steps", "layers", "hidden",
-                         "intermediate", "heads", "kv_heads", "vocab"):
-                command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            command += forwarded(args, ("device", "seq_len", "global_batch", "warmup", "steps"))
             if args.checkpointing:
                 command.append("--checkpointing")
-            env = dict(os.environ,
-                       TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-{gpus}-"))
             row = {"variant": variant, "gpus": gpus, "seq_len": args.seq_len}
-            try:
-                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env, timeout=args.timeout)
-                lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    row.update(error=f"exit {done.returncode}", stderr_tail=done.stderr[-3000:])
-                    print(done.stderr[-3000:], file=sys.stderr)
-                else:
-                    row = json.loads(lines[-1])
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {args.timeout:.0f} s"
-            rows.append(row)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            rows.append(run_isolated(command, row, args.out, args.timeout, f"{variant}-{gpus}"))
     print(f"\n{'variant':<12} {'GPUs':>4} {'step s':>7} {'tokens/s':>9} {'peak GB/GPU':>11} "
           f"{'loss 0':>7} {'loss last':>9}")
     for r in rows:

@@ -48,10 +48,10 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
 VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-nofuse",
             "lemo-noreuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
@@ -61,27 +61,13 @@ ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "s
 def build_model(args):
     """The LoRA-wrapped Llama of the module docstring, on the GPU, in training mode."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len, use_cache=False,
-        rope_theta=500000.0, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = lora_llama(args, "cuda", torch.bfloat16)
     return model.train()
 
 
@@ -327,12 +313,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--memory", action="store_true",
                         help="one more step under the allocator's history: what is live at its peak")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser, layers=32)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--out", default="long_context.jsonl")
     parser.add_argument("--trace-dir", help="write each run's profiled step as a Chrome trace here")
@@ -358,32 +339,16 @@ def main() -> int:
     for seq_len in args.seq_lens:
         for variant in args.variants:
             command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
-            for name in ("keep_ratio", "warmup", "steps", "layers", "hidden", "intermediate", "heads",
-                         "kv_heads", "vocab"):
-                command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            command += forwarded(args, ("keep_ratio", "warmup", "steps"))
             if args.checkpointing:
                 command.append("--checkpointing")
             if args.trace_dir:
                 command += ["--trace-dir", args.trace_dir]
             if args.memory:
                 command.append("--memory")
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-"))
             row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
                    "checkpointing": args.checkpointing}
-            try:
-                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env, timeout=args.timeout)
-                if done.returncode != 0:
-                    row.update(error=f"exit {done.returncode}", stderr_tail=done.stderr[-3000:])
-                    print(done.stderr[-3000:], file=sys.stderr)
-                else:
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {args.timeout:.0f} s"
-            rows.append(row)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            rows.append(run_isolated(command, row, args.out, args.timeout, variant))
     print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<20} {'step s':>7} {'peak GB':>8} "
           f"{'1st step s':>10} {'GPU busy':>8} {'attention':>10} {'loss 0':>7}")
     for r in rows:

@@ -1,0 +1,77 @@
+"""What the GPU benchmark scripts share: the Llama shape's arguments, and running one configuration
+in its own process, with its own Inductor cache directory (so that no variant is served another's
+compiled code), recording its JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def run_isolated(command: list[str], row: dict, out: str, timeout: float, cache_name: str) -> dict:
+    """Run `command`; its result is the last line of its stdout that is a JSON object. Returns
+    that object, or `row` with an "error" (the exit status and stderr's tail, or the timeout)
+    when there is none. The result is appended to the JSON-lines file `out` and printed."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{cache_name}-"))
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, timeout=timeout)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            row = {**row, "error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:]}
+            print(done.stderr[-3000:], file=sys.stderr)
+        else:
+            row = json.loads(lines[-1])
+    except subprocess.TimeoutExpired:
+        row = {**row, "error": f"timeout after {timeout:.0f} s"}
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# (argument, default): the Llama-3-8B shape; --layers sets the depth
+SHAPE_ARGUMENTS = (("hidden", 4096), ("intermediate", 14336), ("heads", 32), ("kv_heads", 8),
+                   ("vocab", 128256))
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """--layers (default `layers`) and the SHAPE_ARGUMENTS."""
+    parser.add_argument("--layers", type=int, default=layers)
+    for name, default in SHAPE_ARGUMENTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+
+
+def forwarded(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """Command-line arguments that give a child process the values of `names` (and the shape)."""
+    command = []
+    for name in (*names, "layers", *(name for name, _ in SHAPE_ARGUMENTS)):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return command
+
+
+def lora_llama(args: argparse.Namespace, device: str, dtype):
+    """A Llama of the shape arguments (`args.seq_len` positions, random weights from seed 0) on
+    `device` in `dtype`, with HF gradient checkpointing if `args.checkpointing`, wrapped by PEFT
+    LoRA r=8, alpha=16 on q/k/v/o."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len, use_cache=False,
+        rope_theta=500000.0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
