@@ -1,9 +1,9 @@
 """Training predictors against the oracle (`calibrate`), measuring them (`predictor_recall`), and
 per-layer keep ratios from the oracle's scores (`layer_keep_ratios`).
 
-Both run the frozen model on the user's batches through a capturing torch.compile backend: lemo's
-region finder locates every sparse layer's attention input h and its queries and keys in the Dynamo
-graph, the graph runs eagerly with those as extra outputs, and the oracle's tile maxima M are
+All three run the frozen model on the user's batches through a capturing torch.compile backend:
+lemo's region finder locates every sparse layer's attention input h and its queries and keys in the
+Dynamo graph, the graph runs eagerly with those as extra outputs, and the oracle's tile maxima M are
 computed from q and k (the Triton kernel on CUDA). So calibration works for any model the backend
 supports, with no per-family code.
 
