@@ -3,8 +3,10 @@
 Model: a Llama built from a config with random bf16 weights (default the Llama-3-8B shape: hidden
 4096, GQA 8 KV heads, MLP 14336, vocabulary 128,256; `--layers` sets the depth), LoRA r=8, alpha=16
 on q/k/v/o (peft), batch 1, AdamW on the adapters; `--checkpointing` turns on HF's gradient
-checkpointing (`use_reentrant=False`). Variants, each in its own process with its own Inductor
-cache directory:
+checkpointing (`use_reentrant=False`); `--padding F` left-pads the row by a fraction F and passes
+the attention_mask (what a padded batch costs: transformers then builds a padding mask, and lemo
+takes its exact masked path instead of `is_causal=True`). Variants, each in its own process with
+its own Inductor cache directory:
 
   hf              HF eager, SDPA attention, HF's loss
   liger           HF eager + Liger-Kernel (`apply_liger_kernel_to_llama`: RoPE, RMSNorm, SwiGLU,
@@ -114,9 +116,17 @@ def run_one(args) -> dict:
         step_model = torch.compile(model, backend=backend)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(1))
+    inputs = {"input_ids": ids, "labels": ids}
+    if args.padding:  # left padding: the exact masked path instead of is_causal=True
+        pad = int(args.padding * args.seq_len)
+        mask = torch.ones_like(ids)
+        mask[:, :pad] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, pad] = -100  # the first real token would be predicted from padding
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def step():
-        loss = step_model(input_ids=ids, labels=ids).loss
+        loss = step_model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -134,7 +144,7 @@ def run_one(args) -> dict:
             peak = max(peak, torch.cuda.max_memory_allocated())
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-        "checkpointing": args.checkpointing, "first_step_s": times[0],
+        "checkpointing": args.checkpointing, "padding": args.padding, "first_step_s": times[0],
         "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
         "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
@@ -309,6 +319,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["liger", "lemo-base", "lemo"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--keep-ratio", type=float, default=0.4)
+    parser.add_argument("--padding", type=float, default=0.0,
+                        help="fraction of the row that is left padding (an attention_mask is passed)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (>= 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--memory", action="store_true",
@@ -339,7 +351,7 @@ def main() -> int:
     for seq_len in args.seq_lens:
         for variant in args.variants:
             command = [sys.executable, __file__, "--variant", variant, "--seq-len", str(seq_len)]
-            command += forwarded(args, ("keep_ratio", "warmup", "steps"))
+            command += forwarded(args, ("keep_ratio", "padding", "warmup", "steps"))
             if args.checkpointing:
                 command.append("--checkpointing")
             if args.trace_dir:
