@@ -17,6 +17,8 @@ its own Inductor cache directory:
   lemo            backend="lemo", defaults (oracle, keep 0.4 in the sparse layers)
   lemo-save-attention  lemo with save_attention=True (with --checkpointing: attention outputs
                   kept for the backward, not recomputed)
+  lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
+                  sparse layers kept, not recomputed)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-noreuse    lemo with Inductor's buffer reuse off (`torch._inductor.config.allow_buffer_reuse
                   = False`): a buffer Inductor will reuse for a later value of the same size stays
@@ -55,8 +57,8 @@ import time
 
 from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
-VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-nofuse",
-            "lemo-noreuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
+VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-save-sparse",
+            "lemo-nofuse", "lemo-noreuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -81,6 +83,8 @@ def lemo_options(args) -> dict:
         options["fuse"] = False
     if args.variant == "lemo-save-attention":
         options["save_attention"] = True
+    if args.variant == "lemo-save-sparse":
+        options.update(mlp="tokens", save_sparse_layers=True)
     if args.variant == "lemo-tokens":
         options["mlp"] = "tokens"
     if args.variant == "lemo-channels":

@@ -188,8 +188,10 @@ def _compile(
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
     post_grad = InductorPasses(passes)
-    joint = InductorPasses([functools.partial(save_in_checkpoints, attention=config.save_attention,
-                                              counters=report.counters)] if report.training else [])
+    joint = InductorPasses([functools.partial(
+        save_in_checkpoints, attention=config.save_attention,
+        sparse_layers=config.save_sparse_layers, counters=report.counters,
+    )] if report.training else [])
     if config.compiler == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx

@@ -51,6 +51,12 @@ class LemoConfig:
                   recomputing attention there (`passes/recompute.py`): faster at long lengths, and
                   S x hidden x 2 bytes (bf16) more per dense layer, K x hidden x 2 per sparse one.
                   No effect without checkpointing.
+    save_sparse_layers: with activation checkpointing, a sparse layer's checkpointed region is
+                  not recomputed: its activations are kept as if it were not checkpointed
+                  (`passes/recompute.py`). Dense layers are still recomputed. Pays with
+                  mlp="tokens", where a sparse layer keeps a fraction of a dense layer's
+                  activations; with mlp="off" its MLP keeps all of them. No effect without
+                  checkpointing.
     seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
                   gives each layer a fixed pattern.
     """
@@ -67,6 +73,7 @@ class LemoConfig:
     compiler: str = "inductor"
     fuse: bool = True
     save_attention: bool = False
+    save_sparse_layers: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +106,7 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        for name in ("fuse", "save_attention"):
+        for name in ("fuse", "save_attention", "save_sparse_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lemo option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

@@ -1,5 +1,6 @@
 """What activation checkpointing recomputes in lemo's layers (`passes/recompute.py`): selections are
-saved, attention outputs when asked, and gradients are those of the run without checkpointing."""
+saved, attention outputs and whole sparse layers when asked, and gradients are those of the run
+without checkpointing."""
 
 from __future__ import annotations
 
@@ -66,6 +67,25 @@ def test_checkpointed_layers_save_their_selection_and_keep_their_gradients(mlp):
             assert "saved_attention" not in report.counters
 
 
+def _attention_forwards(code: str) -> int:
+    return code.count("aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+def test_saved_sparse_layers_are_not_recomputed():
+    want_loss, want, _ = _step(False, "tokens")
+    _, _, checkpointed = _step(True, "tokens")
+    loss, got, report = _step(True, "tokens", save_sparse_layers=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert report.counters["saved_sparse_layers"] == 3
+    # every checkpointed layer's attention is recomputed in the backward, but with the option
+    # only the dense layer 0's
+    assert _attention_forwards(checkpointed.graphs["post_grad_backward"]) == 4
+    assert _attention_forwards(report.graphs["post_grad_backward"]) == 1
+    assert "saved_sparse_layers" not in checkpointed.counters
+
+
 def test_without_saving_the_selection_the_backward_would_recompute_it(monkeypatch):
     """The baseline the pass improves on: the partitioner re-runs the scorer in the backward."""
     monkeypatch.setattr("lemo_compile.passes.recompute.SELECTION_ROLES", frozenset())
@@ -77,12 +97,13 @@ def test_without_saving_the_selection_the_backward_would_recompute_it(monkeypatc
 def test_the_cache_key_covers_the_passes_settings():
     def key(attention):
         return InductorPasses([functools.partial(save_in_checkpoints, attention=attention,
-                                                 counters={})]).uuid()
+                                                 sparse_layers=False, counters={})]).uuid()
 
     assert key(True) != key(False)
     assert key(True) == key(True)
 
 
-def test_save_attention_must_be_a_bool():
-    with pytest.raises(ValueError, match="save_attention"):
-        lemo_compile.LemoConfig(save_attention="yes")
+@pytest.mark.parametrize("name", ["save_attention", "save_sparse_layers"])
+def test_save_options_must_be_bools(name):
+    with pytest.raises(ValueError, match=name):
+        lemo_compile.LemoConfig(**{name: "yes"})

@@ -51,8 +51,9 @@ class CompileReport:
                `is_causal=True`, `passes/attention.py`; eval graphs too), sparse_layers,
                dense_fallbacks, segmented_losses, placeholder_outputs, mlp_sparse_layers
                (mlp="tokens"), mlp_channel_layers (mlp="channels": MLP blocks whose backward
-               keeps only their top channels), saved_selections and saved_attention (what
-               checkpointed layers save instead of recomputing, `passes/recompute.py`), and the
+               keeps only their top channels), saved_selections, saved_attention and
+               saved_sparse_layers (what checkpointed layers save instead of recomputing,
+               `passes/recompute.py`), and the
                post-grad fusion's (`passes/fuse.py`), summed over the forward graph and, once it is
                compiled at the first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.

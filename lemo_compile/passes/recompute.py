@@ -18,6 +18,10 @@ Promises, inside checkpointed regions only (a graph without them is left as it i
   (the attention output and its log-sum-exp) are kept, so the backward recomputes the projections
   but not attention itself. That costs S x hidden x 2 bytes per dense layer and K x hidden x 2 per
   sparse one (bf16), and saves the recomputation of the costliest op at long lengths.
+* **Sparse layers are not recomputed** when asked (`save_sparse_layers=True`): the checkpoint
+  regions that hold a selection (one region per checkpointed layer) lose their recompute tags, so
+  the partitioner treats them as it treats code outside checkpointing (it saves what the backward
+  needs, and may still recompute cheap ops); dense layers stay checkpointed.
 """
 
 from __future__ import annotations
@@ -34,10 +38,20 @@ SELECTION_ROLES = frozenset({
 })
 
 
-def save_in_checkpoints(graph: fx.Graph, *, attention: bool, counters: dict[str, int]) -> None:
+def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool,
+                        counters: dict[str, int]) -> None:
     """Mark, in checkpointed regions of the joint graph, lemo's selections (and with `attention`,
-    the fused attention ops) MUST_SAVE; counts them in `counters` ("saved_selections",
-    "saved_attention")."""
+    the fused attention ops) MUST_SAVE, and with `sparse_layers` untag the regions that select;
+    counts them in `counters` ("saved_selections", "saved_attention", "saved_sparse_layers")."""
+    if sparse_layers:
+        selecting = {node.meta.get("ac_graph_id") for node in graph.nodes
+                     if _is_recomputed(node) and _role(node) in SELECTION_ROLES}
+        selecting.discard(None)
+        for node in graph.nodes:
+            if _is_recomputed(node) and node.meta.get("ac_graph_id") in selecting:
+                del node.meta["recompute"]
+        if selecting:
+            counters["saved_sparse_layers"] = len(selecting)
     for node in graph.nodes:
         if node.op != "call_function" or not _is_recomputed(node):
             continue
