@@ -1,6 +1,7 @@
 """lemo under FSDP2 data parallelism on the CPU: two processes (gloo), each decoder layer and the
 root sharded with `fully_shard`, the layers compiled one by one with `compile_decoder_layers`,
-PEFT LoRA adapters, against one process running the whole batch."""
+PEFT LoRA adapters, with and without HF gradient checkpointing, against one process running the
+whole batch."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ BATCH, SEQ_LEN = 2, 256
 OPTIONS = {"compiler": "aot_eager", "loss_segment": None}
 
 
-def _lora_model():
+def _lora_model(checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     model = tiny_llama(layers=4)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
@@ -43,14 +46,14 @@ def _train(model, ids: torch.Tensor) -> list[float]:
     return losses
 
 
-def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
+def _sharded_worker(rank: int, world: int, port: int, out: str, checkpointing: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch._dynamo.reset()
-        model = _lora_model()
+        model = _lora_model(checkpointing)
         backends = lemo_compile.compile_decoder_layers(model, OPTIONS)
         for layer in lemo_compile.layerwise.decoder_layers(model):
             fully_shard(layer)
@@ -78,21 +81,24 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_sharded_processes_train_like_one(tmp_path, fresh_dynamo):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_two_sharded_processes_train_like_one(tmp_path, fresh_dynamo, checkpointing):
     out = str(tmp_path / "rank")
-    mp.spawn(_sharded_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, _free_port(), out, checkpointing), nprocs=2, join=True)
     results = [json.load(open(f"{out}.{rank}")) for rank in range(2)]
 
-    model = _lora_model()
+    model = _lora_model(checkpointing)
     backends = lemo_compile.compile_decoder_layers(model, OPTIONS)
     want = _train(model, token_batch(BATCH, SEQ_LEN))
-    # the dense group's graphs: layer 0 (its input, the frozen embedding's output, needs no
-    # gradient) and layers 1 and 3; the sparse group's: layer 2
-    assert [len(b.reports) for b in backends] == [2, 1]
+    # The dense group's graphs: layers 0, 1 and 3, and without checkpointing one more for layer 0
+    # (its input, the frozen embedding's output, needs no gradient; HF's checkpointing makes it
+    # need one). The sparse group's: layer 2.
+    graphs = [1, 1] if checkpointing else [2, 1]
+    assert [len(b.reports) for b in backends] == graphs
 
     for result in results:
         # the same losses step after step: the sharded gradients are the whole batch's
         assert result["losses"] == pytest.approx(want, rel=1e-5, abs=1e-5)
         assert want[0] - want[-1] > 0.01  # the steps move the loss, 1000x the tolerance
-        assert result["graphs"] == [2, 1]  # as above: no more graphs, no recompilation
+        assert result["graphs"] == graphs  # as above: no more graphs, no recompilation
         assert result["sparse_layers"] == 1 and result["warnings"] == []
