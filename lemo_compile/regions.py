@@ -12,7 +12,8 @@ It is found from the graph, not from module names: the attention module is the c
 layer that contains a scaled-dot-product-attention call; what its result reaches in the layer
 through row-local ops must be one add whose other operand is x; the block is everything the add's
 block operand depends on back to x, inside the layer. Layers are the modules at
-`<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules. A layer
+`<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules, or, in a
+graph compiled from one decoder layer (`compile_decoder_layers`), the graph's root module. A layer
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
 
 Two rewrites here put residual adds in that form first (`canonical_residual_adds`): flattened
