@@ -26,9 +26,11 @@ def system_of(variant: str) -> str:
 
 def best_rows(rows: list[dict]) -> dict[tuple[int, bool, str], dict]:
     """(length, checkpointing, system) -> the fastest run that fitted, or an out-of-memory row when
-    none did."""
+    none did. Runs of a padded row (`--padding`) are left out: they answer another question."""
     best: dict[tuple[int, bool, str], dict] = {}
     for row in rows:
+        if row.get("padding"):
+            continue
         key = (row["seq_len"], row["checkpointing"], system_of(row["variant"]))
         held = best.get(key)
         if "error" in row:
