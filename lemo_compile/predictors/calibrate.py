@@ -57,7 +57,6 @@ class _Capture:
         self.signature: ModelSignature | None = None
         self.kept_blocks: dict[int, int] = {}
         self.mlp_kept_blocks: dict[int, int] = {}
-        self.num_layers = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Any:
         from lemo_compile.passes.select import model_signature
@@ -70,8 +69,7 @@ class _Capture:
         if not found:
             raise ValueError("lemo calibrate: no decoder layers recognised: "
                              + "; ".join(regions.problems))
-        self.num_layers = len(regions.layers)
-        plans = plan_layers(self.config, self.num_layers, regions.seq_len)
+        plans = plan_layers(self.config, len(regions.layers), regions.seq_len)
         layers = [p.layer for p in plans if p.sparse and p.layer in found]
         if not layers:
             raise ValueError("lemo calibrate: no layer is sparse with these options at this length")
@@ -344,7 +342,7 @@ def layer_keep_ratios(
         raise ValueError("lemo layer_keep_ratios: no batches")
     budget = sum(config.keep_ratio_of(layer) for layer in shares) / len(shares)
     ratios = ratios_for_coverage(shares, budget)
-    return tuple(ratios.get(layer, 1.0) for layer in range(capture.num_layers))
+    return tuple(ratios.get(layer, 1.0) for layer in range(capture.signature.layers))
 
 
 def ratios_for_coverage(shares: Mapping[int, list[torch.Tensor]], budget: float) -> dict[int, float]:
@@ -366,9 +364,10 @@ def ratios_for_coverage(shares: Mapping[int, list[torch.Tensor]], budget: float)
     def mean(ratios: dict[int, float]) -> float:
         return sum(ratios.values()) / len(ratios)
 
+    everything = at(1.0)
+    if mean(everything) <= budget:
+        return everything
     low, high = 0.0, 1.0
-    if mean(at(high)) <= budget:
-        return at(high)
     while high - low > 1e-6:
         middle = (low + high) / 2
         if mean(at(middle)) <= budget:
