@@ -20,11 +20,8 @@ its own Inductor cache directory:
   lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
                   sparse layers kept, not recomputed)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
-  lemo-noreuse    lemo with Inductor's buffer reuse off (`torch._inductor.config.allow_buffer_reuse
-                  = False`): a buffer Inductor will reuse for a later value of the same size stays
-                  allocated from its last use to that reuse (in a checkpointed backward, from one
-                  layer's MLP backward to the next layer's MLP recomputation, across the attention
-                  backward between them); off, the caching allocator can lend it meanwhile
+  lemo-noreuse    lemo with backward_buffer_reuse=False (the compiled backward frees each buffer
+                  at its last use instead of keeping it for Inductor's planned reuse)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -85,6 +82,8 @@ def lemo_options(args) -> dict:
         options["save_attention"] = True
     if args.variant == "lemo-save-sparse":
         options.update(mlp="tokens", save_sparse_layers=True)
+    if args.variant == "lemo-noreuse":
+        options["backward_buffer_reuse"] = False
     if args.variant == "lemo-tokens":
         options["mlp"] = "tokens"
     if args.variant == "lemo-channels":
@@ -110,11 +109,6 @@ def run_one(args) -> dict:
         step_model = torch.compile(model)
     elif args.variant.startswith("lemo"):
         import lemo_compile
-
-        if args.variant == "lemo-noreuse":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.allow_buffer_reuse = False
 
         backend = lemo_compile.LemoBackend(lemo_options(args))
         step_model = torch.compile(model, backend=backend)

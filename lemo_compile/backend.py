@@ -166,6 +166,17 @@ def _call(model, args, kwargs):
     return model(*args, **kwargs)
 
 
+def _compile_without_backward_reuse(inner_compile: Callable, gm, example_inputs, **kwargs):
+    """Inductor's per-graph compile, with buffer reuse off for the backward graph only (the
+    option `backward_buffer_reuse=False`); the setting is part of Inductor's cache key."""
+    if not kwargs.get("is_backward", False):
+        return inner_compile(gm, example_inputs, **kwargs)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(allow_buffer_reuse=False):
+        return inner_compile(gm, example_inputs, **kwargs)
+
+
 def _options_from_environment() -> dict:
     text = os.environ[OPTIONS_VARIABLE]
     try:
@@ -194,12 +205,15 @@ def _compile(
     )] if report.training else [])
     if config.compiler == "inductor":
         from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad
         patches["joint_custom_post_pass"] = joint
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        inner_compile = compile_fx_inner
+        if not config.backward_buffer_reuse:
+            inner_compile = functools.partial(_compile_without_backward_reuse, compile_fx_inner)
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop

@@ -57,6 +57,12 @@ class LemoConfig:
                   mlp="tokens", where a sparse layer keeps a fraction of a dense layer's
                   activations; with mlp="off" its MLP keeps all of them. No effect without
                   checkpointing.
+    backward_buffer_reuse: let Inductor keep a freed buffer of the compiled backward allocated
+                  until a later kernel reuses it (its default). False frees each buffer at its last
+                  use instead, so the caching allocator can hand the memory to whatever runs in
+                  between (under checkpointing: the attention backward, while the next layer's
+                  recomputed MLP would otherwise hold the MLP-sized buffers). The forward keeps
+                  Inductor's default. Inductor only.
     seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
                   gives each layer a fixed pattern.
     """
@@ -74,6 +80,7 @@ class LemoConfig:
     fuse: bool = True
     save_attention: bool = False
     save_sparse_layers: bool = False
+    backward_buffer_reuse: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -106,7 +113,7 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        for name in ("fuse", "save_attention", "save_sparse_layers"):
+        for name in ("fuse", "save_attention", "save_sparse_layers", "backward_buffer_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lemo option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

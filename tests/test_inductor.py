@@ -105,3 +105,26 @@ def test_inductor_cache_keeps_fused_and_unfused_code_apart(tmp_path, monkeypatch
     assert not any(name.startswith("fused_") for name in unfused.counters)
     assert fused.counters["fused_gather_norm"] == 1
     assert again_hits == 1 and "post_grad_forward" not in again.graphs
+
+
+def test_inductor_backward_buffer_reuse_off_patches_the_backward_only(monkeypatch):
+    """backward_buffer_reuse=False compiles the backward graph with Inductor's buffer reuse off
+    and the forward graph with it on (Inductor's default)."""
+    import torch._inductor.compile_fx as compile_fx_module
+    import torch._inductor.config as inductor_config
+
+    seen = []
+    real_inner = compile_fx_module.compile_fx_inner
+
+    def recording_inner(gm, example_inputs, **kwargs):
+        seen.append((kwargs.get("is_backward", False), inductor_config.allow_buffer_reuse))
+        return real_inner(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx_inner", recording_inner)
+    ids = token_batch(1, 64)
+    backend = lemo_compile.LemoBackend({"compiler": "inductor", "block_size": 16, "dense_layers": [0],
+                                        "loss_segment": None, "backward_buffer_reuse": False})
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = torch.compile(tiny_llama(layers=2), backend=backend, fullgraph=True)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [(False, True), (True, False)]
