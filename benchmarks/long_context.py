@@ -20,8 +20,9 @@ its own Inductor cache directory:
   lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
                   sparse layers kept, not recomputed)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
-  lemo-noreuse    lemo with backward_buffer_reuse=False (the compiled backward frees each buffer
-                  at its last use instead of keeping it for Inductor's planned reuse)
+  lemo-reuse      lemo with backward_buffer_reuse=True (the compiled backward keeps a freed buffer
+                  allocated for Inductor's planned reuse, Inductor's default; lemo's default frees
+                  it at its last use)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -55,7 +56,7 @@ import time
 from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
 VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-save-sparse",
-            "lemo-nofuse", "lemo-noreuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
+            "lemo-nofuse", "lemo-reuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -82,8 +83,8 @@ def lemo_options(args) -> dict:
         options["save_attention"] = True
     if args.variant == "lemo-save-sparse":
         options.update(mlp="tokens", save_sparse_layers=True)
-    if args.variant == "lemo-noreuse":
-        options["backward_buffer_reuse"] = False
+    if args.variant == "lemo-reuse":
+        options["backward_buffer_reuse"] = True
     if args.variant == "lemo-tokens":
         options["mlp"] = "tokens"
     if args.variant == "lemo-channels":

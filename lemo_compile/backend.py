@@ -168,7 +168,8 @@ def _call(model, args, kwargs):
 
 def _compile_without_backward_reuse(inner_compile: Callable, gm, example_inputs, **kwargs):
     """Inductor's per-graph compile, with buffer reuse off for the backward graph only (the
-    option `backward_buffer_reuse=False`); the setting is part of Inductor's cache key."""
+    option `backward_buffer_reuse=False`, the default); the setting is part of Inductor's cache
+    key."""
     if not kwargs.get("is_backward", False):
         return inner_compile(gm, example_inputs, **kwargs)
     import torch._inductor.config as inductor_config

@@ -57,12 +57,13 @@ class LemoConfig:
                   mlp="tokens", where a sparse layer keeps a fraction of a dense layer's
                   activations; with mlp="off" its MLP keeps all of them. No effect without
                   checkpointing.
-    backward_buffer_reuse: let Inductor keep a freed buffer of the compiled backward allocated
-                  until a later kernel reuses it (its default). False frees each buffer at its last
-                  use instead, so the caching allocator can hand the memory to whatever runs in
-                  between (under checkpointing: the attention backward, while the next layer's
-                  recomputed MLP would otherwise hold the MLP-sized buffers). The forward keeps
-                  Inductor's default. Inductor only.
+    backward_buffer_reuse: False (the default) compiles the backward graph with Inductor's buffer
+                  reuse off: each buffer is freed at its last use, so the caching allocator can
+                  lend the memory to whatever runs before a later same-sized value would have
+                  reused it (under checkpointing: the attention backward, between one layer's MLP
+                  backward and the previous layer's recomputed MLP). True keeps Inductor's default
+                  (a freed buffer stays allocated until its planned reuse). The forward graph
+                  always keeps Inductor's default. Inductor only.
     seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
                   gives each layer a fixed pattern.
     """
@@ -80,7 +81,7 @@ class LemoConfig:
     fuse: bool = True
     save_attention: bool = False
     save_sparse_layers: bool = False
-    backward_buffer_reuse: bool = True
+    backward_buffer_reuse: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

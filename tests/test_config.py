@@ -13,6 +13,7 @@ def test_defaults():
     assert (config.scorer, config.mlp, config.loss_segment, config.compiler) == (
         "oracle", "off", 2048, "inductor")
     assert config.mlp_channel_ratio == 0.5
+    assert config.backward_buffer_reuse is False
 
 
 @pytest.mark.parametrize(

@@ -108,8 +108,8 @@ def test_inductor_cache_keeps_fused_and_unfused_code_apart(tmp_path, monkeypatch
 
 
 def test_inductor_backward_buffer_reuse_off_patches_the_backward_only(monkeypatch):
-    """backward_buffer_reuse=False compiles the backward graph with Inductor's buffer reuse off
-    and the forward graph with it on (Inductor's default)."""
+    """By default (backward_buffer_reuse=False) the backward graph is compiled with Inductor's
+    buffer reuse off and the forward graph with it on (Inductor's default)."""
     import torch._inductor.compile_fx as compile_fx_module
     import torch._inductor.config as inductor_config
 
@@ -123,7 +123,7 @@ def test_inductor_backward_buffer_reuse_off_patches_the_backward_only(monkeypatc
     monkeypatch.setattr(compile_fx_module, "compile_fx_inner", recording_inner)
     ids = token_batch(1, 64)
     backend = lemo_compile.LemoBackend({"compiler": "inductor", "block_size": 16, "dense_layers": [0],
-                                        "loss_segment": None, "backward_buffer_reuse": False})
+                                        "loss_segment": None})
     with torch._inductor.config.patch(fx_graph_cache=False):
         compiled = torch.compile(tiny_llama(layers=2), backend=backend, fullgraph=True)
         compiled(input_ids=ids, labels=ids).loss.backward()
