@@ -26,21 +26,22 @@ import functools
 import json
 import logging
 import os
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 
-from lemo_compile.config import LayerGroup, LemoConfig
-from lemo_compile.inspect import DEBUG_DIR_VARIABLE
+from lemo_compile.config import LemoConfig
+from lemo_compile.fx_utils import fake_mode_of, own_copy
+from lemo_compile.inspect import DEBUG_DIR_VARIABLE, debug_dump
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.manager import (
     CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
 )
 from lemo_compile.passes.recompute import save_in_checkpoints
+from lemo_compile.plan import LayerGroup
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,13 @@ class LemoBackend:
                 f"lemo backend got unexpected arguments {sorted(kwargs)}; pass lemo options as "
                 "torch.compile(..., options={...})"
             )
-        fake_mode = _fake_mode(gm, example_inputs)
+        fake_mode = fake_mode_of(gm, example_inputs)
         debug = None
         if _will_be_differentiated(example_inputs):
             if os.environ.get(DEBUG_DIR_VARIABLE):
-                debug = _own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
+                debug = own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
             if self.config.scorer == "predictor":
-                gm = _own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
+                gm = own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
             report = run_graph_passes(gm, self.config, fake_mode, self.layer_group)
         else:
             report = CompileReport(training=False)
@@ -84,8 +85,6 @@ class LemoBackend:
         compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report)
         compiled = _with_extra_inputs(compiled, extra) if extra else compiled
         if debug is not None:
-            from lemo_compile.inspect import debug_dump
-
             compiled = debug_dump(gm, debug, report, self.config, list(example_inputs))(compiled)
         return compiled
 
@@ -148,22 +147,6 @@ def register_with_accelerate(options: LemoConfig | Mapping[str, Any] | None = No
     DynamoBackend._member_map_["LEMO"] = member
     DynamoBackend._value2member_map_["LEMO"] = member
     DynamoBackend._member_names_.append("LEMO")
-
-
-def compile_apart(model: torch.nn.Module, backend: Callable) -> Callable[..., Any]:
-    """`torch.compile(model, backend=backend, dynamic=False)` for a one-off look at the model
-    (calibration, explain), through a frame of its own: Dynamo remembers the sizes each compiled
-    frame saw and makes them dynamic when they change, so compiling model.forward itself at these
-    lengths would make the user's own training compile, at another length, dynamic (and dense).
-    Each call gets a new code object, so that compiled entries never pile up towards Dynamo's
-    recompile limit across calls."""
-    call = types.FunctionType(_call.__code__.replace(), _call.__globals__, "lemo_call")
-    compiled = torch.compile(call, backend=backend, dynamic=False)
-    return lambda *args, **kwargs: compiled(model, args, kwargs)
-
-
-def _call(model, args, kwargs):
-    return model(*args, **kwargs)
 
 
 def _compile_without_backward_reuse(inner_compile: Callable, gm, example_inputs, **kwargs):
@@ -241,44 +224,6 @@ def _compile(
     )(gm, example_inputs)
 
 
-def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule over a copy of gm's graph, keeping what AOTAutograd reads of Dynamo's (node
-    metadata, placeholder sources, the parameter source table). The graph modules gm calls
-    (activation-checkpoint bodies, which lemo's passes rewrite in place) are copied too, except
-    one held by a module the graph also uses itself (`get_attr "a"` and `"a.body"`): the copy
-    shares that module with gm, so it cannot hold a body of its own."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    for old, new in env.items():
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    for node in graph.find_nodes(op="get_attr"):
-        value = _attribute(copy, node.target)
-        parent = node.target.rpartition(".")[0]
-        shared = bool(parent) and _attribute(copy, parent) is _attribute(gm, parent)
-        if isinstance(value, fx.GraphModule) and not shared:
-            _set_attribute(copy, node.target, _own_copy(value))
-    if hasattr(gm, "_param_name_to_source"):
-        copy._param_name_to_source = gm._param_name_to_source
-    return copy
-
-
-def _attribute(module: torch.nn.Module, target: str):
-    """The attribute a `get_attr` node's dotted `target` names in `module`."""
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
-
-
-def _set_attribute(module: torch.nn.Module, target: str, value) -> None:
-    """Set the attribute a dotted `target` names in `module` (its parent modules must exist)."""
-    parent, _, last = target.rpartition(".")
-    setattr(_attribute(module, parent) if parent else module, last, value)
-
-
 def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
     """`compiled`, called with the caller's inputs followed by `extra` (Dynamo calls a backend's
     result with the inputs unpacked)."""
@@ -308,19 +253,3 @@ def _will_be_differentiated(example_inputs: Sequence[Any]) -> bool:
     or `torch.inference_mode()` are evaluation graphs."""
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-
-
-def _fake_mode(gm: fx.GraphModule, example_inputs):
-    """The fake mode of the graph's `example_value`s (Dynamo's), which passes must compute in."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.Tensor) and hasattr(value, "fake_mode"):
-            return value.fake_mode
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode(example_inputs)
-    if mode is None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        mode = FakeTensorMode()
-    return mode

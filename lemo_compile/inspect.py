@@ -40,8 +40,11 @@ import torch
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.config import LayerPlan, LemoConfig
+from lemo_compile.config import LemoConfig
+from lemo_compile.fx_utils import compile_apart, fake_mode_of, own_copy
+from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_passes
+from lemo_compile.plan import LayerPlan
 from lemo_compile.regions import find_regions, module_stack
 
 DEBUG_DIR_VARIABLE = "LEMO_DEBUG_DIR"
@@ -199,7 +202,6 @@ def explain(
     """
     config = LemoConfig.from_options(options)
     explainer = _Explainer(config)
-    from lemo_compile.backend import compile_apart  # the backend imports this module
 
     compiled = compile_apart(model, explainer)
     was_training = model.training
@@ -224,11 +226,9 @@ class _Explainer:
         self.explanations: list[Explanation] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        from lemo_compile.backend import _fake_mode, _own_copy
-
-        dense = _own_copy(gm)
-        gm = _own_copy(gm)  # the passes may add inputs (predictors), which Dynamo must not see
-        report = run_graph_passes(gm, self.config, _fake_mode(gm, example_inputs))
+        dense = own_copy(gm)
+        gm = own_copy(gm)  # the passes may add inputs (predictors), which Dynamo must not see
+        report = run_graph_passes(gm, self.config, fake_mode_of(gm, example_inputs))
         explanation = _explanation(self.config, report, dense, gm, list(example_inputs),
                                    count_fusions=True)
         self.explanations.append(explanation)
@@ -376,8 +376,6 @@ def activation_bytes(
             if layer is not None and isinstance(value, torch.Tensor):
                 result[layer][name] += value.numel() * value.element_size()
         if name == "lemo" and fusion_counters is not None:
-            from lemo_compile.passes.fuse import fuse_row_movements
-
             for graph in graphs:
                 fuse_row_movements(graph.graph, fusion_counters)
     return result
@@ -392,8 +390,6 @@ def _saved_for_backward(
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.compile_fx import select_decomp_table
 
-    from lemo_compile.backend import _own_copy
-
     captured: dict[str, fx.GraphModule] = {}
 
     def forward_compiler(graph: fx.GraphModule, _inputs):
@@ -406,7 +402,7 @@ def _saved_for_backward(
         captured["backward"] = backward
         return forward, backward
 
-    aot_module_simplified(_own_copy(gm), inputs, fw_compiler=forward_compiler,
+    aot_module_simplified(own_copy(gm), inputs, fw_compiler=forward_compiler,
                           partition_fn=partition, decompositions=select_decomp_table())
     if "backward" not in captured:  # nothing in the graph needs a gradient: nothing is saved
         return [], (captured["forward"],)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from lemo_compile.backend import LemoBackend
-from lemo_compile.config import LayerGroup, LemoConfig, dense_layer_set
+from lemo_compile.config import LemoConfig
+from lemo_compile.plan import LayerGroup, dense_layer_set
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

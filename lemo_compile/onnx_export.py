@@ -66,7 +66,8 @@ from onnxscript.values import Op, Opset
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.backend import _attribute, _own_copy, _set_attribute
+from lemo_compile.fx_utils import get_attribute, own_copy, set_attribute
+from lemo_compile.predictors import bank
 
 DOMAIN = "lemo"
 DOMAIN_VERSION = 1
@@ -184,8 +185,8 @@ def _name_outputs(model, names: list[str | None]) -> None:
 def _export_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of gm in which activation-checkpoint regions are inlined (a forward has nothing to
     recompute) and lemo's operations are `lemo_onnx` ops; gm itself, and the graph modules it
-    calls, are left as they were (`backend._own_copy` copies those too)."""
-    copy = _own_copy(gm)
+    calls, are left as they were (`fx_utils.own_copy` copies those too)."""
+    copy = own_copy(gm)
     _use_export_ops(copy)
     return copy
 
@@ -197,7 +198,7 @@ def _use_export_ops(gm: fx.GraphModule) -> None:
     for node in graph.find_nodes(op="call_function", target=_CHECKPOINT):
         _inline_checkpoint(gm, node)
     for node in graph.find_nodes(op="get_attr"):
-        value = _attribute(gm, node.target)
+        value = get_attribute(gm, node.target)
         if isinstance(value, fx.GraphModule):
             _use_export_ops(value)
     for node in list(graph.nodes):
@@ -232,7 +233,7 @@ _CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 def _inline_checkpoint(gm: fx.GraphModule, call: fx.Node) -> None:
     """Replace `tag_activation_checkpoint(body, *args)` in gm by the body's nodes."""
     body_node, *args = call.args
-    body = _attribute(gm, body_node.target)
+    body = get_attribute(gm, body_node.target)
     graph = gm.graph
     env: dict[fx.Node, Any] = {}
     placeholders = list(body.graph.find_nodes(op="placeholder"))
@@ -246,9 +247,9 @@ def _inline_checkpoint(gm: fx.GraphModule, call: fx.Node) -> None:
                 results = fx.map_arg(node.args[0], lambda n: env[n])
                 continue
             if node.op == "get_attr":
-                inner = _attribute(body, node.target)
+                inner = get_attribute(body, node.target)
                 name = f"{body_node.target}_{node.target.replace('.', '_')}"
-                _set_attribute(gm, name, inner)
+                set_attribute(gm, name, inner)
                 env[node] = graph.get_attr(name)
                 continue
             env[node] = graph.node_copy(node, lambda n: env[n])
@@ -270,14 +271,12 @@ def _exact_channel_linear(a, weight, bias, dtype):
 
 def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
     """(export op, its arguments) for one of lemo's operations, None for any other node."""
-    from lemo_compile.predictors.bank import predicted_block_scores, predicted_mlp_block_scores
-
-    if node.target is predicted_block_scores:
+    if node.target is bank.predicted_block_scores:
         name = "predicted_block_scores"
         args = _bound(node)
         if not len(args[1]) == len(args[2]) == 6:  # not three linear layers per side
             return None
-    elif node.target is predicted_mlp_block_scores:
+    elif node.target is bank.predicted_mlp_block_scores:
         name = "predicted_mlp_block_scores"
         args = _bound(node)
         if len(args[1]) != 6:  # not three linear layers
@@ -346,15 +345,11 @@ def _block_scores_like(x, blocks: int):
 
 
 def _predicted(h, q_side, k_side, distance_bias, block_size, heads):
-    from lemo_compile.predictors.bank import predicted_block_scores
-
-    return predicted_block_scores(h, q_side, k_side, distance_bias, block_size, heads)
+    return bank.predicted_block_scores(h, q_side, k_side, distance_bias, block_size, heads)
 
 
 def _predicted_mlp(h, tensors, block_size):
-    from lemo_compile.predictors.bank import predicted_mlp_block_scores
-
-    return predicted_mlp_block_scores(h, tensors, block_size)
+    return bank.predicted_mlp_block_scores(h, tensors, block_size)
 
 
 _EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)

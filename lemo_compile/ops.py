@@ -24,6 +24,7 @@ from lemo_compile.kernels import block_scores as _scores
 from lemo_compile.kernels import lm_loss as _loss
 from lemo_compile.kernels import rows as _rows
 from lemo_compile.kernels import use_triton
+from lemo_compile.plan import kept_blocks
 
 # ------------------------------------------------------------------------------------- scorers
 
@@ -107,7 +108,7 @@ def token_block_scores(
 #
 # A padded row is computed as if it ran alone: its L real tokens, in order, are cut into blocks of
 # their own (a left-padded row's blocks start at its first real token, not at position 0), scored
-# from real tokens only, and the row keeps `config.kept_blocks(ratio, L // b)` of them plus its
+# from real tokens only, and the row keeps `plan.kept_blocks(ratio, L // b)` of them plus its
 # L % b tail. The compacted block has a static number of rows K for every row length; a row's
 # remaining rows are fillers (padding first, then unkept real tokens): hidden as keys, and their
 # results are discarded (`hide_invalid_keys`, `scatter_add_kept_tokens`).
@@ -153,8 +154,6 @@ def kept_row_tokens(scores: torch.Tensor, real: torch.Tensor, keep_ratio: float,
     scores [B, n]: block scores in each row's own frame (`real_first`); real [B, S]. A row with L
     real tokens has m = L // b full blocks; it keeps its `kept_blocks(keep_ratio, m)` best ones
     (ties: the lower block first) and its L % b tail. Padding is never kept."""
-    from lemo_compile.config import kept_blocks
-
     batch, n_blocks = scores.shape
     device = scores.device
     full = real.sum(dim=1) // block_size                                         # [B]

@@ -109,6 +109,6 @@ def test_mlp_channels_plans_every_layer_not_listed_dense():
 
 
 def test_kept_channels():
-    from lemo_compile.config import kept_channels
+    from lemo_compile.plan import kept_channels
 
     assert [kept_channels(r, 96) for r in (0.001, 0.5, 0.3, 0.995, 1.0)] == [1, 48, 29, 96, 96]

@@ -260,7 +260,7 @@ def test_the_dense_copy_does_not_share_checkpoint_bodies():
     own: lemo's passes rewrite the bodies of the graph they compile in place."""
     from torch import fx
 
-    from lemo_compile.backend import _own_copy
+    from lemo_compile.fx_utils import own_copy
 
     model = tiny_llama()
     model.gradient_checkpointing_enable()
@@ -270,7 +270,7 @@ def test_the_dense_copy_does_not_share_checkpoint_bodies():
     gm = explanation._graph
     bodies = {name: m for name, m in gm.named_children() if isinstance(m, fx.GraphModule)}
     assert bodies and any("select_tokens" in body.code for body in bodies.values())
-    copy = _own_copy(gm)
+    copy = own_copy(gm)
     for name, body in bodies.items():
         assert getattr(copy, name) is not body and getattr(copy, name).code == body.code
 
@@ -278,7 +278,7 @@ def test_the_dense_copy_does_not_share_checkpoint_bodies():
 def test_own_copy_copies_dotted_bodies_and_never_changes_the_original():
     from torch import fx
 
-    from lemo_compile.backend import _own_copy
+    from lemo_compile.fx_utils import own_copy
 
     body = fx.symbolic_trace(lambda x: x + 1)
     root = torch.nn.Module()
@@ -292,7 +292,7 @@ def test_own_copy_copies_dotted_bodies_and_never_changes_the_original():
     graph.get_attr("shared.body")
     graph.output(None)
     gm = fx.GraphModule(root, graph)
-    copy = _own_copy(gm)
+    copy = own_copy(gm)
     assert copy.outer.body is not body and copy.outer.body.code == body.code
     assert gm.outer.body is body and gm.shared.body is body and copy.shared is gm.shared
 

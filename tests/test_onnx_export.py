@@ -23,7 +23,7 @@ import lemo_compile  # noqa: E402
 from conftest import token_batch  # noqa: E402
 from lemo_compile import onnx_export as ox  # noqa: E402
 from lemo_compile import ops  # noqa: E402
-from lemo_compile.backend import _fake_mode, _own_copy  # noqa: E402
+from lemo_compile.fx_utils import fake_mode_of, own_copy  # noqa: E402
 from lemo_compile.config import LemoConfig  # noqa: E402
 from lemo_compile.passes.manager import run_graph_passes  # noqa: E402
 from toy import ToyDecoder  # noqa: E402
@@ -164,9 +164,9 @@ def rewritten_graph(model, call, options):
     captured = {}
 
     def backend(gm, example_inputs):
-        rewritten = _own_copy(gm)  # the predictor scorer adds inputs, which Dynamo must not see
+        rewritten = own_copy(gm)  # the predictor scorer adds inputs, which Dynamo must not see
         config = LemoConfig.from_options({"compiler": "aot_eager", **options})
-        report = run_graph_passes(rewritten, config, _fake_mode(gm, example_inputs))
+        report = run_graph_passes(rewritten, config, fake_mode_of(gm, example_inputs))
         captured["graph"] = (rewritten, [*example_inputs, *report.extra_inputs])
         return gm.forward
 

@@ -24,7 +24,8 @@ from torch import fx
 import lemo_compile
 from conftest import grads, tiny_llama, token_batch
 from lemo_compile import ops
-from lemo_compile.config import LemoConfig, kept_blocks, padded_kept_tokens, plan_layers
+from lemo_compile.config import LemoConfig
+from lemo_compile.plan import kept_blocks, padded_kept_tokens, plan_layers
 from reference import lemo_forward_padded, select_token_indices
 
 BLOCK = 16

@@ -245,7 +245,7 @@ def test_shrunk_bank_round_trips(tmp_path):
 def test_predictor_inputs_are_compiled_with_static_shapes():
     """The predictor weights the backend adds must not get symbolic sizes: Dynamo has no source
     for them, so any guard on such a size (Inductor adds some on CUDA) broke guard building."""
-    from lemo_compile.backend import _fake_mode
+    from lemo_compile.fx_utils import fake_mode_of
 
     model = tiny_llama()
     ids = token_batch(1, 128)
@@ -253,7 +253,7 @@ def test_predictor_inputs_are_compiled_with_static_shapes():
     symbols = {}
 
     def backend(gm, example_inputs):
-        mode = _fake_mode(gm, example_inputs)
+        mode = fake_mode_of(gm, example_inputs)
         compiled = inner(gm, example_inputs)
         env = mode.shape_env
         symbols.update(env.backed_var_to_val if hasattr(env, "backed_var_to_val")

@@ -28,11 +28,12 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lemo_compile.config import LayerGroup, LayerPlan, LemoConfig, plan_layers
+from lemo_compile.config import LemoConfig
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
+from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.regions import canonical_residual_adds, checkpointed_layers, find_regions
 
 

@@ -62,11 +62,11 @@ import math
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.config import LayerPlan, LemoConfig, kept_channels
+from lemo_compile.config import LemoConfig
+from lemo_compile.plan import LayerPlan, kept_channels
 from lemo_compile.passes.compact import (
     CannotCompact,
     apply_compaction,

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemo_compile import ops
+from lemo_compile.kernels.block_scores import scores_from_tiles
+
 FORMAT = "lemo-predictors-2"
 DISTANCES = 1024  # R: block distances with their own bias (64K tokens at block size 64)
 
@@ -192,9 +195,6 @@ def predicted_block_scores(
     (`ops.real_first`), and the tiles of blocks past its full ones (its tail, its padding) zeroed,
     so that a row's scores are those it would get alone.
     A graph function: the predictor scorer inserts it with the weights as graph constants."""
-    from lemo_compile import ops
-    from lemo_compile.kernels.block_scores import scores_from_tiles
-
     h = h.detach()
     if real is not None:
         h = ops.real_first(h, real, 1, block_size)
@@ -212,8 +212,6 @@ def predicted_mlp_block_scores(
     """MLP block scores [B, n] (float32) of an `MlpPredictor` given as tensors, from the MLP's input
     h [B, S, D]: the max of the per-token scores over each full block (`ops.token_block_scores`,
     which also says what `real` does). A graph function, like `predicted_block_scores`."""
-    from lemo_compile import ops
-
     return ops.token_block_scores(_side(h.detach().float(), tensors)[..., 0], block_size, real)
 
 

@@ -28,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lemo_compile.config import LemoConfig, plan_layers
+from lemo_compile.config import LemoConfig
+from lemo_compile.fx_utils import compile_apart
 from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
 from lemo_compile.ops import token_block_scores
+from lemo_compile.passes.select import model_signature
+from lemo_compile.plan import plan_layers
 from lemo_compile.predictors.bank import DISTANCES, ModelSignature, PredictorBank
 from lemo_compile.regions import canonical_residual_adds, find_regions
 
@@ -59,8 +62,6 @@ class _Capture:
         self.mlp_kept_blocks: dict[int, int] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Any:
-        from lemo_compile.passes.select import model_signature
-
         canonical_residual_adds(gm)
         regions = find_regions(gm)
         found = {l.index: l for l in regions.layers if l.attention is not None}
@@ -124,8 +125,6 @@ def _mlp_nodes(layer) -> list[fx.Node]:
 
 def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[int, LayerSample]]:
     """Yield the captured samples of each batch (a tensor of input ids or a dict of model kwargs)."""
-    from lemo_compile.backend import compile_apart  # the backend imports this package
-
     compiled = compile_apart(model, capture)
     was_training = model.training
     model.eval()
