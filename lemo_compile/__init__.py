@@ -10,13 +10,13 @@ from lemo_compile.backend import (
     LemoBackend, lemo_backend, recent_reports, register_with_accelerate,
 )
 from lemo_compile.config import LemoConfig
-from lemo_compile.inspect import Explanation, explain
 from lemo_compile.layerwise import compile_decoder_layers
 from lemo_compile.passes.manager import CompileReport, LemoWarning
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.predictors import PredictorBank
 from lemo_compile.predictors.calibrate import calibrate, layer_keep_ratios, predictor_recall
 from lemo_compile.schedule import Phase, SparsitySchedule
+from lemo_compile.tools.explain import Explanation, explain
 
 __version__ = "0.1.0"
 

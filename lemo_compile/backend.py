@@ -15,8 +15,9 @@ group `torch_dynamo_backends`. For each Dynamo graph it:
 
 `LemoBackend` is the same thing as an object that keeps the `CompileReport` of every graph it
 compiled: `backend = LemoBackend({"keep_ratio": 0.3}); torch.compile(model, backend=backend)`.
-With LEMO_DEBUG_DIR set, every training graph also dumps `explain()`'s artefacts there
-(`inspect.debug_dump`).
+With LEMO_DEBUG_DIR set, every training graph also dumps `explain()`'s artefacts there: the dump
+is `tools.explain.debug_dump`, which installs itself with `set_debug_dumper` (the tools sit on top
+of the backend; the backend does not import them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from torch import fx
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import fake_mode_of, own_copy
-from lemo_compile.inspect import DEBUG_DIR_VARIABLE, debug_dump
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.manager import (
@@ -44,6 +44,20 @@ from lemo_compile.passes.recompute import save_in_checkpoints
 from lemo_compile.plan import LayerGroup
 
 log = logging.getLogger(__name__)
+
+DEBUG_DIR_VARIABLE = "LEMO_DEBUG_DIR"
+
+# (rewritten graph, the graph as Dynamo gave it, report, config, example inputs) -> a wrapper
+# for the graph's compiled callable.
+DebugDumper = Callable[[fx.GraphModule, fx.GraphModule, CompileReport, LemoConfig, list],
+                       Callable[[Callable], Callable]]
+_debug_dumper: DebugDumper | None = None
+
+
+def set_debug_dumper(dumper: DebugDumper | None) -> None:
+    """Install what runs for every training graph while LEMO_DEBUG_DIR is set (None: nothing)."""
+    global _debug_dumper
+    _debug_dumper = dumper
 
 
 class LemoBackend:
@@ -65,7 +79,7 @@ class LemoBackend:
         fake_mode = fake_mode_of(gm, example_inputs)
         debug = None
         if _will_be_differentiated(example_inputs):
-            if os.environ.get(DEBUG_DIR_VARIABLE):
+            if os.environ.get(DEBUG_DIR_VARIABLE) and _debug_dumper is not None:
                 debug = own_copy(gm)  # the graph as Dynamo gave it, for the dumped diffs
             if self.config.scorer == "predictor":
                 gm = own_copy(gm)  # the pass adds inputs, which Dynamo must not see in its graph
@@ -85,7 +99,7 @@ class LemoBackend:
         compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report)
         compiled = _with_extra_inputs(compiled, extra) if extra else compiled
         if debug is not None:
-            compiled = debug_dump(gm, debug, report, self.config, list(example_inputs))(compiled)
+            compiled = _debug_dumper(gm, debug, report, self.config, list(example_inputs))(compiled)
         return compiled
 
 

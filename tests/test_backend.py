@@ -362,3 +362,24 @@ def test_string_backend_reports_are_readable(caplog):
     report = lemo_compile.recent_reports()[-1]
     assert report.training and [p.layer for p in report.plans if p.sparse] == [2]
     assert any("sparse layers [2] of 4" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cross_entropy_left_unsegmented_is_reported():
+    """A loss the segmented op cannot compute (here: label smoothing) stays as it is, and lemo
+    says so, with the reason, instead of silently computing the logits whole."""
+    model = tiny_llama()
+    ids = token_batch(2, 150)
+
+    def smoothed_loss(input_ids):
+        logits = model(input_ids=input_ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               input_ids[:, 1:].reshape(-1), label_smoothing=0.1)
+
+    backend = lemo_compile.LemoBackend({"compiler": "aot_eager", "block_size": 16,
+                                        "dense_layers": [0]})
+    with pytest.warns(lemo_compile.LemoWarning, match="left unsegmented .*other than ignore_index"):
+        loss = torch.compile(smoothed_loss, backend=backend)(ids)
+    loss.backward()
+    report = backend.reports[-1]
+    assert report.counters["segmented_losses"] == 0
+    assert any("left unsegmented" in w for w in report.warnings)

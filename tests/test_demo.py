@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lemo_compile.demo import DemoSettings, format_table, run_variant
+from lemo_compile.tools.demo import DemoSettings, format_table, run_variant
 
 
 def test_demo_reports_the_activations_kept_for_backward():

@@ -10,7 +10,7 @@ from conftest import tiny_llama, token_batch
 
 import lemo_compile
 from lemo_compile.config import LemoConfig
-from lemo_compile.inspect import explain
+from lemo_compile.tools.explain import explain
 
 OPTIONS = {"keep_ratio": 0.5, "block_size": 8, "dense_layers": [0], "loss_segment": None}
 
@@ -181,7 +181,7 @@ def test_lemo_debug_dir_dumps_every_training_graph(tmp_path, monkeypatch):
 def test_lemo_inspect_command(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    from lemo_compile.cli import main
+    from lemo_compile.tools.cli import main
 
     LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "model")
@@ -196,7 +196,7 @@ def test_lemo_inspect_command(tmp_path, capsys):
 
 
 def test_lemo_inspect_rejects_bad_options(tmp_path):
-    from lemo_compile.cli import main
+    from lemo_compile.tools.cli import main
 
     with pytest.raises(SystemExit, match="not JSON"):
         main(["inspect", str(tmp_path), "--seq-len", "64", "--options", "{keep"])

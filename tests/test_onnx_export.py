@@ -1,4 +1,4 @@
-"""ONNX export of lemo's rewritten forward graph (`lemo_compile.onnx_export`).
+"""ONNX export of lemo's rewritten forward graph (`lemo_compile.tools.onnx_export`).
 
 Two levels: each ONNX function of the domain "lemo" run alone by onnxruntime against lemo's torch
 implementation (odd shapes, ties, tails), and whole rewritten graphs (tiny HF Llama, the project's
@@ -21,7 +21,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import lemo_compile  # noqa: E402
 from conftest import token_batch  # noqa: E402
-from lemo_compile import onnx_export as ox  # noqa: E402
+from lemo_compile.tools import onnx_export as ox  # noqa: E402
 from lemo_compile import ops  # noqa: E402
 from lemo_compile.fx_utils import fake_mode_of, own_copy  # noqa: E402
 from lemo_compile.config import LemoConfig  # noqa: E402

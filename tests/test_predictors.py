@@ -177,7 +177,7 @@ def test_lemo_calibrate_command(tmp_path, capsys, monkeypatch):
     """`lemo calibrate` on a saved byte-level checkpoint and a folder of text files."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lemo_compile.cli import main
+    from lemo_compile.tools.cli import main
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

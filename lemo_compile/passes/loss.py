@@ -32,7 +32,8 @@ _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16"
 
 @dataclasses.dataclass
 class LossResult:
-    """How many cross-entropy calls were segmented and how many returned logits became placeholders."""
+    """How many cross-entropy calls were segmented and how many returned logits became placeholders;
+    `skipped`: why each other cross-entropy of the graph was left as it was (the manager warns)."""
 
     segmented: int = 0
     placeholder_outputs: int = 0

@@ -240,6 +240,11 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode,
                 f"{config.loss_segment}), so the training forward does not compute the logits: "
                 "outputs.logits is a NaN placeholder. Pass loss_segment=None to get them."
             )
+        for reason in loss.skipped:
+            report.warn(
+                f"lemo: a cross-entropy was left unsegmented ({reason}): its logits are computed "
+                "whole, as without lemo (loss_segment does not apply to it)"
+            )
         if loss.segmented:
             gm.recompile()
             report.graphs["loss"] = gm.code

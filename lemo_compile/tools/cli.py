@@ -15,7 +15,7 @@ import pathlib
 import sys
 import warnings
 
-from lemo_compile.demo import DemoSettings, run_demo, run_variant
+from lemo_compile.tools.demo import DemoSettings, run_demo, run_variant
 from lemo_compile.predictors.bank import DISTANCES
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import fx
 
 from lemo_compile import ops
+from lemo_compile.backend import DEBUG_DIR_VARIABLE, set_debug_dumper
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart, fake_mode_of, own_copy
 from lemo_compile.passes.fuse import fuse_row_movements
@@ -47,7 +48,6 @@ from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_pa
 from lemo_compile.plan import LayerPlan
 from lemo_compile.regions import find_regions, module_stack
 
-DEBUG_DIR_VARIABLE = "LEMO_DEBUG_DIR"
 SELECT_ROLES = {"select": "attention", "mlp_select": "mlp"}
 
 
@@ -181,7 +181,7 @@ class Explanation:
         if onnx:
             if self._graph is None:
                 raise ValueError("this Explanation has no rewritten graph to export (training=False)")
-            from lemo_compile.onnx_export import export_onnx
+            from lemo_compile.tools.onnx_export import export_onnx
 
             export_onnx(self._graph, self._inputs, root / "model.onnx")
             written["model.onnx"] = root / "model.onnx"
@@ -527,6 +527,9 @@ def debug_dump(gm: fx.GraphModule, dense: fx.GraphModule, report: CompileReport,
         return run
 
     return wrap
+
+
+set_debug_dumper(debug_dump)
 
 
 def _new_folder(root: pathlib.Path) -> pathlib.Path:

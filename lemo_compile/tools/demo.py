@@ -153,7 +153,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     )
     results = []
     for variant in ("dense", "lemo"):
-        command = [sys.executable, "-m", "lemo_compile.cli", "demo", "--variant", variant,
+        command = [sys.executable, "-m", "lemo_compile.tools.cli", "demo", "--variant", variant,
                    "--settings", json.dumps(dataclasses.asdict(settings))]
         environment = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                            TORCHINDUCTOR_AUTOGRAD_CACHE="0")
