@@ -2,7 +2,8 @@
 
 IR seen: the torch-level FX graph Dynamo hands a backend (`call_function` / `call_method` nodes,
 parameters as placeholders, `node.meta["nn_module_stack"]` and `node.meta["example_value"]` intact).
-Nothing here changes the graph but the two rewrites of residual adds named below.
+Nothing here changes the graph (the rewrites that put residual adds in the form read here first
+are `passes/residual.py`).
 
 A *residual block* is the part of a pre-norm decoder layer that reads the residual stream x and adds
 one result back: `x1 = x + f(Attn(norm1(x)))`, where f, the block's tail, computes each token's row
@@ -15,12 +16,6 @@ block operand depends on back to x, inside the layer. Layers are the modules at
 `<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules, or, in a
 graph compiled from one decoder layer (`compile_decoder_layers`), the graph's root module. A layer
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
-
-Two rewrites here put residual adds in that form first (`canonical_residual_adds`): flattened
-adds (OPT's MLP: `(x.reshape(-1, D) + out).view(B, S, D)` becomes `x + out.reshape(B, S, D)`) and
-parallel-residual sums (`x + Attn(norm(x)) + MLP(norm'(x))`, in any order, becomes
-`(x + Attn(...)) + MLP(...)`: the MLP block then adds into x1 = x + Attn while reading x, and a
-norm both blocks read is an input of each block, not part of either).
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
-_LAYER_PATH = re.compile(r"^(.*\.)?(\d+)$")
+LAYER_PATH = re.compile(r"^(.*\.)?(\d+)$")
 
 
 @dataclasses.dataclass
@@ -81,10 +76,10 @@ class ResidualBlock:
         """h = norm1(x) [B, S, D], what the attention module reads from the layer (pre-norm), or
         None when there is not exactly one such tensor of x's shape."""
         inside = {n for n in self.nodes if any(p == self.module_path for p, _ in module_stack(n))}
-        shape = _shape(self.residual)
+        shape = node_shape(self.residual)
         candidates = [
             n for n in [self.residual, *self.nodes]
-            if n not in inside and _shape(n) == shape and any(u in inside for u in n.users)
+            if n not in inside and node_shape(n) == shape and any(u in inside for u in n.users)
         ]
         return candidates[0] if len(candidates) == 1 else None
 
@@ -92,11 +87,11 @@ class ResidualBlock:
         """norm(x): the one tensor that the block's first linear layers read, [B, S, D] or
         flattened [B * S, D] (OPT's MLP), or None when there is not exactly one. A tensor derived
         from another such input (LoRA's dropout of it, a view of it) does not count."""
-        shape = _shape(self.residual)
+        shape = node_shape(self.residual)
         tokens, hidden = shape[0] * shape[1], shape[-1]
         members = set(self.nodes)
         reads = {n for _, n in self._linears()
-                 if n is not self.residual and (s := _shape(n)) is not None and s[-1] == hidden
+                 if n is not self.residual and (s := node_shape(n)) is not None and s[-1] == hidden
                  and math.prod(s[:-1]) == tokens}
 
         def derived(node: fx.Node) -> bool:
@@ -124,9 +119,11 @@ class ResidualBlock:
         down = self.down_projection()
         if down is not None and not is_linear(down.args[0]):
             return down.args[0]
-        hidden = _shape(self.residual)[-1]
-        reads = {n for linear, n in self._linears() if (_shape(linear) or (None,))[-1] == hidden}
-        found = [n for n in reads if not is_linear(n) and (_shape(n) or (hidden,))[-1] != hidden]
+        hidden = node_shape(self.residual)[-1]
+        reads = {n for linear, n in self._linears()
+                 if (node_shape(linear) or (None,))[-1] == hidden}
+        found = [n for n in reads
+                 if not is_linear(n) and (node_shape(n) or (hidden,))[-1] != hidden]
         return found[0] if len(found) == 1 else None
 
     def _linears(self) -> list[tuple[fx.Node, fx.Node]]:
@@ -167,11 +164,11 @@ class ModelRegions:
 
     @property
     def batch_size(self) -> int:
-        return _shape(self._first_residual())[0]
+        return node_shape(self._first_residual())[0]
 
     @property
     def seq_len(self) -> int:
-        return _shape(self._first_residual())[1]
+        return node_shape(self._first_residual())[1]
 
     def _first_residual(self) -> fx.Node:
         for layer in self.layers:
@@ -229,7 +226,7 @@ def find_regions(gm: fx.GraphModule, root_layer: int | None = None) -> ModelRegi
         attention_children = [
             child
             for child, child_nodes in children.get(path, {}).items()
-            if any(_is_sdpa(n) for n in child_nodes)
+            if any(is_sdpa(n) for n in child_nodes)
         ]
         index = layer_index[path]
         if len(attention_children) != 1:
@@ -277,7 +274,7 @@ def find_regions(gm: fx.GraphModule, root_layer: int | None = None) -> ModelRegi
             layers.append(DecoderLayer(index, path, None, f"layer {path}: {problem}"))
             continue
         layers.append(DecoderLayer(index, path, block, mlp=mlp))
-    attends = any(_is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
+    attends = any(is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
                   for n in m.graph.nodes)
     if not layers and attends:
         # (a graph without attention, such as the embedding or the loss split off by a graph
@@ -298,7 +295,7 @@ def _layer_index(path: str, root_layer: int | None) -> int | None:
     """The decoder-layer index of the module at `path`, None if it is not a decoder layer."""
     if root_layer is not None:
         return root_layer if path == "" else None
-    match = _LAYER_PATH.match(path)
+    match = LAYER_PATH.match(path)
     return None if match is None else int(match.group(2))
 
 
@@ -368,7 +365,7 @@ def _residual_block(
     residual = add.args[1] if add.args[0] is output else add.args[0]
     if not isinstance(residual, fx.Node):
         raise _NotABlock(f"the residual add after {path} does not add a tensor")
-    res_shape, out_shape = _shape(residual), _shape(output)
+    res_shape, out_shape = node_shape(residual), node_shape(output)
     if res_shape is None or len(res_shape) != 3 or res_shape != out_shape:
         raise _NotABlock(
             f"the residual stream around {path} is not [batch, seq, hidden] "
@@ -384,7 +381,7 @@ def _residual_block(
                 f"the output of its {path.rsplit('.', 1)[-1]} module is added into a tensor "
                 "computed after that block begins (in a parallel-residual layer whose attention "
                 "and MLP outputs are " + _PARALLEL_SUM_CHANGED + ")")
-    sdpa = [n for n in ordered if _is_sdpa(n)]
+    sdpa = [n for n in ordered if is_sdpa(n)]
     if len(sdpa) != (1 if attention else 0):
         raise _NotABlock(f"{len(sdpa)} attention calls in the block of {path}")
     return ResidualBlock(
@@ -429,8 +426,8 @@ def _tail_end_and_add(result: fx.Node, module_nodes: set[fx.Node], layer_nodes: 
     OPT's dropout and view, Granite's `out * residual_multiplier`, the norm Gemma puts on a block's
     output (`x + post_norm(block(pre_norm(x)))`). The add is the one node it reaches whose other
     operand does not come from the result: the residual x."""
-    reach = _downstream(result, layer_nodes)
-    width = (_shape(result) or (None,))[-1]
+    reach = downstream(result, layer_nodes)
+    width = (node_shape(result) or (None,))[-1]
     adds: list[fx.Node] = []
     pending, seen = [result], {result}
     while pending:
@@ -460,7 +457,7 @@ def _tail_end_and_add(result: fx.Node, module_nodes: set[fx.Node], layer_nodes: 
     return end, add
 
 
-def _downstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+def downstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
     """`node` and every node of `within` computed from it."""
     found, pending = {node}, [node]
     while pending:
@@ -473,7 +470,7 @@ def _downstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
 
 def _is_residual_add(node: fx.Node, reach: set[fx.Node]) -> bool:
     """An add of two tensors of which exactly one comes from the block (is in `reach`)."""
-    if not (_is_add(node) and len(node.args) == 2 and not node.kwargs
+    if not (is_add(node) and len(node.args) == 2 and not node.kwargs
             and all(isinstance(a, fx.Node) for a in node.args)):
         return False
     return sum(a in reach for a in node.args) == 1
@@ -519,7 +516,7 @@ def _is_row_local(node: fx.Node, reach: set[fx.Node], width: int | None) -> bool
     if target in _ROW_REDUCTIONS:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-        shape = _shape(node.args[0]) or ()
+        shape = node_shape(node.args[0]) or ()
         return (len(shape) > 0 and shape[-1] == width
                 and all(isinstance(d, int) and d % len(shape) == len(shape) - 1 for d in dims))
     if node.op == "call_function" and node.kwargs.get("inplace", False):
@@ -545,7 +542,7 @@ def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_TARGETS
 
 
-def _is_sdpa(node: fx.Node) -> bool:
+def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
@@ -554,7 +551,7 @@ def _is_topk(node: fx.Node) -> bool:
             or (node.op == "call_method" and node.target == "topk"))
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in ADD_TARGETS
     return node.op == "call_method" and node.target in ("add", "add_")
@@ -564,182 +561,9 @@ def _arg(node: fx.Node, position: int, name: str):
     return node.args[position] if len(node.args) > position else node.kwargs[name]
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def node_shape(node) -> tuple[int, ...] | None:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def canonical_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
-    """`unflatten_residual_adds` then `reassociate_parallel_residuals` on gm (the same values);
-    returns how many adds were rewritten."""
-    return unflatten_residual_adds(gm, fake_mode) + reassociate_parallel_residuals(gm, fake_mode)
-
-
-def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
-    """Rewrite `(x.reshape(-1, D) + out).view(B, S, D)` (x [B, S, D], out [B*S, D]; OPT's MLP)
-    to `x + out.reshape(B, S, D)`, so that the MLP block reads and adds into x like any other
-    residual block. Same values; returns how many adds were rewritten."""
-    graph = gm.graph
-    count = 0
-    for node in list(graph.nodes):
-        if not (_is_add(node) and len(node.args) == 2 and not node.kwargs and len(node.users) == 1):
-            continue
-        (back,) = node.users
-        shape = _shape(back)
-        if not (is_view(back) and back.args[0] is node and shape is not None and len(shape) == 3):
-            continue
-        for flat, out in (node.args, node.args[::-1]):
-            if not (isinstance(flat, fx.Node) and isinstance(out, fx.Node) and is_view(flat)
-                    and flat.args[0] is not None and isinstance(flat.args[0], fx.Node)
-                    and _shape(flat.args[0]) == shape and _shape(flat) == _shape(out)
-                    and len(_shape(flat)) == 2):
-                continue
-            x = flat.args[0]
-            with graph.inserting_before(node):
-                # reshape: `out` [B*S, D] need not be contiguous (view would fail at compile time)
-                out3 = graph.call_method("reshape", (out, shape))
-                new = graph.call_function(operator.add, (x, out3))
-            for created in (out3, new):
-                _inherit_meta(created, node)
-            value = out.meta["example_value"]
-            if fake_mode is not None:
-                with fake_mode:
-                    out3.meta["example_value"] = value.reshape(shape)
-            else:
-                out3.meta["example_value"] = value.reshape(shape)
-            new.meta["example_value"] = back.meta["example_value"]
-            back.replace_all_uses_with(new)
-            graph.erase_node(back)
-            graph.erase_node(node)
-            if not flat.users:
-                graph.erase_node(flat)
-            count += 1
-            break
-    if count:
-        graph.lint()
-        gm.recompile()
-    return count
-
-
-def reassociate_parallel_residuals(gm: fx.GraphModule, fake_mode=None) -> int:
-    """Rewrite each parallel-residual layer's output, the sum of its input x, its attention
-    block's output a and its MLP block's output m in any order and grouping (GPT-NeoX's
-    `(m + a) + x`, GPT-J's and Phi's `(a + m) + x`, ...), as `(x + a) + m`: the attention block then
-    adds into x like a sequential layer's, and the MLP block into x + a, while still reading x.
-    The same sum up to rounding; returns how many sums were rewritten (or, already in that order,
-    moved: x + a is then computed right after a, before the MLP block).
-
-    The roles are read off the graph: within one layer (a module path of the nodes' module stacks)
-    a is computed from the layer's one attention call, x is one of that call's inputs' sources,
-    m is neither."""
-    graph = gm.graph
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    count = 0
-    for layer_nodes in _nodes_by_layer(gm).values():
-        calls = [n for n in layer_nodes if _is_sdpa(n)]
-        if len(calls) != 1:
-            continue
-        after = _downstream(calls[0], layer_nodes)
-        before = _upstream(calls[0], layer_nodes)
-        for outer in [n for n in graph.nodes if n in layer_nodes and _is_plain_add(n)]:
-            if outer not in layer_nodes:
-                continue  # erased by an earlier rewrite
-            inner = next((a for a in outer.args if _is_plain_add(a) and len(a.users) == 1
-                          and a in layer_nodes), None)
-            if inner is None:
-                continue
-            leaves = [*inner.args, next(a for a in outer.args if a is not inner)]
-            a = [n for n in leaves if n in after]
-            x = [n for n in leaves if n in before and n not in after]
-            m = [n for n in leaves if n not in before and n not in after]
-            if not (len(a) == len(x) == len(m) == 1) or len({_shape(n) for n in leaves}) != 1:
-                continue
-            (a,), (x,), (m,) = a, x, m
-            count += 1
-            # x1 = x + a right after a, and the MLP's own nodes after it, as in a sequential
-            # layer: lemo inserts a block's selection before the block's first node, and the MLP
-            # block's selection reads x1.
-            last = max((x, a), key=order.__getitem__)
-            mlp_nodes = _feeding_only(m, layer_nodes - before - after)
-            if any(u not in (inner, outer) for u in m.users):
-                mlp_nodes = set()
-            if inner.args in ((x, a), (a, x)):  # already (x + a) + m (Cohere): only moved
-                last.append(inner)
-                x1, y = inner, outer
-            else:
-                with graph.inserting_after(last):
-                    x1 = graph.call_function(operator.add, (x, a))
-                with graph.inserting_before(outer):
-                    y = graph.call_function(operator.add, (x1, m))
-                for created in (x1, y):
-                    _inherit_meta(created, outer)
-                    created.meta["example_value"] = outer.meta["example_value"]
-                if fake_mode is not None:  # (x1's value: same shape, dtype and device as y's)
-                    with fake_mode:
-                        x1.meta["example_value"] = torch.empty_like(outer.meta["example_value"])
-                outer.replace_all_uses_with(y)
-                graph.erase_node(outer)
-                graph.erase_node(inner)
-                layer_nodes.difference_update((outer, inner))
-                layer_nodes.update((x1, y))
-            for node in [n for n in graph.nodes if n in mlp_nodes]:
-                y.prepend(node)
-            order = {node: i for i, node in enumerate(graph.nodes)}
-    if count:
-        graph.lint()
-        gm.recompile()
-    return count
-
-
-def _inherit_meta(created: fx.Node, replaced: fx.Node) -> None:
-    """Give a node a rewrite created the module stack and source of the node it replaces (what
-    the region finder and error messages read)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in replaced.meta:
-            created.meta[key] = replaced.meta[key]
-
-
-def _nodes_by_layer(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
-    """The nodes of each decoder-layer candidate (a module at `<name>.<index>`), by its path."""
-    layers: dict[str, set[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        for path, _cls in module_stack(node):
-            if _LAYER_PATH.match(path):
-                layers.setdefault(path, set()).add(node)
-                break
-    return layers
-
-
-def _upstream(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
-    """Every node `node` is computed from inside `within`, plus the nodes outside it that those
-    read directly (the layer's inputs)."""
-    found, pending = set(), [node]
-    while pending:
-        for source in pending.pop().all_input_nodes:
-            if source not in found:
-                found.add(source)
-                if source in within:
-                    pending.append(source)
-    return found
-
-
-def _feeding_only(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
-    """`node` and the operations (no graph inputs) it is computed from inside `within`, when all
-    of them are used only to compute `node` (else the empty set: nothing can be moved on its
-    own)."""
-    found = {node} | {n for n in _upstream(node, within) if n in within and n.op.startswith("call_")}
-    if any(u not in found for n in found - {node} for u in n.users):
-        return set()
-    return found
-
-
-def _is_plain_add(node) -> bool:
-    """An out-of-place add of two tensors (an in-place one changes its first operand, which other
-    nodes may read: not rewritten)."""
-    out_of_place = (node.target in (operator.add, torch.add) if node.op == "call_function"
-                    else node.target == "add") if isinstance(node, fx.Node) else False
-    return (out_of_place and len(node.args) == 2 and not node.kwargs
-            and all(isinstance(a, fx.Node) for a in node.args))
 
 
 def is_view(node) -> bool:

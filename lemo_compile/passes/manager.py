@@ -34,7 +34,8 @@ from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
-from lemo_compile.regions import canonical_residual_adds, checkpointed_layers, find_regions
+from lemo_compile.passes.residual import canonical_residual_adds
+from lemo_compile.regions import checkpointed_layers, find_regions
 
 
 class LemoWarning(UserWarning):

@@ -35,7 +35,8 @@ from lemo_compile.ops import token_block_scores
 from lemo_compile.passes.select import model_signature
 from lemo_compile.plan import plan_layers
 from lemo_compile.predictors.bank import DISTANCES, ModelSignature, PredictorBank
-from lemo_compile.regions import canonical_residual_adds, find_regions
+from lemo_compile.passes.residual import canonical_residual_adds
+from lemo_compile.regions import find_regions
 
 
 @dataclasses.dataclass
