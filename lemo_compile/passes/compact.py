@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lemo_compile import ops
 from lemo_compile.regions import ResidualBlock
+from lemo_compile.tags import Role
 
 
 class CannotCompact(Exception):
@@ -168,11 +169,11 @@ def apply_compaction(
         for source, dims in plan.gathers.items():
             node = graph.call_function(ops.gather_tokens, (source, idx, dims))
             node.meta["example_value"] = plan.new_values[source]
-            tag(node, "gather")
+            tag(node, Role.GATHER)
             if valid is not None and dims == (2, 3):
                 node = graph.call_function(ops.hide_invalid_keys, (node, valid))
                 node.meta["example_value"] = plan.new_values[source]
-                tag(node, "hide_fillers")
+                tag(node, Role.HIDE_FILLERS)
             gathered[source] = node
     members = set(block.nodes)
     for node in block.nodes:

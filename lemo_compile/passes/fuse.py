@@ -37,6 +37,8 @@ import operator
 import torch
 from torch import fx
 
+from lemo_compile.tags import Role, role_of
+
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
@@ -76,9 +78,9 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def _is_lemo(node: fx.Node, role: str | None = None) -> bool:
-    tag = node.meta.get("custom") or {}
-    return "lemo" in tag and (role is None or tag["lemo"] == role)
+def _is_lemo(node: fx.Node, role: Role | None = None) -> bool:
+    found = role_of(node)
+    return found is not None and (role is None or found is role)
 
 
 def _token_index(node: fx.Node) -> fx.Node | None:
@@ -102,7 +104,7 @@ def _token_index(node: fx.Node) -> fx.Node | None:
     idx_val = _val(idx)
     if (
         not isinstance(idx, fx.Node)
-        or not (_is_lemo(idx, "select") or _is_lemo(idx, "mlp_select"))
+        or not (_is_lemo(idx, Role.SELECT) or _is_lemo(idx, Role.MLP_SELECT))
         or idx_val is None
         or idx_val.dtype != torch.int64
         or tuple(idx_val.shape) != tuple(index_val.shape[:2])

@@ -25,6 +25,7 @@ from torch import fx
 
 from lemo_compile import ops
 from lemo_compile.regions import is_linear
+from lemo_compile.tags import Role, tag
 
 _CROSS_ENTROPY = (F.cross_entropy,)
 _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16", "half", "double")
@@ -63,7 +64,7 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
             rows.meta["example_value"] = hidden.meta["example_value"].reshape(-1, width)
             segmented.meta["example_value"] = loss.meta["example_value"].new_empty(())
         for node in (rows, segmented):
-            node.meta["custom"] = {"lemo": "segmented_loss"}
+            tag(node, Role.SEGMENTED_LOSS)
         loss.replace_all_uses_with(segmented)
         graph.erase_node(loss)
         for returned in chain:  # the logits as returned (OPT: linear(...).contiguous())
@@ -73,7 +74,7 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
                     filler = graph.call_function(
                         ops.nan_placeholder, (list(logits.shape), logits.dtype, logits.device)
                     )
-                filler.meta["custom"] = {"lemo": "placeholder"}
+                tag(filler, Role.PLACEHOLDER)
                 with fake_mode:
                     filler.meta["example_value"] = ops.nan_placeholder(
                         list(logits.shape), logits.dtype, logits.device

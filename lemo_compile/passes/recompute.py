@@ -32,10 +32,11 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-# Roles (select.py's tags) of the nodes that decide which rows a sparse block runs on.
-SELECTION_ROLES = frozenset({
-    "select", "select_kept", "select_valid", "mlp_select", "mlp_select_kept", "mlp_select_valid",
-})
+from lemo_compile.tags import SELECTIONS, role_of
+
+# The nodes whose results are saved in checkpointed regions (a name of its own, so that a test can
+# switch the saving off).
+SELECTION_ROLES = SELECTIONS
 
 
 def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool,
@@ -45,7 +46,7 @@ def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool
     counts them in `counters` ("saved_selections", "saved_attention", "saved_sparse_layers")."""
     if sparse_layers:
         selecting = {node.meta.get("ac_graph_id") for node in graph.nodes
-                     if _is_recomputed(node) and _role(node) in SELECTION_ROLES}
+                     if _is_recomputed(node) and role_of(node) in SELECTION_ROLES}
         selecting.discard(None)
         for node in graph.nodes:
             if _is_recomputed(node) and node.meta.get("ac_graph_id") in selecting:
@@ -55,7 +56,7 @@ def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool
     for node in graph.nodes:
         if node.op != "call_function" or not _is_recomputed(node):
             continue
-        if _role(node) in SELECTION_ROLES and any(_role(u) not in SELECTION_ROLES for u in node.users):
+        if role_of(node) in SELECTION_ROLES and any(role_of(u) not in SELECTION_ROLES for u in node.users):
             _must_save(node)
             counters["saved_selections"] = counters.get("saved_selections", 0) + 1
         elif attention and _is_fused_attention(node):
@@ -66,10 +67,6 @@ def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool
 def _is_recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE,
                                           CheckpointPolicy.MUST_RECOMPUTE)
-
-
-def _role(node: fx.Node) -> str | None:
-    return (node.meta.get("custom") or {}).get("lemo")
 
 
 def _must_save(node: fx.Node) -> None:

@@ -64,7 +64,7 @@ import operator
 import torch
 from torch import fx
 
-from lemo_compile import ops
+from lemo_compile import ops, tags
 from lemo_compile.config import LemoConfig
 from lemo_compile.plan import LayerPlan, kept_channels
 from lemo_compile.passes.compact import (
@@ -79,6 +79,7 @@ from lemo_compile.predictors.bank import (
 from lemo_compile.regions import (
     DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
 )
+from lemo_compile.tags import KEPT_OF, VALID_OF, Role
 
 
 @dataclasses.dataclass
@@ -127,7 +128,7 @@ class _Padding:
             )
         if mask not in self.real:
             node = _call(graph, self.fake_mode, ops.real_tokens, (mask, batch))
-            tag(node, "padding")
+            tag(node, Role.PADDING)
             self.real[mask] = node
         return self.real[mask]
 
@@ -172,8 +173,8 @@ def select_pass(
 
 
 def _tagger(layer_index: int, anchor: fx.Node):
-    def tag(node: fx.Node, role: str) -> None:
-        node.meta["custom"] = {"lemo": role, "lemo_layer": layer_index}
+    def tag(node: fx.Node, role: Role) -> None:
+        tags.tag(node, role, layer_index)
         node.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack") or {})
 
     return tag
@@ -197,7 +198,7 @@ def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding)
 
     try:
         merged = _sparse_block(gm, layer, block, plan.kept_blocks, plan.kept_tokens, scores,
-                               "select", config, fake_mode, result, padding,
+                               Role.SELECT, config, fake_mode, result, padding,
                                config.keep_ratio_of(layer.index))
     except CannotCompact as err:
         result.dense[layer.index] = str(err)
@@ -227,18 +228,19 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
         if source is None:
             raise CannotCompact("the MLP's input (the tensor its first linear layers read) was "
                                 "not found, so its predictor has nothing to read")
-        value = _detached_copy(graph, block, residual, (source,), fake_mode, tag, "mlp_score")[source]
+        value = _detached_copy(graph, block, residual, (source,), fake_mode, tag,
+                               Role.MLP_SCORE)[source]
         batch, seq_len = residual.meta["example_value"].shape[:2]
         if value.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
             value = _call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
-            tag(value, "mlp_score")
+            tag(value, Role.MLP_SCORE)
         real_arg = (real,) if real is not None else ()
         if predictor is None:
             node = _call(graph, fake_mode, ops.activation_block_scores,
                          (value, config.block_size) + real_arg)
         else:
             tensors = [_constant_input(gm, t, f"lemo_mlp_predictor_{layer.index}_{i}", fake_mode,
-                                       tag, "mlp_score", result.extra_inputs, value)
+                                       tag, Role.MLP_SCORE, result.extra_inputs, value)
                        for i, t in enumerate(predictor.tensors())]
             node = graph.call_function(predicted_mlp_block_scores,
                                        (value, tensors, config.block_size) + real_arg)
@@ -246,12 +248,12 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
             with fake_mode:
                 node.meta["example_value"] = example.new_empty(
                     (batch, seq_len // config.block_size), dtype=torch.float32)
-        tag(node, "mlp_score")
+        tag(node, Role.MLP_SCORE)
         return node
 
     try:
         merged = _sparse_block(gm, layer, block, plan.mlp_kept_blocks, plan.mlp_kept_tokens,
-                               scores, "mlp_select", config, fake_mode, result, padding,
+                               scores, Role.MLP_SELECT, config, fake_mode, result, padding,
                                config.mlp_ratio_of(layer.index))
     except CannotCompact as err:
         result.mlp_dense[layer.index] = str(err)
@@ -314,7 +316,7 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
         if flat:
             new = call(torch.Tensor.view, (new, (batch * seq_len, -1)))
     for node in inserted:
-        tag(node, "mlp_channels")
+        tag(node, Role.MLP_CHANNELS)
     new.meta["stack_trace"] = output.meta.get("stack_trace")
     output.replace_all_uses_with(new)
     graph.erase_node(output)
@@ -404,8 +406,8 @@ def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, sel
                          (scores, real, keep_ratio, config.block_size))
             idx = _call(graph, fake_mode, ops.select_kept_tokens, (kept, real, kept_tokens))
             valid = _call(graph, fake_mode, ops.tokens_at, (kept, idx))
-            tag(kept, select_role + "_kept")
-            tag(valid, select_role + "_valid")
+            tag(kept, KEPT_OF[select_role])
+            tag(valid, VALID_OF[select_role])
         tag(idx, select_role)
     cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
     merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, valid)
@@ -423,7 +425,7 @@ def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, 
         else:
             merged = _call(graph, fake_mode, ops.scatter_add_kept_tokens,
                            (residual, idx, output, valid))
-        tag(merged, "scatter_add")
+        tag(merged, Role.SCATTER_ADD)
     block.add.replace_all_uses_with(merged)
     graph.erase_node(block.add)
     return merged
@@ -435,7 +437,7 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         # With padding, row r's scores are read in its own frame: entry p scores its block p.
         node = _call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
                      (residual, plan.n_blocks, block.layer, config.seed))
-        tag(node, "score")
+        tag(node, Role.SCORE)
         return node
     # Oracle: q and k after RoPE for all tokens, from a no-grad copy of the block's own computation.
     env = _detached_copy(graph, block, residual, (block.query, block.key), fake_mode, tag)
@@ -459,12 +461,12 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         nodes += [q, k]
     scores = _call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
     for node in (*nodes, scores):
-        tag(node, "score")
+        tag(node, Role.SCORE)
     return scores
 
 
 def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
-                   role: str = "score") -> dict:
+                   role: Role = Role.SCORE) -> dict:
     """Copies of the block's nodes that `roots` depend on, computed from a detached x with dropout
     removed, on all tokens (the block itself is compacted afterwards): original -> copy."""
     wanted = _ancestors_in_block(block, roots)
@@ -519,7 +521,7 @@ def _insert_predictor(
 
     def graph_input(tensor: torch.Tensor, name: str) -> fx.Node:
         return _constant_input(gm, tensor, f"lemo_predictor_{block.layer}_{name}", fake_mode, tag,
-                               "score", extra_inputs, h)
+                               Role.SCORE, extra_inputs, h)
 
     sides = [[graph_input(t, f"{side}{i}") for i, t in enumerate(predictor.side_tensors(side))]
              for side in ("q", "k")]
@@ -530,11 +532,11 @@ def _insert_predictor(
         node.meta["example_value"] = value.new_empty(
             (value.shape[0], value.shape[1] // predictor.block_size), dtype=torch.float32
         )
-    tag(node, "score")
+    tag(node, Role.SCORE)
     return node
 
 
-def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: str,
+def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: Role,
                     extra_inputs: list, like: fx.Node) -> fx.Node:
     """A new graph input holding `tensor` (float32, on `like`'s device) that the backend passes
     itself (`extra_inputs`): frozen, and no optimizer ever sees it."""
@@ -571,7 +573,7 @@ def _replace_output_use(graph: fx.Graph, node: fx.Node, shape, fake_mode, tag) -
     for output in outputs:
         with graph.inserting_before(output):
             filler = _call(graph, fake_mode, ops.nan_placeholder, (list(shape), value.dtype, value.device))
-            tag(filler, "placeholder")
+            tag(filler, Role.PLACEHOLDER)
         output.replace_input_with(node, filler)
     return len(outputs)
 

@@ -47,8 +47,8 @@ from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_passes
 from lemo_compile.plan import LayerPlan
 from lemo_compile.regions import find_regions, module_stack
+from lemo_compile.tags import BLOCK_OF_SELECTION, KEPT_OF, layer_of, role_of
 
-SELECT_ROLES = {"select": "attention", "mlp_select": "mlp"}
 
 
 @dataclasses.dataclass
@@ -249,7 +249,7 @@ def _explanation(config: LemoConfig, report: CompileReport, dense: fx.GraphModul
     would count them on the two partitioned graphs."""
     if report.training:
         report.counters["nodes_inserted"] = sum(
-            1 for node in gm.graph.nodes if "lemo" in (node.meta.get("custom") or {}))
+            1 for node in gm.graph.nodes if role_of(node) is not None)
     fusions = {} if count_fusions and config.fuse and report.training else None
     memory = activation_bytes(dense, gm, example_inputs, report.extra_inputs, fusions)
     report.counters.update(fusions or {})
@@ -278,17 +278,16 @@ def run_recording_selection(
 
         def run_node(self, node: fx.Node) -> Any:
             value = super().run_node(node)
-            tag = node.meta.get("custom") or {}
-            block = SELECT_ROLES.get(tag.get("lemo"))
-            if block is not None and node.target is ops.select_tokens:
+            role = role_of(node)
+            if role in BLOCK_OF_SELECTION and node.target is ops.select_tokens:
                 block_size, kept_blocks = node.args[2], node.args[1]
-                selected[block][tag["lemo_layer"]] = (value[:, : kept_blocks * block_size : block_size]
-                                                      // block_size).cpu()
-            padded_block = SELECT_ROLES.get(tag.get("lemo", "").removesuffix("_kept"))
-            if padded_block is not None and node.target is ops.kept_row_tokens:
+                selected[BLOCK_OF_SELECTION[role]][layer_of(node)] = (
+                    value[:, : kept_blocks * block_size : block_size] // block_size).cpu()
+            padded = [select for select, kept in KEPT_OF.items() if kept is role]
+            if padded and node.target is ops.kept_row_tokens:
                 real, block_size = self.env[node.args[1]], node.args[3]
                 blocks, full = _own_kept_blocks(value, real, block_size)
-                selected[padded_block][tag["lemo_layer"]] = blocks.cpu()
+                selected[BLOCK_OF_SELECTION[padded[0]]][layer_of(node)] = blocks.cpu()
                 row_blocks.append(full.cpu())
             return value
 
@@ -348,9 +347,8 @@ def _layer_listings(gm: fx.GraphModule, paths: dict[str, int]) -> dict[int, list
 
 
 def _layer_of(node: fx.Node, paths: dict[str, int]) -> int | None:
-    tag = node.meta.get("custom") or {}
-    if "lemo_layer" in tag:
-        return tag["lemo_layer"]
+    if layer_of(node) is not None:
+        return layer_of(node)
     for path, _cls in module_stack(node):
         if path in paths:
             return paths[path]

@@ -68,6 +68,7 @@ from torch import fx
 from lemo_compile import ops
 from lemo_compile.fx_utils import get_attribute, own_copy, set_attribute
 from lemo_compile.predictors import bank
+from lemo_compile.tags import Role, layer_of, role_of
 
 DOMAIN = "lemo"
 DOMAIN_VERSION = 1
@@ -96,7 +97,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     Raises ValueError when example_inputs are not one per placeholder, TypeError for an input
     that is not a tensor, NotImplementedError for the graph of a padded batch.
     """
-    if any((node.meta.get("custom") or {}).get("lemo") == "padding"
+    if any(role_of(node) is Role.PADDING
            for module in gm.modules() if isinstance(module, fx.GraphModule)
            for node in module.graph.nodes):  # checkpointed bodies included
         raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
@@ -292,8 +293,8 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         args = args[:-1]
         if name == "gather_tokens":
             args = (*args[:2], list(args[2]))
-    custom = node.meta.get("custom") or {}
-    tag = (str(custom.get("lemo", "")), int(custom.get("lemo_layer", -1)))
+    role, layer = role_of(node), layer_of(node)
+    tag = ("" if role is None else role.value, -1 if layer is None else layer)
     return getattr(torch.ops.lemo_onnx, name).default, (*args, *tag)
 
 
