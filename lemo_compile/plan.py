@@ -4,7 +4,8 @@
 `LayerPlan` per decoder layer: dense or sparse, and how many blocks a sparse layer keeps.
 `kept_blocks`, `padded_kept_tokens` and `kept_channels` are the counts it is made of (the kernels
 and the reference use the same ones); `LayerGroup` names the layers one backend serves when decoder
-layers are compiled one by one.
+layers are compiled one by one; `ModelSignature` is the model's shape as lemo sees it in the graph
+(what a predictor bank must agree with).
 """
 
 from __future__ import annotations
@@ -159,3 +160,18 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
 def kept_channels(ratio: float, channels: int) -> int:
     """Channels an MLP of intermediate size `channels` keeps in its backward with mlp="channels"."""
     return min(channels, max(1, math.ceil(ratio * channels)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSignature:
+    """What a bank must agree with: the model's shapes as lemo sees them in the graph."""
+
+    hidden_size: int
+    heads: int
+    head_dim: int
+    layers: int
+    block_size: int
+
+    def describe(self) -> str:
+        return (f"hidden {self.hidden_size}, {self.heads} heads of {self.head_dim}, "
+                f"{self.layers} layers, block size {self.block_size}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from lemo_compile.plan import ModelSignature
+
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -175,6 +177,13 @@ class ModelRegions:
             if layer.attention is not None:
                 return layer.attention.residual
         raise ValueError("no attention block was found")
+
+
+def model_signature(block: ResidualBlock, layers: int, block_size: int) -> ModelSignature:
+    """The `ModelSignature` of a model, read off one of its attention blocks in the graph."""
+    _, heads, _, head_dim = block.query.meta["example_value"].shape
+    hidden = block.residual.meta["example_value"].shape[-1]
+    return ModelSignature(int(hidden), int(heads), int(head_dim), layers, block_size)
 
 
 def module_path(path: str) -> str:

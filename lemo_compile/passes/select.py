@@ -73,11 +73,10 @@ from lemo_compile.passes.compact import (
     attention_masks,
     plan_compaction,
 )
-from lemo_compile.predictors.bank import (
-    ModelSignature, as_bank, predicted_block_scores, predicted_mlp_block_scores,
-)
+from lemo_compile.predictors.bank import as_bank, predicted_block_scores, predicted_mlp_block_scores
 from lemo_compile.regions import (
     DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
+    model_signature,
 )
 from lemo_compile.tags import KEPT_OF, VALID_OF, Role
 
@@ -495,13 +494,6 @@ def _predictor_bank(regions: ModelRegions, plans: list[LayerPlan], config: LemoC
         [p.layer for p in plans if p.mlp_sparse],
     )
     return bank
-
-
-def model_signature(block: ResidualBlock, layers: int, block_size: int):
-    """The `ModelSignature` of a model, read off one of its attention blocks in the graph."""
-    _, heads, _, head_dim = block.query.meta["example_value"].shape
-    hidden = block.residual.meta["example_value"].shape[-1]
-    return ModelSignature(int(hidden), int(heads), int(head_dim), layers, block_size)
 
 
 def _insert_predictor(

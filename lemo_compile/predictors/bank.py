@@ -37,24 +37,10 @@ from torch import nn
 
 from lemo_compile import ops
 from lemo_compile.kernels.block_scores import scores_from_tiles
+from lemo_compile.plan import ModelSignature
 
 FORMAT = "lemo-predictors-2"
 DISTANCES = 1024  # R: block distances with their own bias (64K tokens at block size 64)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSignature:
-    """What a bank must agree with: the model's shapes as lemo sees them in the graph."""
-
-    hidden_size: int
-    heads: int
-    head_dim: int
-    layers: int
-    block_size: int
-
-    def describe(self) -> str:
-        return (f"hidden {self.hidden_size}, {self.heads} heads of {self.head_dim}, "
-                f"{self.layers} layers, block size {self.block_size}")
 
 
 class BlockPredictor(nn.Module):

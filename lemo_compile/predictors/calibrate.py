@@ -32,11 +32,10 @@ from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart
 from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
 from lemo_compile.ops import token_block_scores
-from lemo_compile.passes.select import model_signature
-from lemo_compile.plan import plan_layers
-from lemo_compile.predictors.bank import DISTANCES, ModelSignature, PredictorBank
 from lemo_compile.passes.residual import canonical_residual_adds
-from lemo_compile.regions import find_regions
+from lemo_compile.plan import ModelSignature, plan_layers
+from lemo_compile.predictors.bank import DISTANCES, PredictorBank
+from lemo_compile.regions import find_regions, model_signature
 
 
 @dataclasses.dataclass
