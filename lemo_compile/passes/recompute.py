@@ -56,7 +56,8 @@ def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool
     for node in graph.nodes:
         if node.op != "call_function" or not _is_recomputed(node):
             continue
-        if role_of(node) in SELECTION_ROLES and any(role_of(u) not in SELECTION_ROLES for u in node.users):
+        if role_of(node) in SELECTION_ROLES and any(role_of(u) not in SELECTION_ROLES
+                                                    for u in node.users):
             _must_save(node)
             counters["saved_selections"] = counters.get("saved_selections", 0) + 1
         elif attention and _is_fused_attention(node):
