@@ -38,8 +38,12 @@ class Role(str, enum.Enum):
 # The roles of the nodes that decide which rows a sparse block runs on.
 SELECTIONS = frozenset({Role.SELECT, Role.SELECT_KEPT, Role.SELECT_VALID,
                         Role.MLP_SELECT, Role.MLP_SELECT_KEPT, Role.MLP_SELECT_VALID})
-# The index selection of each kind of block, and its padded-batch companions.
-BLOCK_OF_SELECTION = {Role.SELECT: "attention", Role.MLP_SELECT: "mlp"}
+# The block ("attention" or "mlp") each selection role belongs to, and the padded-batch companions
+# of each block's index selection.
+BLOCK_OF_SELECTION = {
+    Role.SELECT: "attention", Role.SELECT_KEPT: "attention", Role.SELECT_VALID: "attention",
+    Role.MLP_SELECT: "mlp", Role.MLP_SELECT_KEPT: "mlp", Role.MLP_SELECT_VALID: "mlp",
+}
 KEPT_OF = {Role.SELECT: Role.SELECT_KEPT, Role.MLP_SELECT: Role.MLP_SELECT_KEPT}
 VALID_OF = {Role.SELECT: Role.SELECT_VALID, Role.MLP_SELECT: Role.MLP_SELECT_VALID}
 

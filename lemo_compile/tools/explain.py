@@ -47,7 +47,7 @@ from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.manager import CompileReport, LemoWarning, run_graph_passes
 from lemo_compile.plan import LayerPlan
 from lemo_compile.regions import find_regions, module_stack
-from lemo_compile.tags import BLOCK_OF_SELECTION, KEPT_OF, layer_of, role_of
+from lemo_compile.tags import BLOCK_OF_SELECTION, layer_of, role_of
 
 
 
@@ -278,16 +278,15 @@ def run_recording_selection(
 
         def run_node(self, node: fx.Node) -> Any:
             value = super().run_node(node)
-            role = role_of(node)
-            if role in BLOCK_OF_SELECTION and node.target is ops.select_tokens:
+            block = BLOCK_OF_SELECTION.get(role_of(node))
+            if block is not None and node.target is ops.select_tokens:
                 block_size, kept_blocks = node.args[2], node.args[1]
-                selected[BLOCK_OF_SELECTION[role]][layer_of(node)] = (
+                selected[block][layer_of(node)] = (
                     value[:, : kept_blocks * block_size : block_size] // block_size).cpu()
-            padded = [select for select, kept in KEPT_OF.items() if kept is role]
-            if padded and node.target is ops.kept_row_tokens:
+            if block is not None and node.target is ops.kept_row_tokens:
                 real, block_size = self.env[node.args[1]], node.args[3]
                 blocks, full = _own_kept_blocks(value, real, block_size)
-                selected[BLOCK_OF_SELECTION[padded[0]]][layer_of(node)] = blocks.cpu()
+                selected[block][layer_of(node)] = blocks.cpu()
                 row_blocks.append(full.cpu())
             return value
 
@@ -347,8 +346,9 @@ def _layer_listings(gm: fx.GraphModule, paths: dict[str, int]) -> dict[int, list
 
 
 def _layer_of(node: fx.Node, paths: dict[str, int]) -> int | None:
-    if layer_of(node) is not None:
-        return layer_of(node)
+    layer = layer_of(node)
+    if layer is not None:
+        return layer
     for path, _cls in module_stack(node):
         if path in paths:
             return paths[path]
