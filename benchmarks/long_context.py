@@ -19,6 +19,7 @@ its own Inductor cache directory:
                   kept for the backward, not recomputed)
   lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
                   sparse layers kept, not recomputed)
+  lemo-tokens-save-attention  lemo with mlp="tokens" and save_attention=True
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-reuse      lemo with backward_buffer_reuse=True (the compiled backward keeps a freed buffer
                   allocated for Inductor's planned reuse, Inductor's default; lemo's default frees
@@ -55,8 +56,18 @@ import time
 
 from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
-VARIANTS = ("hf", "liger", "compile", "lemo-base", "lemo", "lemo-save-attention", "lemo-save-sparse",
-            "lemo-nofuse", "lemo-reuse", "lemo-tokens", "lemo-channels", "lemo-predictor")
+# Each lemo variant's options on top of keep_ratio (1.0 for lemo-base, --keep-ratio for the rest).
+LEMO_VARIANT_OPTIONS: dict[str, dict] = {
+    "lemo-base": {}, "lemo": {}, "lemo-predictor": {},
+    "lemo-save-attention": {"save_attention": True},
+    "lemo-save-sparse": {"mlp": "tokens", "save_sparse_layers": True},
+    "lemo-tokens-save-attention": {"mlp": "tokens", "save_attention": True},
+    "lemo-nofuse": {"fuse": False},
+    "lemo-reuse": {"backward_buffer_reuse": True},
+    "lemo-tokens": {"mlp": "tokens"},
+    "lemo-channels": {"mlp": "channels"},
+}
+VARIANTS = ("hf", "liger", "compile", *LEMO_VARIANT_OPTIONS)
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention", "sdpa")
 
 
@@ -76,19 +87,8 @@ def build_model(args):
 def lemo_options(args) -> dict:
     import lemo_compile
 
-    options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio}
-    if args.variant == "lemo-nofuse":
-        options["fuse"] = False
-    if args.variant == "lemo-save-attention":
-        options["save_attention"] = True
-    if args.variant == "lemo-save-sparse":
-        options.update(mlp="tokens", save_sparse_layers=True)
-    if args.variant == "lemo-reuse":
-        options["backward_buffer_reuse"] = True
-    if args.variant == "lemo-tokens":
-        options["mlp"] = "tokens"
-    if args.variant == "lemo-channels":
-        options["mlp"] = "channels"
+    options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio,
+                     **LEMO_VARIANT_OPTIONS[args.variant]}
     if args.variant == "lemo-predictor":
         from lemo_compile.predictors import ModelSignature, PredictorBank
 
