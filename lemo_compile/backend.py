@@ -31,7 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor import list_mode_options
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner, select_decomp_table
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import fake_mode_of, own_copy
@@ -169,8 +175,6 @@ def _compile_without_backward_reuse(inner_compile: Callable, gm, example_inputs,
     key."""
     if not kwargs.get("is_backward", False):
         return inner_compile(gm, example_inputs, **kwargs)
-    import torch._inductor.config as inductor_config
-
     with inductor_config.patch(allow_buffer_reuse=False):
         return inner_compile(gm, example_inputs, **kwargs)
 
@@ -202,9 +206,6 @@ def _compile(
         sparse_layers=config.save_sparse_layers, counters=report.counters,
     )] if report.training else [])
     if config.compiler == "inductor":
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad
         patches["joint_custom_post_pass"] = joint
@@ -212,11 +213,6 @@ def _compile(
         if not config.backward_buffer_reuse:
             inner_compile = functools.partial(_compile_without_backward_reuse, compile_fx_inner)
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
-
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.compile_fx import select_decomp_table
 
     def compile_without_codegen(graph_module: fx.GraphModule, inputs):
         post_grad(graph_module.graph)

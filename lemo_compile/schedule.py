@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lemo_compile.backend import LemoBackend
 from lemo_compile.config import LemoConfig
@@ -165,17 +166,20 @@ class SparsitySchedule:
         """An HF `TrainerCallback` that applies the schedule before every optimizer step (the
         run's total is the Trainer's `max_steps`). Do not also set `torch_compile` in the
         `TrainingArguments`: the schedule compiles the model."""
-        from transformers import TrainerCallback
+        return LemoScheduleCallback(self)
 
-        schedule = self
 
-        class LemoScheduleCallback(TrainerCallback):
-            def on_step_begin(self, args, state, control, model=None, **kwargs):
-                if model is None:
-                    raise RuntimeError("the lemo schedule callback got no model from the Trainer")
-                schedule.apply(model, state.global_step, state.max_steps or None)
+class LemoScheduleCallback(TrainerCallback):
+    """The HF `TrainerCallback` of `SparsitySchedule.callback()`: applies `schedule` to the
+    Trainer's model at the start of every step."""
 
-        return LemoScheduleCallback()
+    def __init__(self, schedule: SparsitySchedule):
+        self.schedule = schedule
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError("the lemo schedule callback got no model from the Trainer")
+        self.schedule.apply(model, state.global_step, state.max_steps or None)
 
 
 def _check_total(total_steps: int) -> None:

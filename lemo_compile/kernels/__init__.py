@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.library import wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 try:
     import triton
@@ -37,12 +39,8 @@ def launch(kernel):
     active), through `wrap_triton`, so that Inductor compiles the kernel into its own code; when the
     op runs eagerly (or as an opaque call from compiled code), directly: `wrap_triton`'s eager path
     costs about 0.3 ms of host time per launch, more than these kernels take on the GPU."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     if interpreting() or not is_in_torch_dispatch_mode():
         return kernel
-    from torch.library import wrap_triton
-
     return wrap_triton(kernel)
 
 

@@ -15,6 +15,10 @@ import pathlib
 import sys
 import warnings
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import lemo_compile
 from lemo_compile.tools.demo import DemoSettings, run_demo, run_variant
 from lemo_compile.predictors.bank import DISTANCES
 
@@ -100,11 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """`lemo calibrate`: train, save, then report per-layer recall on the held-out files."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import lemo_compile
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(device)
@@ -139,11 +138,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """`lemo inspect`: explain() on one batch, print the plan, write the artefacts."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import lemo_compile
-
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as err:
@@ -190,8 +184,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 def _encoder(model_path: str, vocab_size: int):
     """The checkpoint's tokenizer, or bytes as token ids when it has none (byte-level models)."""
     try:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     except (OSError, ValueError):
@@ -212,8 +204,6 @@ def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
 
 def _batches(files, encode, seq_len: int, batch_size: int, device) -> list:
     """The files' tokens, concatenated in order and cut into [batch_size, seq_len] batches."""
-    import torch
-
     tokens: list[int] = []
     for path in files:
         tokens += encode(path.read_text(encoding="utf-8", errors="replace"))

@@ -22,8 +22,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+import warnings
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lemo_compile
 
 
 @dataclasses.dataclass
@@ -66,8 +70,6 @@ def stdlib_corpus(max_bytes: int = 8 << 20) -> torch.Tensor:
 
 def build_model(settings: DemoSettings) -> torch.nn.Module:
     """A Llama of the demo's size (vocabulary 256, bytes), randomly initialised from `seed`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=settings.hidden,
@@ -84,10 +86,6 @@ def build_model(settings: DemoSettings) -> torch.nn.Module:
 
 def run_variant(variant: str, settings: DemoSettings) -> dict:
     """Train `settings.steps` steps as "dense" (Inductor) or "lemo"; returns losses, times, memory."""
-    import warnings
-
-    import lemo_compile
-
     # The demo only reads the loss, so the segmented loss's "logits are a placeholder" is expected.
     warnings.filterwarnings("ignore", message=".*NaN placeholder", category=lemo_compile.LemoWarning)
     device = torch.device(settings.device)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import os
 import pathlib
@@ -38,6 +39,9 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.compile_fx import select_decomp_table
 
 from lemo_compile import ops
 from lemo_compile.backend import DEBUG_DIR_VARIABLE, set_debug_dumper
@@ -384,10 +388,6 @@ def _saved_for_backward(
 ) -> tuple[list[fx.Node], tuple[fx.GraphModule, ...]]:
     """The forward-graph nodes whose values the partitioned backward reads, and the partitioned
     (forward, backward) graphs."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.compile_fx import select_decomp_table
-
     captured: dict[str, fx.GraphModule] = {}
 
     def forward_compiler(graph: fx.GraphModule, _inputs):
@@ -554,8 +554,6 @@ def _devices(args) -> list[int]:
 
 
 def _import(module: str, what: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
