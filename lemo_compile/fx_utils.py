@@ -1,11 +1,13 @@
 """FX helpers shared by the backend, its passes and the tools: graph copies, dotted attribute
-access, the fake mode a graph's values live in, and `compile_apart` (a one-off compile in a frame
-of its own). Nothing here changes a graph it is given."""
+access, the fake mode a graph's values live in, node values (`example_value`, `node_shape`,
+`evaluate`), the one way a pass inserts a node with its value (`insert_call`, `copy_with_value`),
+and `compile_apart` (a one-off compile in a frame of its own). Only the insertion helpers change
+a graph, and only where the caller says."""
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -62,6 +64,55 @@ def fake_mode_of(gm: fx.GraphModule, example_inputs):
     if mode is None:
         mode = FakeTensorMode()
     return mode
+
+
+def example_value(node) -> Any:
+    """The value recorded for `node` in Dynamo's IR (`meta["example_value"]`: a fake tensor, a tuple
+    of them, or a Python value); None for a non-node argument or a node without one."""
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def node_shape(node) -> tuple[int, ...] | None:
+    """The shape of `node`'s example value when it is a tensor, else None."""
+    value = example_value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def evaluate(node: fx.Node, value_of: Callable[[fx.Node], Any], args: tuple | None = None,
+             kwargs: dict | None = None) -> Any:
+    """`node`'s target applied to values: each input node n of `args`/`kwargs` (default: the node's
+    own) becomes `value_of(n)`. For call_function and call_method nodes; ValueError for others.
+    Run it under the graph's fake mode to get a fake value."""
+    args, kwargs = fx.node.map_aggregate(
+        (node.args if args is None else args, node.kwargs if kwargs is None else kwargs),
+        lambda a: value_of(a) if isinstance(a, fx.Node) else a,
+    )
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    raise ValueError(f"cannot evaluate the {node.op} node {node.name}")
+
+
+def insert_call(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: dict | None = None, *,
+                method: bool = False) -> fx.Node:
+    """Insert `target(*args, **kwargs)` at the graph's insertion point, as a call_function node (a
+    call_method node when `method`, `target` then a method name), with its example value computed
+    in `fake_mode` from its arguments' example values."""
+    insert = graph.call_method if method else graph.call_function
+    node = insert(target, args, kwargs)
+    with fake_mode:
+        node.meta["example_value"] = evaluate(node, example_value)
+    return node
+
+
+def copy_with_value(graph: fx.Graph, fake_mode, node: fx.Node, env: Mapping[fx.Node, fx.Node]) -> fx.Node:
+    """A copy of `node` inserted at the graph's insertion point, reading env's replacements of its
+    inputs, with its example value recomputed in `fake_mode`."""
+    copy = graph.node_copy(node, lambda n: env.get(n, n))
+    with fake_mode:
+        copy.meta["example_value"] = evaluate(copy, example_value)
+    return copy
 
 
 def compile_apart(model: torch.nn.Module, backend: Callable) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from lemo_compile.fx_utils import node_shape
 from lemo_compile.plan import ModelSignature
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -568,11 +569,6 @@ def is_add(node: fx.Node) -> bool:
 
 def _arg(node: fx.Node, position: int, name: str):
     return node.args[position] if len(node.args) > position else node.kwargs[name]
-
-
-def node_shape(node) -> tuple[int, ...] | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def is_view(node) -> bool:

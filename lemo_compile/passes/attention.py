@@ -41,8 +41,8 @@ import operator
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.utils._pytree import tree_map
 
+from lemo_compile.fx_utils import evaluate, example_value, get_attribute
 from lemo_compile.regions import SDPA_TARGETS, checkpoint_bodies, is_view
 
 # Ops accepted on values that hold both sequence dims: each output element is computed from the
@@ -113,7 +113,7 @@ def _rewrite(call: fx.Node, is_causal) -> int:
     causal_flag = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
     if not isinstance(mask, fx.Node) or causal_flag:
         return 0
-    query, key = (_value(a) for a in args[:2])
+    query, key = (example_value(a) for a in args[:2])
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)
             and query.shape[-2] == key.shape[-2]):
         return 0
@@ -140,7 +140,7 @@ def _use_grouped_heads(args: list, kwargs: dict) -> None:
     key, value = _unrepeated(args[1]), _unrepeated(args[2])
     if key is None or value is None or key[1] != value[1]:
         return
-    head_dims = {_value(key[0]).shape[-1], _value(value[0]).shape[-1]}
+    head_dims = {example_value(key[0]).shape[-1], example_value(value[0]).shape[-1]}
     if len(head_dims) != 1 or head_dims.pop() > 256:
         return  # transformers keeps repeat_kv here: SDPA's fast kernels would not run
     args[1], args[2] = key[0], value[0]
@@ -165,7 +165,7 @@ def _unrepeated(node) -> tuple[fx.Node, int] | None:
             and isinstance(index.args[0], fx.Node)
             and index.args[1] in ((full, full, None), (full, full, None, full, full))):
         return None
-    kv, repeated, expanded = _value(index.args[0]), _value(node), _value(expand)
+    kv, repeated, expanded = example_value(index.args[0]), example_value(node), example_value(expand)
     if not all(isinstance(v, torch.Tensor) for v in (kv, repeated, expanded)) or kv.dim() != 4:
         return None
     batch, heads, seq_len, dim = kv.shape
@@ -186,7 +186,7 @@ def _is_plain_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
 
 
 def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
-    value = _value(mask)
+    value = example_value(mask)
     if (not isinstance(value, torch.Tensor) or value.dim() < 2
             or not all(isinstance(s, int) for s in value.shape)
             or value.shape[-1] != value.shape[-2]):
@@ -268,17 +268,8 @@ def _causal_rows(block: torch.Tensor, start: int, stop: int) -> bool:
 
 def _run(gm: fx.GraphModule, node: fx.Node, value_of):
     if node.op == "get_attr":
-        target = gm
-        for name in node.target.split("."):
-            target = getattr(target, name)
-        return target
-    args, kwargs = tree_map(lambda a: value_of(a) if isinstance(a, fx.Node) else a,
-                            (node.args, node.kwargs))
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    raise ValueError(f"unexpected {node.op} node {node.name}")
+        return get_attribute(gm, node.target)
+    return evaluate(node, value_of)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -294,7 +285,7 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
 
 
 def _holds_both_sequence_dims(node: fx.Node, seq_len: int) -> bool:
-    value = _value(node)
+    value = example_value(node)
     return (isinstance(value, torch.Tensor) and value.dim() >= 2
             and tuple(value.shape[-2:]) == (seq_len, seq_len))
 
@@ -308,10 +299,6 @@ def _is_pointwise(node: fx.Node) -> bool:
 def _is_random(node: fx.Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return any(word in name for word in ("rand", "dropout", "bernoulli", "normal", "multinomial"))
-
-
-def _value(node):
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _drop_inputs(body: fx.GraphModule, calls: list[fx.Node], unused: list[int]) -> None:

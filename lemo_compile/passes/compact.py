@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from lemo_compile import ops
+from lemo_compile.fx_utils import evaluate, example_value
 from lemo_compile.regions import ResidualBlock
 from lemo_compile.tags import Role
 
@@ -131,9 +132,10 @@ def plan_compaction(
                 gathers[source] = dims
 
     with fake_mode:
-        idx = torch.empty((batch, kept), dtype=torch.int64, device=_value(residual).device)
+        idx = torch.empty((batch, kept), dtype=torch.int64, device=example_value(residual).device)
         new_values: dict[fx.Node, Any] = {
-            source: ops.gather_tokens(_value(source), idx, dims) for source, dims in gathers.items()
+            source: ops.gather_tokens(example_value(source), idx, dims)
+            for source, dims in gathers.items()
         }
         new_args: dict[fx.Node, tuple[tuple, dict]] = {}
         for node in block.nodes:
@@ -141,12 +143,14 @@ def plan_compaction(
             if (args, kwargs) != (node.args, node.kwargs):
                 new_args[node] = (args, kwargs)
             try:
-                new_values[node] = _run(node, args, kwargs, lambda n: new_values.get(n, _value(n)))
+                new_values[node] = evaluate(
+                    node, lambda n: new_values.get(n, example_value(n)), args, kwargs
+                )
             except Exception as err:  # any failure here means the block cannot be compacted
                 raise CannotCompact(f"{node.name} fails on {kept} tokens: {err}") from err
             _check_scaled(node, new_values[node], batch, seq_len, kept)
     out = new_values[block.output]
-    if tuple(out.shape) != (batch, kept, _value(block.output).shape[2]):
+    if tuple(out.shape) != (batch, kept, example_value(block.output).shape[2]):
         raise CannotCompact(f"the block output has shape {tuple(out.shape)} on {kept} tokens")
     return CompactionPlan(gathers, new_args, new_values)
 
@@ -200,10 +204,10 @@ def _compacted_args(node: fx.Node, new_values, batch: int, seq_len: int) -> tupl
         if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list, torch.Size)):
             shape_args = tuple(shape_args[0])
         if shape_args and all(isinstance(s, int) for s in shape_args):
-            old_in = tuple(_value(source).shape)
-            new_in = tuple(new_values.get(source, _value(source)).shape)
+            old_in = tuple(example_value(source).shape)
+            new_in = tuple(new_values.get(source, example_value(source)).shape)
             if name in _RESHAPES:
-                shape = _reshape_target(old_in, new_in, tuple(_value(node).shape), node.name)
+                shape = _reshape_target(old_in, new_in, tuple(example_value(node).shape), node.name)
             else:
                 shape = _expand_target(old_in, new_in, tuple(shape_args), node.name)
             return (source, tuple(shape)), dict(node.kwargs)
@@ -283,19 +287,6 @@ def _check_scaled(node: fx.Node, new, batch: int, seq_len: int, kept: int) -> No
 def _tensors(value) -> list[torch.Tensor]:
     flat, _ = tree_flatten(value)
     return [v for v in flat if isinstance(v, torch.Tensor)]
-
-
-def _run(node: fx.Node, args, kwargs, value_of: Callable[[fx.Node], Any]):
-    args, kwargs = tree_map(lambda a: value_of(a) if isinstance(a, fx.Node) else a, (args, kwargs))
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    raise CannotCompact(f"{node.name}: unexpected {node.op} node inside the block")
-
-
-def _value(node: fx.Node):
-    return node.meta["example_value"]
 
 
 def _is_parameter(node: fx.Node) -> bool:

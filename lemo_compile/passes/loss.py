@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from lemo_compile import ops
+from lemo_compile.fx_utils import insert_call
 from lemo_compile.regions import is_linear
 from lemo_compile.tags import Role, tag
 
@@ -55,13 +56,13 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
         width = hidden.meta["example_value"].shape[-1]
         logits_dtype = loss.args[0].meta["example_value"].dtype
         with graph.inserting_before(loss):
-            rows = graph.call_method("reshape", (hidden, -1, width))
+            rows = insert_call(graph, fake_mode, "reshape", (hidden, -1, width), method=True)
             segmented = graph.call_function(
                 ops.linear_cross_entropy,
                 (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype),
             )
+        # the loss's own value: the segmented loss stands in for it
         with fake_mode:
-            rows.meta["example_value"] = hidden.meta["example_value"].reshape(-1, width)
             segmented.meta["example_value"] = loss.meta["example_value"].new_empty(())
         for node in (rows, segmented):
             tag(node, Role.SEGMENTED_LOSS)
@@ -71,14 +72,9 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
             logits = returned.meta["example_value"]
             for output in [u for u in returned.users if u.op == "output"]:
                 with graph.inserting_before(output):
-                    filler = graph.call_function(
-                        ops.nan_placeholder, (list(logits.shape), logits.dtype, logits.device)
-                    )
+                    filler = insert_call(graph, fake_mode, ops.nan_placeholder,
+                                         (list(logits.shape), logits.dtype, logits.device))
                 tag(filler, Role.PLACEHOLDER)
-                with fake_mode:
-                    filler.meta["example_value"] = ops.nan_placeholder(
-                        list(logits.shape), logits.dtype, logits.device
-                    )
                 output.replace_input_with(returned, filler)
                 result.placeholder_outputs += 1
         result.segmented += 1

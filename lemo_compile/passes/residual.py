@@ -19,8 +19,9 @@ import operator
 import torch
 from torch import fx
 
+from lemo_compile.fx_utils import node_shape
 from lemo_compile.regions import (
-    LAYER_PATH, downstream, is_add, is_sdpa, is_view, module_stack, node_shape,
+    LAYER_PATH, downstream, is_add, is_sdpa, is_view, module_stack,
 )
 
 

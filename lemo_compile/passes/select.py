@@ -66,6 +66,7 @@ from torch import fx
 
 from lemo_compile import ops, tags
 from lemo_compile.config import LemoConfig
+from lemo_compile.fx_utils import copy_with_value, insert_call
 from lemo_compile.plan import LayerPlan, kept_channels
 from lemo_compile.passes.compact import (
     CannotCompact,
@@ -126,7 +127,7 @@ class _Padding:
                 "attention mask reaches this layer's attention, so its padding cannot be told apart"
             )
         if mask not in self.real:
-            node = _call(graph, self.fake_mode, ops.real_tokens, (mask, batch))
+            node = insert_call(graph, self.fake_mode, ops.real_tokens, (mask, batch))
             tag(node, Role.PADDING)
             self.real[mask] = node
         return self.real[mask]
@@ -231,11 +232,11 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
                                Role.MLP_SCORE)[source]
         batch, seq_len = residual.meta["example_value"].shape[:2]
         if value.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
-            value = _call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
+            value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
             tag(value, Role.MLP_SCORE)
         real_arg = (real,) if real is not None else ()
         if predictor is None:
-            node = _call(graph, fake_mode, ops.activation_block_scores,
+            node = insert_call(graph, fake_mode, ops.activation_block_scores,
                          (value, config.block_size) + real_arg)
         else:
             tensors = [_constant_input(gm, t, f"lemo_mlp_predictor_{layer.index}_{i}", fake_mode,
@@ -295,7 +296,7 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     inserted: list[fx.Node] = []
 
     def call(target, args) -> fx.Node:
-        inserted.append(_call(graph, fake_mode, target, args))
+        inserted.append(insert_call(graph, fake_mode, target, args))
         return inserted[-1]
 
     def per_sample(node: fx.Node) -> fx.Node:  # [B*S, I] -> [B, S, I]
@@ -308,7 +309,7 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
         for leaf in leaves:
             env[leaf] = call(ops.gather_channels, (per_sample(leaf), idx))
         for node in chain:
-            env[node] = _copy_with_values(graph, fake_mode, node, env)
+            env[node] = copy_with_value(graph, fake_mode, node, env)
             inserted.append(env[node])
         dtype = output.meta["example_value"].dtype
         new = call(torch.ops.lemo.channel_linear.default, (detached, env[a], idx, weight, bias, dtype))
@@ -364,23 +365,6 @@ def _is_pointwise(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in POINTWISE_METHODS
 
 
-def _copy_with_values(graph, fake_mode, node: fx.Node, env) -> fx.Node:
-    """A copy of `node` reading env's replacements, with its example_value recomputed."""
-    copy_ = graph.node_copy(node, lambda n: env.get(n, n))
-
-    def value(arg):
-        return arg.meta["example_value"] if isinstance(arg, fx.Node) else arg
-
-    args = fx.node.map_aggregate(copy_.args, value)
-    kwargs = fx.node.map_aggregate(copy_.kwargs, value)
-    with fake_mode:
-        if copy_.op == "call_method":
-            copy_.meta["example_value"] = getattr(args[0], copy_.target)(*args[1:], **kwargs)
-        else:
-            copy_.meta["example_value"] = copy_.target(*args, **kwargs)
-    return copy_
-
-
 def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, select_role,
                   config, fake_mode, result, padding, keep_ratio) -> fx.Node:
     """Selection around one residual block: `insert_scores(graph, residual, tag, real)` inserts
@@ -398,13 +382,13 @@ def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, sel
         scores = insert_scores(graph, residual, tag, real)
         valid = None
         if real is None:
-            idx = _call(graph, fake_mode, ops.select_tokens,
+            idx = insert_call(graph, fake_mode, ops.select_tokens,
                         (scores, kept_blocks, config.block_size, seq_len))
         else:
-            kept = _call(graph, fake_mode, ops.kept_row_tokens,
+            kept = insert_call(graph, fake_mode, ops.kept_row_tokens,
                          (scores, real, keep_ratio, config.block_size))
-            idx = _call(graph, fake_mode, ops.select_kept_tokens, (kept, real, kept_tokens))
-            valid = _call(graph, fake_mode, ops.tokens_at, (kept, idx))
+            idx = insert_call(graph, fake_mode, ops.select_kept_tokens, (kept, real, kept_tokens))
+            valid = insert_call(graph, fake_mode, ops.tokens_at, (kept, idx))
             tag(kept, KEPT_OF[select_role])
             tag(valid, VALID_OF[select_role])
         tag(idx, select_role)
@@ -420,9 +404,9 @@ def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, 
     output = apply_compaction(graph, block, residual, compaction, idx, tag, valid)
     with graph.inserting_before(block.add):
         if valid is None:
-            merged = _call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
+            merged = insert_call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
         else:
-            merged = _call(graph, fake_mode, ops.scatter_add_kept_tokens,
+            merged = insert_call(graph, fake_mode, ops.scatter_add_kept_tokens,
                            (residual, idx, output, valid))
         tag(merged, Role.SCATTER_ADD)
     block.add.replace_all_uses_with(merged)
@@ -434,14 +418,14 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
                    real=None) -> fx.Node:
     if config.scorer == "random":
         # With padding, row r's scores are read in its own frame: entry p scores its block p.
-        node = _call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
+        node = insert_call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
                      (residual, plan.n_blocks, block.layer, config.seed))
         tag(node, Role.SCORE)
         return node
     # Oracle: q and k after RoPE for all tokens, from a no-grad copy of the block's own computation.
     env = _detached_copy(graph, block, residual, (block.query, block.key), fake_mode, tag)
-    q = _call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
-    k = _call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
+    q = insert_call(graph, fake_mode, torch.Tensor.detach, (env[block.query],))
+    k = insert_call(graph, fake_mode, torch.Tensor.detach, (env[block.key],))
     nodes = [q, k]
     # block_scores divides q.k by sqrt(d). An attention called with its own `scale` (OPT scales q
     # itself and passes scale=1) has logits q.k * scale: rescale q so the scores see those logits.
@@ -451,14 +435,14 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     if isinstance(scale, (int, float)):
         factor = float(scale) * math.sqrt(block.query.meta["example_value"].shape[-1])
         if abs(factor - 1.0) > 1e-6:
-            q = _call(graph, fake_mode, operator.mul, (q, factor))
+            q = insert_call(graph, fake_mode, operator.mul, (q, factor))
             nodes.append(q)
     if real is not None:
         # Each row's real tokens first, zero past its full blocks: the tiles of its own blocks.
-        q = _call(graph, fake_mode, ops.real_first, (q, real, 2, config.block_size, True))
-        k = _call(graph, fake_mode, ops.real_first, (k, real, 2, config.block_size, True))
+        q = insert_call(graph, fake_mode, ops.real_first, (q, real, 2, config.block_size, True))
+        k = insert_call(graph, fake_mode, ops.real_first, (k, real, 2, config.block_size, True))
         nodes += [q, k]
-    scores = _call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
+    scores = insert_call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
     for node in (*nodes, scores):
         tag(node, Role.SCORE)
     return scores
@@ -469,7 +453,7 @@ def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
     """Copies of the block's nodes that `roots` depend on, computed from a detached x with dropout
     removed, on all tokens (the block itself is compacted afterwards): original -> copy."""
     wanted = _ancestors_in_block(block, roots)
-    detached = _call(graph, fake_mode, torch.Tensor.detach, (residual,))
+    detached = insert_call(graph, fake_mode, torch.Tensor.detach, (residual,))
     tag(detached, role)
     env: dict[fx.Node, fx.Node] = {residual: detached}
     for node in block.nodes:
@@ -564,16 +548,9 @@ def _replace_output_use(graph: fx.Graph, node: fx.Node, shape, fake_mode, tag) -
     outputs = [u for u in node.users if u.op == "output"]
     for output in outputs:
         with graph.inserting_before(output):
-            filler = _call(graph, fake_mode, ops.nan_placeholder, (list(shape), value.dtype, value.device))
+            filler = insert_call(graph, fake_mode, ops.nan_placeholder,
+                                 (list(shape), value.dtype, value.device))
             tag(filler, Role.PLACEHOLDER)
         output.replace_input_with(node, filler)
     return len(outputs)
 
-
-def _call(graph: fx.Graph, fake_mode, target, args: tuple) -> fx.Node:
-    """Insert `target(*args)` and record its fake value as the node's example_value."""
-    node = graph.call_function(target, args)
-    values = tuple(a.meta["example_value"] if isinstance(a, fx.Node) else a for a in args)
-    with fake_mode:
-        node.meta["example_value"] = target(*values)
-    return node
