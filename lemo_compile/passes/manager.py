@@ -113,6 +113,18 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode,
     for module in gm.modules():  # the graph and any activation-checkpoint bodies in it
         if isinstance(module, fx.GraphModule):
             canonical_residual_adds(module, fake_mode)
+    _select(gm, config, fake_mode, layer_group, report)
+    if config.loss_segment is not None:
+        _segment_loss(gm, config, fake_mode, report)
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: LayerGroup | None,
+            report: CompileReport) -> None:
+    """Find the decoder layers, plan them, run the selection pass over the graph and over each
+    checkpointed body, and record the final plans, counters and warnings in `report`."""
     root_layer = layer_group.layers[0] if layer_group else None
     regions = find_regions(gm, root_layer)
     checkpointed = checkpointed_layers(gm, root_layer)
@@ -124,134 +136,141 @@ def run_graph_passes(gm: fx.GraphModule, config: LemoConfig, fake_mode,
     if problems:
         report.warn("lemo: some decoder layers were not recognised and run dense:"
                     + "".join(f"\n  - {line}" for line in _grouped_by_reason(problems)))
-    if sparse_layers:
-        residual = sparse_layers[0].attention.residual.meta["example_value"]
-        report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
-        # A padded batch: the attention mask depends on the caller's inputs (its attention_mask).
-        # Every sparse attention block then reads the padding off the mask that reaches it.
-        padded = bool(input_dependent_masks(gm, report.batch_size, report.seq_len))
-        if not padded and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
-            report.warn(
-                "lemo: the model is called with an attention_mask, but no attention mask computed "
-                "from it reaches the attention (an attention implementation that takes the 2-D mask "
-                "itself?), so lemo cannot tell padding apart: with padded batches, padding can be "
-                "kept instead of real tokens. Pad-free batches (or an all-ones mask) are safe."
-            )
-        num_layers = layer_group.num_layers if layer_group else len(layers)
-        plans = plan_layers(config, num_layers, report.seq_len, padded=padded)
-        _warn_unplanned_dense_layers(
-            report, [plans[i] for i in layer_group.layers] if layer_group else plans, config)
-        selection = SelectionResult([], {})
-        if any(l.attention is not None for l in regions.layers):
-            selection = select_pass(gm, regions, plans, config, fake_mode, padded)
-        bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
-        for body, body_regions in bodies.values():
-            inside = [l.index for l in body_regions.layers if l.attention is not None]
-            if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
-                continue
-            unsupported = None
-            if config.scorer == "predictor":
-                unsupported = "the predictor scorer is not supported inside checkpointed layers yet"
-            elif config.scorer == "random" and config.seed is None:
-                # the backward recomputes the region: unseeded scores would select other tokens
-                unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
-            if unsupported:
-                selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
-                selection.mlp_dense.update({i: unsupported for i in inside
-                                            if plans[i].mlp_sparse
-                                            or plans[i].mlp_channel_ratio is not None})
-                continue
-            inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
-            selection.sparse += inner.sparse
-            selection.dense.update(inner.dense)
-            selection.placeholder_outputs += inner.placeholder_outputs
-            selection.mlp_sparse += inner.mlp_sparse
-            selection.mlp_dense.update(inner.mlp_dense)
-            selection.mlp_channels.update(inner.mlp_channels)
-            body.graph.lint()
-            body.recompile()
-        report.extra_inputs = selection.extra_inputs
-        if selection.mlp_activation_scored:
-            report.warn(
-                "lemo: the predictor bank has no MLP predictors, so the MLP blocks of layers "
-                f"{selection.mlp_activation_scored} are scored by their intermediate activation "
-                "(exact, but computed on all tokens). Calibrate with mlp='tokens' to train them."
-            )
-        fallback = dict(selection.dense)
-        fallback.update({l.index: l.problem for l in layers if l.attention is None})
-        if selection.dense:
-            report.warn(
-                "lemo: these layers run dense because their attention block could not be "
-                "compacted: " + "; ".join(f"layer {i}: {why}" for i, why in selection.dense.items())
-            )
-        report.plans = [
-            dataclasses.replace(p, sparse=False, kept_blocks=p.n_blocks, kept_tokens=p.seq_len,
-                                reason=fallback[p.layer])
-            if p.layer in fallback and p.sparse else p
-            for p in plans
-        ]
-        mlp_fallback = dict(selection.mlp_dense)
-        mlp_fallback.update({l.index: "no MLP block recognised" for l in layers
-                             if l.mlp is None and (plans[l.index].mlp_sparse
-                                                   or plans[l.index].mlp_channel_ratio is not None)})
-        if mlp_fallback:
-            by_reason: dict[str, list[int]] = {}
-            for index, why in sorted(mlp_fallback.items()):
-                by_reason.setdefault(why, []).append(index)
-            report.warn("lemo: these MLP blocks run dense: " + "; ".join(
-                f"layer{'s' if len(i) > 1 else ''} {_ranges(i)}: {why}" for why, i in by_reason.items()))
-        report.plans = [
-            dataclasses.replace(p, mlp_kept_blocks=p.n_blocks, mlp_kept_tokens=p.seq_len)
-            if p.layer in mlp_fallback else p
-            for p in report.plans
-        ]
-        report.plans = [
-            dataclasses.replace(p, mlp_kept_channels=selection.mlp_channels[p.layer][0],
-                                mlp_channels=selection.mlp_channels[p.layer][1])
-            if p.layer in selection.mlp_channels else dataclasses.replace(p, mlp_channel_ratio=None)
-            for p in report.plans
-        ]
-        if layer_group:
-            report.plans = [dataclasses.replace(report.plans[layer_group.layers[0]], layer=i)
-                            for i in layer_group.layers]
-        if config.mlp == "tokens":
-            report.counters["mlp_sparse_layers"] = len(selection.mlp_sparse)
-        if config.mlp == "channels":
-            report.counters["mlp_channel_layers"] = len(selection.mlp_channels)
-        report.counters["sparse_layers"] = len(selection.sparse)
-        report.counters["dense_fallbacks"] = len(selection.dense)
-        report.counters["placeholder_outputs"] = selection.placeholder_outputs
-        if selection.placeholder_outputs:
-            report.warn(
-                "lemo: the model returns its KV cache in training (use_cache=True); the cache "
-                "entries of sparse layers are NaN placeholders. Pass use_cache=False."
-            )
-        gm.recompile()
-        report.graphs["select"] = gm.code
-    if config.loss_segment is not None:
-        loss = segment_loss_pass(gm, config.loss_segment, fake_mode)
-        report.counters["segmented_losses"] = loss.segmented
-        if loss.placeholder_outputs:
-            report.counters["placeholder_outputs"] = (
-                report.counters.get("placeholder_outputs", 0) + loss.placeholder_outputs
-            )
-        if loss.placeholder_outputs:
-            report.warn(
-                "lemo: the loss is computed in segments (loss_segment="
-                f"{config.loss_segment}), so the training forward does not compute the logits: "
-                "outputs.logits is a NaN placeholder. Pass loss_segment=None to get them."
-            )
-        for reason in loss.skipped:
-            report.warn(
-                f"lemo: a cross-entropy was left unsegmented ({reason}): its logits are computed "
-                "whole, as without lemo (loss_segment does not apply to it)"
-            )
-        if loss.segmented:
-            gm.recompile()
-            report.graphs["loss"] = gm.code
-    gm.graph.lint()
+    if not sparse_layers:
+        return
+    residual = sparse_layers[0].attention.residual.meta["example_value"]
+    report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
+    # A padded batch: the attention mask depends on the caller's inputs (its attention_mask).
+    # Every sparse attention block then reads the padding off the mask that reaches it.
+    padded = bool(input_dependent_masks(gm, report.batch_size, report.seq_len))
+    if not padded and any("attention_mask" in n.name for n in gm.graph.find_nodes(op="placeholder")):
+        report.warn(
+            "lemo: the model is called with an attention_mask, but no attention mask computed "
+            "from it reaches the attention (an attention implementation that takes the 2-D mask "
+            "itself?), so lemo cannot tell padding apart: with padded batches, padding can be "
+            "kept instead of real tokens. Pad-free batches (or an all-ones mask) are safe."
+        )
+    num_layers = layer_group.num_layers if layer_group else len(layers)
+    plans = plan_layers(config, num_layers, report.seq_len, padded=padded)
+    _warn_unplanned_dense_layers(
+        report, [plans[i] for i in layer_group.layers] if layer_group else plans, config)
+    selection = SelectionResult([], {})
+    if any(l.attention is not None for l in regions.layers):
+        selection = select_pass(gm, regions, plans, config, fake_mode, padded)
+    bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
+    for body, body_regions in bodies.values():
+        _select_in_body(body, body_regions, plans, config, fake_mode, padded, selection)
+    report.extra_inputs = selection.extra_inputs
+    if selection.mlp_activation_scored:
+        report.warn(
+            "lemo: the predictor bank has no MLP predictors, so the MLP blocks of layers "
+            f"{selection.mlp_activation_scored} are scored by their intermediate activation "
+            "(exact, but computed on all tokens). Calibrate with mlp='tokens' to train them."
+        )
+    if selection.dense:
+        report.warn(
+            "lemo: these layers run dense because their attention block could not be "
+            "compacted: " + "; ".join(f"layer {i}: {why}" for i, why in selection.dense.items())
+        )
+    fallback = dict(selection.dense)
+    fallback.update({l.index: l.problem for l in layers if l.attention is None})
+    mlp_fallback = dict(selection.mlp_dense)
+    mlp_fallback.update({l.index: "no MLP block recognised" for l in layers
+                         if l.mlp is None and (plans[l.index].mlp_sparse
+                                               or plans[l.index].mlp_channel_ratio is not None)})
+    if mlp_fallback:
+        by_reason: dict[str, list[int]] = {}
+        for index, why in sorted(mlp_fallback.items()):
+            by_reason.setdefault(why, []).append(index)
+        report.warn("lemo: these MLP blocks run dense: " + "; ".join(
+            f"layer{'s' if len(i) > 1 else ''} {_ranges(i)}: {why}" for why, i in by_reason.items()))
+    report.plans = [_as_built(p, fallback, mlp_fallback, selection.mlp_channels) for p in plans]
+    if layer_group:
+        report.plans = [dataclasses.replace(report.plans[layer_group.layers[0]], layer=i)
+                        for i in layer_group.layers]
+    if config.mlp == "tokens":
+        report.counters["mlp_sparse_layers"] = len(selection.mlp_sparse)
+    if config.mlp == "channels":
+        report.counters["mlp_channel_layers"] = len(selection.mlp_channels)
+    report.counters["sparse_layers"] = len(selection.sparse)
+    report.counters["dense_fallbacks"] = len(selection.dense)
+    report.counters["placeholder_outputs"] = selection.placeholder_outputs
+    if selection.placeholder_outputs:
+        report.warn(
+            "lemo: the model returns its KV cache in training (use_cache=True); the cache "
+            "entries of sparse layers are NaN placeholders. Pass use_cache=False."
+        )
     gm.recompile()
-    return report
+    report.graphs["select"] = gm.code
+
+
+def _select_in_body(body: fx.GraphModule, body_regions, plans: list[LayerPlan], config: LemoConfig,
+                    fake_mode, padded: bool, selection: SelectionResult) -> None:
+    """The selection pass over one activation-checkpoint body, its result merged into
+    `selection`; a scorer that cannot run in a recomputed region leaves the body's layers dense,
+    with the reason."""
+    inside = [l.index for l in body_regions.layers if l.attention is not None]
+    if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
+        return
+    unsupported = None
+    if config.scorer == "predictor":
+        unsupported = "the predictor scorer is not supported inside checkpointed layers yet"
+    elif config.scorer == "random" and config.seed is None:
+        # the backward recomputes the region: unseeded scores would select other tokens
+        unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
+    if unsupported:
+        selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
+        selection.mlp_dense.update({i: unsupported for i in inside
+                                    if plans[i].mlp_sparse or plans[i].mlp_channel_ratio is not None})
+        return
+    inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
+    selection.sparse += inner.sparse
+    selection.dense.update(inner.dense)
+    selection.placeholder_outputs += inner.placeholder_outputs
+    selection.mlp_sparse += inner.mlp_sparse
+    selection.mlp_dense.update(inner.mlp_dense)
+    selection.mlp_channels.update(inner.mlp_channels)
+    body.graph.lint()
+    body.recompile()
+
+
+def _as_built(plan: LayerPlan, fallback: dict[int, str], mlp_fallback: dict[int, str],
+              mlp_channels: dict[int, tuple[int, int]]) -> LayerPlan:
+    """`plan` as the selection pass built it: a sparse layer that fell back runs dense (with the
+    reason), an MLP block that fell back keeps all tokens, and an MLP block that runs on a subset
+    of channels records it (other layers lose the planned channel ratio)."""
+    if plan.layer in fallback and plan.sparse:
+        plan = dataclasses.replace(plan, sparse=False, kept_blocks=plan.n_blocks,
+                                   kept_tokens=plan.seq_len, reason=fallback[plan.layer])
+    if plan.layer in mlp_fallback:
+        plan = dataclasses.replace(plan, mlp_kept_blocks=plan.n_blocks, mlp_kept_tokens=plan.seq_len)
+    if plan.layer in mlp_channels:
+        kept, size = mlp_channels[plan.layer]
+        return dataclasses.replace(plan, mlp_kept_channels=kept, mlp_channels=size)
+    return dataclasses.replace(plan, mlp_channel_ratio=None)
+
+
+def _segment_loss(gm: fx.GraphModule, config: LemoConfig, fake_mode, report: CompileReport) -> None:
+    """The segmented-loss pass, its counters and warnings recorded in `report`."""
+    loss = segment_loss_pass(gm, config.loss_segment, fake_mode)
+    report.counters["segmented_losses"] = loss.segmented
+    if loss.placeholder_outputs:
+        report.counters["placeholder_outputs"] = (
+            report.counters.get("placeholder_outputs", 0) + loss.placeholder_outputs
+        )
+        report.warn(
+            "lemo: the loss is computed in segments (loss_segment="
+            f"{config.loss_segment}), so the training forward does not compute the logits: "
+            "outputs.logits is a NaN placeholder. Pass loss_segment=None to get them."
+        )
+    for reason in loss.skipped:
+        report.warn(
+            f"lemo: a cross-entropy was left unsegmented ({reason}): its logits are computed "
+            "whole, as without lemo (loss_segment does not apply to it)"
+        )
+    if loss.segmented:
+        gm.recompile()
+        report.graphs["loss"] = gm.code
 
 
 def _grouped_by_reason(problems: list[str]) -> list[str]:
