@@ -106,7 +106,8 @@ def insert_call(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: dict | 
     return node
 
 
-def copy_with_value(graph: fx.Graph, fake_mode, node: fx.Node, env: Mapping[fx.Node, fx.Node]) -> fx.Node:
+def copy_with_value(graph: fx.Graph, fake_mode, node: fx.Node,
+                    env: Mapping[fx.Node, fx.Node]) -> fx.Node:
     """A copy of `node` inserted at the graph's insertion point, reading env's replacements of its
     inputs, with its example value recomputed in `fake_mode`."""
     copy = graph.node_copy(node, lambda n: env.get(n, n))

@@ -220,8 +220,9 @@ def _select_in_body(body: fx.GraphModule, body_regions, plans: list[LayerPlan], 
         unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
     if unsupported:
         selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
-        selection.mlp_dense.update({i: unsupported for i in inside
-                                    if plans[i].mlp_sparse or plans[i].mlp_channel_ratio is not None})
+        selection.mlp_dense.update({
+            i: unsupported for i in inside
+            if plans[i].mlp_sparse or plans[i].mlp_channel_ratio is not None})
         return
     inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
     selection.sparse += inner.sparse

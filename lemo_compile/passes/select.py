@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -119,8 +120,8 @@ class _Padding:
             masks = attention_masks(layer.attention, batch, seq_len)
         self.masks[layer.index] = masks[0] if masks else None
 
-    def real_tokens(self, graph: fx.Graph, layer, batch: int, seq_len: int, tag) -> fx.Node:
-        mask = self.masks.get(layer.index)
+    def real_tokens(self, graph: fx.Graph, layer: int, batch: int, seq_len: int, tag) -> fx.Node:
+        mask = self.masks.get(layer)
         if mask is None:
             raise CannotCompact(
                 "the batch is padded (an attention mask computed from the inputs exists) but no "
@@ -143,33 +144,47 @@ def select_pass(
 ) -> SelectionResult:
     """Insert token selection for every sparse layer of `plans` (see module docstring); `padded`:
     the batch may hold padding, which an attention mask in every attention block tells."""
-    result = SelectionResult([], {})
-    padding = _Padding(fake_mode) if padded else None
-    graph = gm.graph
     bank = _predictor_bank(regions, plans, config) if config.scorer == "predictor" else None
+    ctx = _Rewrite(gm, config, fake_mode, SelectionResult([], {}),
+                   _Padding(fake_mode) if padded else None, bank)
     # A rewritten block's residual add is replaced by a new node: a later block that reads the old
-    # add (the layer's MLP, the next layer) must read the replacement.
+    # add (the layer's MLP, the next layer) reads the replacement, so the block is rewritten as a
+    # copy of the analysis's block with that residual (the analysis itself stays as found).
     replaced: dict[fx.Node, fx.Node] = {}
+
+    def current(block: ResidualBlock) -> ResidualBlock:
+        return dataclasses.replace(block, residual=replaced.get(block.residual, block.residual))
+
     for layer in regions.layers:
         plan = plans[layer.index]
-        if padding is not None:
-            padding.note_layer(layer)
+        if ctx.padding is not None:
+            ctx.padding.note_layer(layer)
         if plan.sparse and layer.attention is not None:
-            block = layer.attention
-            block.residual = replaced.get(block.residual, block.residual)
-            merged = _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding)
+            merged = _sparse_attention(ctx, layer.index, plan, current(layer.attention))
             if merged is not None:
-                replaced[block.add] = merged
+                replaced[layer.attention.add] = merged
         if plan.mlp_sparse and layer.mlp is not None:
-            block = layer.mlp
-            block.residual = replaced.get(block.residual, block.residual)
-            merged = _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding)
+            merged = _sparse_mlp(ctx, layer.index, plan, current(layer.mlp))
             if merged is not None:
-                replaced[block.add] = merged
+                replaced[layer.mlp.add] = merged
         elif plan.mlp_channel_ratio is not None and layer.mlp is not None:
-            _channel_mlp(gm, layer, plan, fake_mode, result)
-    graph.eliminate_dead_code()
-    return result
+            _channel_mlp(ctx, layer.index, plan, current(layer.mlp))
+    gm.graph.eliminate_dead_code()
+    return ctx.result
+
+
+@dataclasses.dataclass
+class _Rewrite:
+    """What the rewrites of one `select_pass` call share: the graph module, the options, the fake
+    mode values are computed in, the result being filled, the padding flags (padded batches) and
+    the predictor bank (scorer="predictor")."""
+
+    gm: fx.GraphModule
+    config: LemoConfig
+    fake_mode: Any
+    result: SelectionResult
+    padding: _Padding | None
+    bank: Any
 
 
 def _tagger(layer_index: int, anchor: fx.Node):
@@ -186,9 +201,10 @@ MIXTURE_OF_EXPERTS = (
     "attention block is still sparse")
 
 
-def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx.Node | None:
+def _sparse_attention(ctx: _Rewrite, layer: int, plan: LayerPlan,
+                      block: ResidualBlock) -> fx.Node | None:
     """Selection around one attention block; returns the new residual stream (None: left dense)."""
-    block = layer.attention
+    gm, config, bank, fake_mode, result = ctx.gm, ctx.config, ctx.bank, ctx.fake_mode, ctx.result
 
     def scores(graph, residual, tag, real):
         if bank is not None:
@@ -197,31 +213,30 @@ def _sparse_attention(gm, layer, plan, config, bank, fake_mode, result, padding)
         return _insert_scorer(graph, block, residual, plan, config, fake_mode, tag, real)
 
     try:
-        merged = _sparse_block(gm, layer, block, plan.kept_blocks, plan.kept_tokens, scores,
-                               Role.SELECT, config, fake_mode, result, padding,
-                               config.keep_ratio_of(layer.index))
+        merged = _sparse_block(ctx, layer, block, (plan.kept_blocks, plan.kept_tokens), scores,
+                               Role.SELECT, config.keep_ratio_of(layer))
     except CannotCompact as err:
-        result.dense[layer.index] = str(err)
+        result.dense[layer] = str(err)
         return None
-    result.sparse.append(layer.index)
+    result.sparse.append(layer)
     return merged
 
 
-def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx.Node | None:
+def _sparse_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBlock) -> fx.Node | None:
     """Token elimination in one MLP block (mlp="tokens"); returns the new residual stream (None:
     left dense). Scores: the layer's `MlpPredictor` on the MLP's input when the bank has one, else
     the norm of its intermediate activation per token, both on all tokens and without gradient."""
-    block = layer.mlp
+    gm, config, bank, fake_mode, result = ctx.gm, ctx.config, ctx.bank, ctx.fake_mode, ctx.result
     if block.routes_to_experts:
-        result.mlp_dense[layer.index] = MIXTURE_OF_EXPERTS
+        result.mlp_dense[layer] = MIXTURE_OF_EXPERTS
         return None
     intermediate = block.mlp_activation()
     if intermediate is None:
-        result.mlp_dense[layer.index] = "the MLP's intermediate activation was not recognised"
+        result.mlp_dense[layer] = "the MLP's intermediate activation was not recognised"
         return None
-    predictor = bank.mlp_predictor(layer.index) if bank is not None and bank.mlp_layers else None
+    predictor = bank.mlp_predictor(layer) if bank is not None and bank.mlp_layers else None
     if bank is not None and predictor is None:
-        result.mlp_activation_scored.append(layer.index)
+        result.mlp_activation_scored.append(layer)
 
     def scores(graph, residual, tag, real):
         source = intermediate if predictor is None else block.linear_input()
@@ -237,9 +252,9 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
         real_arg = (real,) if real is not None else ()
         if predictor is None:
             node = insert_call(graph, fake_mode, ops.activation_block_scores,
-                         (value, config.block_size) + real_arg)
+                               (value, config.block_size) + real_arg)
         else:
-            tensors = [_constant_input(gm, t, f"lemo_mlp_predictor_{layer.index}_{i}", fake_mode,
+            tensors = [_constant_input(gm, t, f"lemo_mlp_predictor_{layer}_{i}", fake_mode,
                                        tag, Role.MLP_SCORE, result.extra_inputs, value)
                        for i, t in enumerate(predictor.tensors())]
             node = graph.call_function(predicted_mlp_block_scores,
@@ -252,26 +267,25 @@ def _sparse_mlp(gm, layer, plan, config, bank, fake_mode, result, padding) -> fx
         return node
 
     try:
-        merged = _sparse_block(gm, layer, block, plan.mlp_kept_blocks, plan.mlp_kept_tokens,
-                               scores, Role.MLP_SELECT, config, fake_mode, result, padding,
-                               config.mlp_ratio_of(layer.index))
+        merged = _sparse_block(ctx, layer, block, (plan.mlp_kept_blocks, plan.mlp_kept_tokens),
+                               scores, Role.MLP_SELECT, config.mlp_ratio_of(layer))
     except CannotCompact as err:
-        result.mlp_dense[layer.index] = str(err)
+        result.mlp_dense[layer] = str(err)
         return None
-    result.mlp_sparse.append(layer.index)
+    result.mlp_sparse.append(layer)
     return merged
 
 
-def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
+def _channel_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBlock) -> None:
     """mlp="channels" in one MLP block (module docstring); a block whose down projection or
     intermediate activation is not recognised stays dense, its reason in `result.mlp_dense`."""
-    block = layer.mlp
+    gm, fake_mode, result = ctx.gm, ctx.fake_mode, ctx.result
     if block.routes_to_experts:
-        result.mlp_dense[layer.index] = MIXTURE_OF_EXPERTS
+        result.mlp_dense[layer] = MIXTURE_OF_EXPERTS
         return
     output = block.down_projection()
     if output is None:
-        result.mlp_dense[layer.index] = "the MLP's output is not a plain linear layer"
+        result.mlp_dense[layer] = "the MLP's output is not a plain linear layer"
         return
     args = list(output.args) + [None] * (3 - len(output.args))
     a, weight, bias = args[:3]
@@ -280,7 +294,7 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     batch, seq_len = tuple(block.residual.meta["example_value"].shape[:2])
     flat = len(shape) == 2 and shape[0] == batch * seq_len  # OPT: fc2 reads [B*S, I]
     if not (flat or (len(shape) == 3 and shape[:2] == (batch, seq_len))):
-        result.mlp_dense[layer.index] = (
+        result.mlp_dense[layer] = (
             f"the MLP's intermediate activation has shape {list(shape)}, not [batch, seq, channels]")
         return
     channels = shape[-1]
@@ -289,10 +303,10 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
         return  # nothing to drop: the MLP stays exact
     chain, leaves = _pointwise_chain(block, a, shape)
     if chain is None:
-        result.mlp_dense[layer.index] = leaves
+        result.mlp_dense[layer] = leaves
         return
     graph = gm.graph
-    tag = _tagger(layer.index, block.add)
+    tag = _tagger(layer, block.add)
     inserted: list[fx.Node] = []
 
     def call(target, args) -> fx.Node:
@@ -320,11 +334,7 @@ def _channel_mlp(gm, layer, plan, fake_mode, result) -> None:
     new.meta["stack_trace"] = output.meta.get("stack_trace")
     output.replace_all_uses_with(new)
     graph.erase_node(output)
-    if block.output is output:
-        block.output = new
-    if block.module_result is output:
-        block.module_result = new
-    result.mlp_channels[layer.index] = (kept, channels)
+    result.mlp_channels[layer] = (kept, channels)
 
 
 def _pointwise_chain(block: ResidualBlock, a: fx.Node, shape):
@@ -365,28 +375,30 @@ def _is_pointwise(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in POINTWISE_METHODS
 
 
-def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, select_role,
-                  config, fake_mode, result, padding, keep_ratio) -> fx.Node:
+def _sparse_block(ctx: _Rewrite, layer: int, block: ResidualBlock, keep: tuple[int, int],
+                  insert_scores, select_role: Role, keep_ratio: float) -> fx.Node:
     """Selection around one residual block: `insert_scores(graph, residual, tag, real)` inserts
     the block scores [B, n], then the top `kept_blocks` are selected and the block is compacted to
-    `kept_tokens` rows and merged into the residual stream, which is returned. With `padding`
-    (a `_Padding`), each row keeps its own top blocks by `keep_ratio` (module docstring). Raises
-    CannotCompact, leaving the graph unchanged, when the block cannot run on fewer tokens."""
-    graph = gm.graph
+    `kept_tokens` rows (`keep` = (kept_blocks, kept_tokens)) and merged into the residual stream,
+    which is returned. With padding (`ctx.padding`), each row keeps its own top blocks by
+    `keep_ratio` (module docstring). Raises CannotCompact, leaving the graph unchanged, when the
+    block cannot run on fewer tokens."""
+    graph, config, fake_mode, padding = ctx.gm.graph, ctx.config, ctx.fake_mode, ctx.padding
+    kept_blocks, kept_tokens = keep
     residual = block.residual
     batch, seq_len = residual.meta["example_value"].shape[:2]
     compaction = plan_compaction(block, residual, batch, seq_len, kept_tokens, fake_mode)
-    tag = _tagger(layer.index, block.add)
+    tag = _tagger(layer, block.add)
     with graph.inserting_before(block.nodes[0]):
         real = padding.real_tokens(graph, layer, batch, seq_len, tag) if padding else None
         scores = insert_scores(graph, residual, tag, real)
         valid = None
         if real is None:
             idx = insert_call(graph, fake_mode, ops.select_tokens,
-                        (scores, kept_blocks, config.block_size, seq_len))
+                              (scores, kept_blocks, config.block_size, seq_len))
         else:
             kept = insert_call(graph, fake_mode, ops.kept_row_tokens,
-                         (scores, real, keep_ratio, config.block_size))
+                               (scores, real, keep_ratio, config.block_size))
             idx = insert_call(graph, fake_mode, ops.select_kept_tokens, (kept, real, kept_tokens))
             valid = insert_call(graph, fake_mode, ops.tokens_at, (kept, idx))
             tag(kept, KEPT_OF[select_role])
@@ -395,7 +407,7 @@ def _sparse_block(gm, layer, block, kept_blocks, kept_tokens, insert_scores, sel
     cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
     merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, valid)
     for cached, shape in cache_shapes.items():
-        result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
+        ctx.result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
     return merged
 
 
@@ -407,7 +419,7 @@ def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, 
             merged = insert_call(graph, fake_mode, ops.scatter_add_tokens, (residual, idx, output))
         else:
             merged = insert_call(graph, fake_mode, ops.scatter_add_kept_tokens,
-                           (residual, idx, output, valid))
+                                 (residual, idx, output, valid))
         tag(merged, Role.SCATTER_ADD)
     block.add.replace_all_uses_with(merged)
     graph.erase_node(block.add)
@@ -419,7 +431,7 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     if config.scorer == "random":
         # With padding, row r's scores are read in its own frame: entry p scores its block p.
         node = insert_call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
-                     (residual, plan.n_blocks, block.layer, config.seed))
+                           (residual, plan.n_blocks, block.layer, config.seed))
         tag(node, Role.SCORE)
         return node
     # Oracle: q and k after RoPE for all tokens, from a no-grad copy of the block's own computation.
