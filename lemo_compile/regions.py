@@ -16,6 +16,10 @@ block operand depends on back to x, inside the layer. Layers are the modules at
 `<something>.<index>` in the module paths (HF's `model.layers.3`) that have sub-modules, or, in a
 graph compiled from one decoder layer (`compile_decoder_layers`), the graph's root module. A layer
 whose MLP block does not read its attention block's sum (a post-norm layer) is not recognised.
+
+Also here, the analysis the rewrites need about sequences: which dims of a tensor entering a block
+hold the sequence (`sequence_dims`), the attention masks that enter a block (`attention_masks`),
+and the masks computed from the caller's inputs, hence possibly padding (`input_dependent_masks`).
 """
 
 from __future__ import annotations
@@ -578,3 +582,65 @@ def is_view(node) -> bool:
     if node.op == "call_function":
         return node.target is torch.reshape
     return node.op == "call_method" and node.target in _VIEWS
+
+
+# ------------------------------------------------------------------ sequence dims and masks
+
+
+def sequence_dims(value: torch.Tensor, batch: int, seq_len: int) -> tuple[int, ...] | None:
+    """Sequence dims of an activation entering a block, () if it has none, None if ambiguous.
+
+    [B|1, S] and [B|1, S, F] (hidden states, cos / sin): dim 1. [B|1, h, S, S] (mask): dims 2, 3.
+    """
+    shape = tuple(value.shape)
+    if len(shape) in (2, 3) and shape[0] in (1, batch) and shape[1] == seq_len:
+        return (1,)
+    if len(shape) == 4 and shape[0] in (1, batch) and shape[2] == shape[3] == seq_len:
+        return (2, 3)
+    if seq_len in shape[1:]:
+        return None
+    return ()
+
+
+def attention_masks(block: ResidualBlock, batch: int, seq_len: int) -> list[fx.Node]:
+    """The attention masks [B|1, h, S, S] that enter `block` from outside it (sequence dims 2 and
+    3), in graph order: what a padded batch's padding is read from."""
+    members = set(block.nodes)
+    found: dict[fx.Node, None] = {}
+    for node in block.nodes:
+        for source in node.all_input_nodes:
+            value = source.meta.get("example_value")
+            if source in members or not isinstance(value, torch.Tensor):
+                continue
+            if sequence_dims(value, batch, seq_len) == (2, 3):
+                found[source] = None
+    return list(found)
+
+
+def input_dependent_masks(gm: fx.GraphModule, batch: int, seq_len: int) -> list[fx.Node]:
+    """Nodes of gm holding an attention mask [B|1, h, S, S] computed from (or equal to) a graph
+    input other than a parameter or buffer: the caller's attention_mask (or position_ids), hence
+    possibly padding. A purely causal mask (built from aranges) is not one of them."""
+    found = []
+    depends: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:  # topological order: inputs are decided before their users
+        if node.op == "placeholder":
+            depends[node] = not is_parameter(node)
+        else:
+            depends[node] = any(depends.get(n, False) for n in node.all_input_nodes)
+        value = node.meta.get("example_value")
+        if depends[node] and isinstance(value, torch.Tensor):
+            if sequence_dims(value, batch, seq_len) == (2, 3):
+                found.append(node)
+    return found
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """Whether `node` holds a parameter or buffer of the model (not a caller's input)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    grapharg = node.meta.get("grapharg")
+    source = str(getattr(grapharg, "source", "")) or node.name
+    return "_parameters" in source or "_buffers" in source or "parameters_" in node.name

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from lemo_compile import ops
 from lemo_compile.fx_utils import evaluate, example_value
-from lemo_compile.regions import ResidualBlock
+from lemo_compile.regions import ResidualBlock, is_parameter, sequence_dims
 from lemo_compile.tags import Role
 
 
@@ -50,54 +50,6 @@ class CompactionPlan:
     gathers: dict[fx.Node, tuple[int, ...]]
     new_args: dict[fx.Node, tuple[tuple, dict]]
     new_values: dict[fx.Node, Any]
-
-
-def sequence_dims(value: torch.Tensor, batch: int, seq_len: int) -> tuple[int, ...] | None:
-    """Sequence dims of an activation entering a block, () if it has none, None if ambiguous.
-
-    [B|1, S] and [B|1, S, F] (hidden states, cos / sin): dim 1. [B|1, h, S, S] (mask): dims 2, 3.
-    """
-    shape = tuple(value.shape)
-    if len(shape) in (2, 3) and shape[0] in (1, batch) and shape[1] == seq_len:
-        return (1,)
-    if len(shape) == 4 and shape[0] in (1, batch) and shape[2] == shape[3] == seq_len:
-        return (2, 3)
-    if seq_len in shape[1:]:
-        return None
-    return ()
-
-
-def attention_masks(block: ResidualBlock, batch: int, seq_len: int) -> list[fx.Node]:
-    """The attention masks [B|1, h, S, S] that enter `block` from outside it (sequence dims 2 and
-    3), in graph order: what a padded batch's padding is read from."""
-    members = set(block.nodes)
-    found: dict[fx.Node, None] = {}
-    for node in block.nodes:
-        for source in node.all_input_nodes:
-            value = source.meta.get("example_value")
-            if source in members or not isinstance(value, torch.Tensor):
-                continue
-            if sequence_dims(value, batch, seq_len) == (2, 3):
-                found[source] = None
-    return list(found)
-
-
-def input_dependent_masks(gm: fx.GraphModule, batch: int, seq_len: int) -> list[fx.Node]:
-    """Nodes of gm holding an attention mask [B|1, h, S, S] computed from (or equal to) a graph
-    input other than a parameter or buffer: the caller's attention_mask (or position_ids), hence
-    possibly padding. A purely causal mask (built from aranges) is not one of them."""
-    found = []
-    depends: dict[fx.Node, bool] = {}
-    for node in gm.graph.nodes:  # topological order: inputs are decided before their users
-        if node.op == "placeholder":
-            depends[node] = not _is_parameter(node)
-        else:
-            depends[node] = any(depends.get(n, False) for n in node.all_input_nodes)
-        value = node.meta.get("example_value")
-        if depends[node] and isinstance(value, torch.Tensor):
-            if sequence_dims(value, batch, seq_len) == (2, 3):
-                found.append(node)
-    return found
 
 
 def plan_compaction(
@@ -120,7 +72,7 @@ def plan_compaction(
             if order[source] > first:
                 raise CannotCompact(f"{source.name} is computed in the middle of the block")
             value = source.meta.get("example_value")
-            if not isinstance(value, torch.Tensor) or _is_parameter(source):
+            if not isinstance(value, torch.Tensor) or is_parameter(source):
                 continue
             dims = sequence_dims(value, batch, seq_len)
             if dims is None:
@@ -287,13 +239,3 @@ def _check_scaled(node: fx.Node, new, batch: int, seq_len: int, kept: int) -> No
 def _tensors(value) -> list[torch.Tensor]:
     flat, _ = tree_flatten(value)
     return [v for v in flat if isinstance(v, torch.Tensor)]
-
-
-def _is_parameter(node: fx.Node) -> bool:
-    if node.op == "get_attr":
-        return True
-    if node.op != "placeholder":
-        return False
-    grapharg = node.meta.get("grapharg")
-    source = str(getattr(grapharg, "source", "")) or node.name
-    return "_parameters" in source or "_buffers" in source or "parameters_" in node.name

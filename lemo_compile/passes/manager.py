@@ -30,12 +30,11 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.passes.attention import causal_attention_pass
-from lemo_compile.passes.compact import input_dependent_masks
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.passes.residual import canonical_residual_adds
-from lemo_compile.regions import checkpointed_layers, find_regions
+from lemo_compile.regions import checkpointed_layers, find_regions, input_dependent_masks
 
 
 class LemoWarning(UserWarning):

@@ -72,13 +72,12 @@ from lemo_compile.plan import LayerPlan, kept_channels
 from lemo_compile.passes.compact import (
     CannotCompact,
     apply_compaction,
-    attention_masks,
     plan_compaction,
 )
 from lemo_compile.predictors.bank import as_bank, predicted_block_scores, predicted_mlp_block_scores
 from lemo_compile.regions import (
     DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
-    model_signature,
+    attention_masks, model_signature,
 )
 from lemo_compile.tags import KEPT_OF, VALID_OF, Role
 
