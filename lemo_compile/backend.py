@@ -31,13 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch._inductor.compile_fx as inductor_compile_fx
 import torch._inductor.config as inductor_config
 from torch import fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor import list_mode_options
-from torch._inductor.compile_fx import compile_fx, compile_fx_inner, select_decomp_table
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import fake_mode_of, own_copy
@@ -209,10 +209,13 @@ def _compile(
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad
         patches["joint_custom_post_pass"] = joint
-        inner_compile = compile_fx_inner
+        # read from the module at each compile (not bound at import), so a patched
+        # compile_fx_inner (tests, profilers) is the one used
+        inner_compile = inductor_compile_fx.compile_fx_inner
         if not config.backward_buffer_reuse:
-            inner_compile = functools.partial(_compile_without_backward_reuse, compile_fx_inner)
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+            inner_compile = functools.partial(_compile_without_backward_reuse, inner_compile)
+        return inductor_compile_fx.compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                                              config_patches=patches)
 
     def compile_without_codegen(graph_module: fx.GraphModule, inputs):
         post_grad(graph_module.graph)
@@ -229,7 +232,7 @@ def _compile(
     return aot_autograd(
         fw_compiler=compile_without_codegen,
         bw_compiler=compile_without_codegen,
-        decompositions=select_decomp_table(),
+        decompositions=inductor_compile_fx.select_decomp_table(),
         partition_fn=partition,
     )(gm, example_inputs)
 
