@@ -213,6 +213,32 @@ def find_regions(gm: fx.GraphModule, root_layer: int | None = None) -> ModelRegi
     root_layer: the graph is one decoder layer compiled on its own (`module.compile()` of the
     layer): its root module, whose nodes carry no module path of their own, is layer `root_layer`
     and its children (`self_attn`, `mlp`) are the layer's children."""
+    layer_nodes, layer_index, children = _nodes_by_layer(gm, root_layer)
+    problems: list[str] = []
+    # An indexed module with no sub-modules (an nn.Sequential's Linear) is not a decoder layer.
+    candidates = [p for p in layer_nodes if len(children.get(p, {})) >= 2]
+    layers = [_decoder_layer(layer_index[path], path, set(layer_nodes[path]), children[path])
+              for path in sorted(candidates, key=lambda p: (p.rsplit(".", 1)[0], layer_index[p]))]
+    attends = any(is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
+                  for n in m.graph.nodes)
+    if not layers and attends:
+        # (a graph without attention, such as the embedding or the loss split off by a graph
+        # break, holds no decoder layer to rewrite: nothing to say about it)
+        problems.append(
+            "no decoder layers (modules at '<name>.<index>' with sub-modules) were found (a "
+            "graph that is one decoder layer, as a whole model compiled under FSDP2 gives, needs "
+            "lemo_compile.compile_decoder_layers)"
+        )
+    problems.extend(layer.problem for layer in layers if layer.problem)
+    indices = [layer.index for layer in layers]
+    if root_layer is None and indices != list(range(len(layers))):
+        problems.append(f"decoder layer indices are not 0..L-1: {indices}")
+    return ModelRegions(layers, problems)
+
+
+def _nodes_by_layer(gm: fx.GraphModule, root_layer: int | None):
+    """The graph's nodes grouped by the decoder layer whose module runs them: (layer path ->
+    nodes, layer path -> index, layer path -> child module path -> nodes)."""
     layer_nodes: dict[str, list[fx.Node]] = {}
     layer_index: dict[str, int] = {}
     children: dict[str, dict[str, list[fx.Node]]] = {}
@@ -230,79 +256,57 @@ def find_regions(gm: fx.GraphModule, root_layer: int | None = None) -> ModelRegi
                 child = stack[depth + 1][0]
                 children.setdefault(path, {}).setdefault(child, []).append(node)
             break
+    return layer_nodes, layer_index, children
 
-    problems: list[str] = []
-    layers = []
-    # An indexed module with no sub-modules (an nn.Sequential's Linear) is not a decoder layer.
-    candidates = [p for p in layer_nodes if len(children.get(p, {})) >= 2]
-    for path in sorted(candidates, key=lambda p: (p.rsplit(".", 1)[0], layer_index[p])):
-        nodes = set(layer_nodes[path])
-        attention_children = [
-            child
-            for child, child_nodes in children.get(path, {}).items()
-            if any(is_sdpa(n) for n in child_nodes)
-        ]
-        index = layer_index[path]
-        if len(attention_children) != 1:
-            if attention_children:
-                problem = f"layer {path}: {len(attention_children)} attention modules"
-            elif any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in nodes):
-                problem = (
-                    f"layer {path}: it runs inside an activation-checkpoint (or other "
-                    "higher-order) region, which lemo does not rewrite yet"
-                )
-            else:
-                problem = (
-                    f"layer {path}: no scaled_dot_product_attention call found (attention "
-                    "implementations other than 'sdpa' are not supported)"
-                )
-            layers.append(DecoderLayer(index, path, None, problem))
+
+def _decoder_layer(index: int, path: str, nodes: set[fx.Node],
+                   children: dict[str, list[fx.Node]]) -> DecoderLayer:
+    """One candidate layer (its nodes, and its child modules' nodes) as a DecoderLayer: its
+    attention and MLP blocks, or the problem that leaves it dense."""
+    attention_children = [child for child, child_nodes in children.items()
+                          if any(is_sdpa(n) for n in child_nodes)]
+    if len(attention_children) != 1:
+        if attention_children:
+            problem = f"layer {path}: {len(attention_children)} attention modules"
+        elif any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in nodes):
+            problem = (
+                f"layer {path}: it runs inside an activation-checkpoint (or other "
+                "higher-order) region, which lemo does not rewrite yet"
+            )
+        else:
+            problem = (
+                f"layer {path}: no scaled_dot_product_attention call found (attention "
+                "implementations other than 'sdpa' are not supported)"
+            )
+        return DecoderLayer(index, path, None, problem)
+    child = attention_children[0]
+    try:
+        block = _attention_block(index, child, set(children[child]), nodes)
+    except _NotABlock as err:
+        return DecoderLayer(index, path, None, f"layer {path}: {err}")
+    mlp = None
+    claimed = set(block.nodes)  # the attention block's norms, before and after it
+    for other, other_nodes in children.items():
+        if other == child or set(other_nodes) <= claimed:
             continue
-        child = attention_children[0]
         try:
-            block = _attention_block(index, child, set(children[path][child]), nodes)
-        except _NotABlock as err:
-            layers.append(DecoderLayer(index, path, None, f"layer {path}: {err}"))
+            mlp = _residual_block(index, other, set(other_nodes), nodes, attention=False)
+        except _NotABlock:
             continue
-        mlp = None
-        claimed = set(block.nodes)  # the attention block's norms, before and after it
-        for other, other_nodes in children[path].items():
-            if other == child or set(other_nodes) <= claimed:
-                continue
-            try:
-                mlp = _residual_block(index, other, set(other_nodes), nodes, attention=False)
-            except _NotABlock:
-                continue
-            break
-        if mlp is not None and mlp.residual is not block.add:
-            if block.residual in mlp.nodes or mlp.residual in block.nodes:
-                # y = x + f(Attn(norm1(x)) + MLP(norm2(x))) with f not the identity (Falcon):
-                # canonical_residual_adds found no x + a + m to reorder
-                problem = "its attention and MLP outputs are " + _PARALLEL_SUM_CHANGED
-            else:
-                # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
-                # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
-                problem = ("the residual stream is transformed between its attention and MLP "
-                           "blocks (a post-norm layer, e.g. OPT with do_layer_norm_before=False); "
-                           "lemo supports pre-norm layers only")
-            layers.append(DecoderLayer(index, path, None, f"layer {path}: {problem}"))
-            continue
-        layers.append(DecoderLayer(index, path, block, mlp=mlp))
-    attends = any(is_sdpa(n) for m in gm.modules() if isinstance(m, fx.GraphModule)
-                  for n in m.graph.nodes)
-    if not layers and attends:
-        # (a graph without attention, such as the embedding or the loss split off by a graph
-        # break, holds no decoder layer to rewrite: nothing to say about it)
-        problems.append(
-            "no decoder layers (modules at '<name>.<index>' with sub-modules) were found (a "
-            "graph that is one decoder layer, as a whole model compiled under FSDP2 gives, needs "
-            "lemo_compile.compile_decoder_layers)"
-        )
-    problems.extend(layer.problem for layer in layers if layer.problem)
-    indices = [layer.index for layer in layers]
-    if root_layer is None and indices != list(range(len(layers))):
-        problems.append(f"decoder layer indices are not 0..L-1: {indices}")
-    return ModelRegions(layers, problems)
+        break
+    if mlp is not None and mlp.residual is not block.add:
+        if block.residual in mlp.nodes or mlp.residual in block.nodes:
+            # y = x + f(Attn(norm1(x)) + MLP(norm2(x))) with f not the identity (Falcon):
+            # canonical_residual_adds found no x + a + m to reorder
+            problem = "its attention and MLP outputs are " + _PARALLEL_SUM_CHANGED
+        else:
+            # x1 = x + Attn(...) is changed before the MLP reads it: a post-norm layer
+            # (x1 = norm(x + Attn(x))), whose eliminated tokens would not pass through unchanged.
+            problem = ("the residual stream is transformed between its attention and MLP "
+                       "blocks (a post-norm layer, e.g. OPT with do_layer_norm_before=False); "
+                       "lemo supports pre-norm layers only")
+        return DecoderLayer(index, path, None, f"layer {path}: {problem}")
+    return DecoderLayer(index, path, block, mlp=mlp)
 
 
 def _layer_index(path: str, root_layer: int | None) -> int | None:
