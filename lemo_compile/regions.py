@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lemo_compile.fx_utils import node_shape
+from lemo_compile.fx_utils import example_value, node_shape
 from lemo_compile.plan import ModelSignature
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -521,7 +521,7 @@ def _is_row_local(node: fx.Node, reach: set[fx.Node], width: int | None) -> bool
     if node.args and node.args[0] in reach and _passes_through(node, node.args[0]):
         return True
     for source in node.all_input_nodes:
-        value = source.meta.get("example_value")
+        value = example_value(source)
         if (source not in reach and isinstance(value, torch.Tensor)
                 and math.prod(value.shape[:-1]) != 1):
             return False
@@ -613,7 +613,7 @@ def attention_masks(block: ResidualBlock, batch: int, seq_len: int) -> list[fx.N
     found: dict[fx.Node, None] = {}
     for node in block.nodes:
         for source in node.all_input_nodes:
-            value = source.meta.get("example_value")
+            value = example_value(source)
             if source in members or not isinstance(value, torch.Tensor):
                 continue
             if sequence_dims(value, batch, seq_len) == (2, 3):
@@ -632,7 +632,7 @@ def input_dependent_masks(gm: fx.GraphModule, batch: int, seq_len: int) -> list[
             depends[node] = not is_parameter(node)
         else:
             depends[node] = any(depends.get(n, False) for n in node.all_input_nodes)
-        value = node.meta.get("example_value")
+        value = example_value(node)
         if depends[node] and isinstance(value, torch.Tensor):
             if sequence_dims(value, batch, seq_len) == (2, 3):
                 found.append(node)

@@ -71,7 +71,7 @@ def plan_compaction(
                 continue
             if order[source] > first:
                 raise CannotCompact(f"{source.name} is computed in the middle of the block")
-            value = source.meta.get("example_value")
+            value = example_value(source)
             if not isinstance(value, torch.Tensor) or is_parameter(source):
                 continue
             dims = sequence_dims(value, batch, seq_len)
@@ -224,7 +224,7 @@ def _expand_target(old_in, new_in, sizes, name) -> tuple[int, ...]:
 
 def _check_scaled(node: fx.Node, new, batch: int, seq_len: int, kept: int) -> None:
     """Every dim is unchanged, scaled by kept / seq_len, or a broadcast 1 that gathering made B."""
-    old = node.meta.get("example_value")
+    old = example_value(node)
     for old_t, new_t in zip(_tensors(old), _tensors(new)):
         for a, b in zip(old_t.shape, new_t.shape):
             if a != b and a * kept != b * seq_len and (a, b) != (1, batch):
