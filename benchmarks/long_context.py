@@ -24,6 +24,8 @@ its own Inductor cache directory:
   lemo-reuse      lemo with backward_buffer_reuse=True (the compiled backward keeps a freed buffer
                   allocated for Inductor's planned reuse, Inductor's default; lemo's default frees
                   it at its last use)
+  lemo-longcasts  lemo with shorten_casts=False (the adapters' float32 copies left to Inductor:
+                  under checkpointing, held across each layer's backward)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -64,6 +66,7 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-tokens-save-attention": {"mlp": "tokens", "save_attention": True},
     "lemo-nofuse": {"fuse": False},
     "lemo-reuse": {"backward_buffer_reuse": True},
+    "lemo-longcasts": {"shorten_casts": False},
     "lemo-tokens": {"mlp": "tokens"},
     "lemo-channels": {"mlp": "channels"},
 }

@@ -42,6 +42,7 @@ from torch._inductor import list_mode_options
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import fake_mode_of, own_copy
 from lemo_compile.passes.fuse import fuse_row_movements
+from lemo_compile.passes.lifetimes import shorten_cast_lifetimes
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.manager import (
     CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
@@ -198,6 +199,8 @@ def _compile(
     passes = []
     if report.training and config.fuse:
         passes.append(functools.partial(fuse_row_movements, counters=report.counters))
+    if report.training and config.shorten_casts:
+        passes.append(functools.partial(shorten_cast_lifetimes, counters=report.counters))
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
     post_grad = InductorPasses(passes)

@@ -7,7 +7,9 @@ Two kinds live here, each named for what it computes:
   own code) and run the pure-torch reference otherwise; fake implementations come from tracing the
   body. The segmented loss is an opaque `custom_op`, so that its segment loop is never unrolled into
   a graph; so is `lemo::channel_linear` (mlp="channels"), whose autograd formula defines that
-  mode's gradient. Differentiable ops carry an autograd formula (the fusion pass inserts some of
+  mode's gradient. `lemo::materialize` (an identity with an Inductor lowering of its own) and
+  `lemo::late_cast` (an opaque dtype cast) decide where Inductor places a buffer.
+  Differentiable ops carry an autograd formula (the fusion pass inserts some of
   them after autograd, where the formula is not used; it is there for eager callers).
 * Plain graph functions (`select_tokens`, `gather_tokens`, `scatter_add_tokens`, ...): inserted as
   `call_function` nodes on the Dynamo graph; AOTAutograd traces through them into aten ops, so
@@ -19,6 +21,7 @@ Shapes: B batch, S sequence length, n = S // block full blocks, K kept tokens, D
 from __future__ import annotations
 
 import torch
+from torch._inductor import lowering as inductor_lowering
 
 from lemo_compile.kernels import block_scores as _scores
 from lemo_compile.kernels import lm_loss as _loss
@@ -520,3 +523,39 @@ def _linear_cross_entropy_grad(ctx, grad, *_unused):
 linear_cross_entropy_with_grads.register_autograd(
     _linear_cross_entropy_grad, setup_context=_linear_cross_entropy_setup
 )
+
+
+# -------------------------------------------------------------- buffer placement (Inductor lowering)
+
+
+@torch.library.custom_op("lemo::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """x's values, held in a buffer of x's own. Under Inductor (the lowering below) x is computed
+    into its buffer where this op stands, and every reader reads that buffer, instead of each
+    reader's kernel recomputing x from x's inputs (Inductor inlines pointwise values into their
+    readers), which would keep those inputs alive until the last reader. Eager: a copy."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lemo::late_cast", mutates_args=())
+def late_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x converted to `dtype`, by a kernel of its own where this op stands: Inductor calls an
+    opaque op as it is and never fuses it into the kernel that computes x, which would make the
+    converted copy exist as early as x does."""
+    return x.to(dtype)
+
+
+@late_cast.register_fake
+def _(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(x, dtype=dtype)
+
+
+@inductor_lowering.register_lowering(torch.ops.lemo.materialize.default, type_promotion_kind=None)
+def _materialize_lowering(x):
+    x.realize()
+    return inductor_lowering.clone(x)  # a view of the realized buffer that readers inline

@@ -1,0 +1,181 @@
+"""Shorter lifetimes for the wide copies that dtype casts make in backward graphs.
+
+IR: Inductor's post-grad backward graph (functional aten ops after Inductor's decompositions, every
+node with `meta["val"]`); forward graphs are left as they are.
+
+Why: with PEFT's adapters kept in float32 on a bfloat16 model (its default), every adapted
+projection casts its bfloat16 input to float32 for the adapter and narrows the adapter's float32
+output back. Under activation checkpointing the backward graph recomputes a layer's forward and
+then runs its backward, and Inductor keeps those float32 copies alive across the whole layer
+(S x hidden x 4 bytes each, 1 GiB at 64K tokens and hidden 4096): a cast read by several matmuls
+is computed once and held until its last reader (the adapter's weight gradient, after the MLP's
+backward); a narrowed adapter output is inlined into its readers (the residual add, the next
+norm and that norm's backward), which keeps the float32 matmul output alive until the last one.
+
+Rewrites (counted in `counters` under their names):
+
+* `split_widening_casts`: a widening float cast (e.g. bfloat16 -> float32) read by matmuls far
+  apart (the adapter's forward in the recomputation, its weight gradient at the end of the layer)
+  gets one copy per group of nearby matmuls, made just before the group; the narrower input is
+  what stays alive in between (half the bytes).
+* `materialized_narrowing_casts`: a narrowing float cast (e.g. float32 -> bfloat16) of a value that
+  pointwise ops compute from a float32 matmul output is wrapped in `lemo.materialize`, so it is
+  computed once into a narrow buffer and the matmul output is freed there.
+
+Promise: values are unchanged bit for bit (each copy computes the same cast of the same input; a
+materialised value is the value its readers would have computed); only where buffers are
+allocated and freed changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+_CAST = prims.convert_element_type.default
+_MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+# ops through which a narrowing cast's input is followed back to a matmul output: elementwise
+# arithmetic and views (what PEFT's `result + lora_B(...) * scaling` decomposes into)
+_POINTWISE = (aten.add.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.add.Scalar, aten.sub.Tensor,
+              aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten.rsqrt.default,
+              aten.neg.default, _CAST, aten.view.default,
+              aten._unsafe_view.default, aten.reshape.default, aten.expand.default)
+# matmuls this close in graph order share one copy of a cast (Inductor fuses pointwise kernels
+# up to 64 of its scheduler nodes apart, and graph nodes are at least as many: nearby copies
+# would be made by one kernel and be live at once)
+_NEAR = 64
+_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var_mean.correction)
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+          aten.t.default, aten.expand.default)
+
+
+def shorten_cast_lifetimes(graph: fx.Graph, counters: dict[str, int] | None = None) -> dict[str, int]:
+    """Apply the rewrites above to `graph` in place if it is a backward graph (it reads tangents);
+    add their counts to `counters`, return it."""
+    counters = counters if counters is not None else {}
+    if not any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder")):
+        return counters
+
+    def count(name: str) -> None:
+        counters[name] = counters.get(name, 0) + 1
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for cast in list(graph.find_nodes(op="call_function", target=_CAST)):
+        if _widens(cast):
+            for _ in range(_split(graph, cast, order)):
+                count("split_widening_casts")
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for cast in list(graph.find_nodes(op="call_function", target=_CAST)):
+        if (_narrows(cast) and _reads_float_matmul(cast.args[0])
+                and _inlined_span(cast, order) > _NEAR):
+            _materialize(graph, cast)
+            count("materialized_narrowing_casts")
+    return counters
+
+
+def _dtypes(cast: fx.Node) -> tuple[torch.dtype, torch.dtype] | None:
+    source, result = cast.args[0], cast.meta.get("val")
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not isinstance(result, torch.Tensor):
+        return None
+    if not (value.dtype.is_floating_point and result.dtype.is_floating_point):
+        return None
+    return value.dtype, result.dtype
+
+
+def _widens(cast: fx.Node) -> bool:
+    dtypes = _dtypes(cast)
+    return dtypes is not None and dtypes[0].itemsize < dtypes[1].itemsize
+
+
+def _narrows(cast: fx.Node) -> bool:
+    dtypes = _dtypes(cast)
+    return dtypes is not None and dtypes[0].itemsize > dtypes[1].itemsize
+
+
+def _split(graph: fx.Graph, cast: fx.Node, order: dict[fx.Node, int]) -> int:
+    """Group the matmuls that read `cast` (directly or through views) by nearness in graph order;
+    give each group but the first its own copy of the cast (`lemo.late_cast`, which Inductor
+    cannot fuse back into the kernel that computes the cast's input), made just before the
+    group's first matmul, and its own copies of the views; return the copies of the cast made."""
+    groups: list[list[tuple[fx.Node, list[fx.Node]]]] = []
+    for read in sorted(_matmul_reads(cast), key=lambda read: order[read[0]]):
+        if groups and order[read[0]] - order[groups[-1][0][0]] <= _NEAR:
+            groups[-1].append(read)
+        else:
+            groups.append([read])
+    for group in groups[1:]:
+        with graph.inserting_before(group[0][0]):
+            copy = graph.call_function(torch.ops.lemo.late_cast.default, cast.args[:2])
+        copy.meta.update(cast.meta)
+        for matmul, path in group:
+            viewed = copy
+            with graph.inserting_before(matmul):
+                for view in path[1:]:
+                    viewed = _copy(graph, view, (viewed, *view.args[1:]))
+            matmul.replace_input_with(path[-1], viewed)
+    return max(len(groups) - 1, 0)
+
+
+def _copy(graph: fx.Graph, node: fx.Node, args: tuple) -> fx.Node:
+    copy = graph.call_function(node.target, args, node.kwargs)
+    copy.meta.update(node.meta)
+    return copy
+
+
+def _matmul_reads(cast: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(matmul, [cast, view, ...]) for each matmul that reads `cast` through the views listed."""
+    reads = []
+    stack = [[cast]]
+    while stack:
+        path = stack.pop()
+        for user in path[-1].users:
+            if user.target in _MATMULS:
+                reads.append((user, path))
+            elif user.target in _VIEWS and user.args[0] is path[-1]:
+                stack.append([*path, user])
+    return reads
+
+
+def _reads_float_matmul(node: fx.Node) -> bool:
+    """True when `node` is, or is computed by the ops of `_POINTWISE` from, a float32 matmul
+    output."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target in _MATMULS:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                return True
+        elif node.target in _POINTWISE:
+            stack.extend(node.args)
+    return False
+
+
+def _inlined_span(node: fx.Node, order: dict[fx.Node, int]) -> int:
+    """How far apart, in graph order, the readers are that would compute `node` inside their own
+    kernels: node's readers, and through pointwise readers theirs, up to values that Inductor
+    stores anyway (those read by an op that is neither pointwise nor a reduction, e.g. a matmul
+    or attention): their readers read the stored value."""
+    positions = [order[node]]
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            positions.append(order[user])
+            stored = any(reader.target not in _POINTWISE + _REDUCTIONS for reader in user.users)
+            if user.target in _POINTWISE and not stored:
+                stack.append(user)
+    return max(positions) - min(positions)
+
+
+def _materialize(graph: fx.Graph, cast: fx.Node) -> None:
+    with graph.inserting_after(cast):
+        held = graph.call_function(torch.ops.lemo.materialize.default, (cast,))
+    held.meta.update(cast.meta)
+    cast.replace_all_uses_with(held, delete_user_cb=lambda user: user is not held)
