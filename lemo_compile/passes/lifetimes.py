@@ -163,15 +163,19 @@ def _inlined_span(node: fx.Node, order: dict[fx.Node, int]) -> int:
     kernels: node's readers, and through pointwise readers theirs, up to values that Inductor
     stores anyway (those read by an op that is neither pointwise nor a reduction, e.g. a matmul
     or attention): their readers read the stored value."""
-    positions = [order[node]]
+    first = last = order[node]
+    seen = {node}
     stack = [node]
     while stack:
         for user in stack.pop().users:
-            positions.append(order[user])
+            if user in seen:
+                continue
+            seen.add(user)
+            first, last = min(first, order[user]), max(last, order[user])
             stored = any(reader.target not in _POINTWISE + _REDUCTIONS for reader in user.users)
             if user.target in _POINTWISE and not stored:
                 stack.append(user)
-    return max(positions) - min(positions)
+    return last - first
 
 
 def _materialize(graph: fx.Graph, cast: fx.Node) -> None:

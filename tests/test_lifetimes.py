@@ -1,0 +1,70 @@
+"""Shorter lifetimes for dtype casts in backward graphs (`passes/lifetimes.py`): PEFT's float32
+adapters on a bfloat16 model under checkpointing. The rewrites move where buffers live, never a
+value: gradients are bit-identical with and without them (aot_eager, where `lemo.late_cast` is the
+same cast and `lemo.materialize` a copy); that the peak drops is measured on the GPU
+(`test_gpu.py`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import lemo_compile
+from conftest import grads, tiny_llama, token_batch
+
+LAYERS = 4
+OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
+           "loss_segment": None}
+
+
+def _lora_step(shorten: bool, adapter_dtype_float32: bool = True):
+    """One compiled training step of a bf16 4-layer Llama (layer 0 dense) with LoRA on q/k/v/o and
+    HF gradient checkpointing: (loss, gradients, training report)."""
+    model = tiny_llama(dtype=torch.bfloat16, layers=LAYERS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                           autocast_adapter_dtype=adapter_dtype_float32)
+    backend = lemo_compile.LemoBackend({**OPTIONS, "shorten_casts": shorten})
+    ids = token_batch(1, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    (report,) = [r for r in backend.reports if r.training and "sparse_layers" in r.counters]
+    return loss.detach(), grads(model), report
+
+
+def test_float32_adapters_get_short_lived_copies_and_identical_gradients():
+    loss, reference, plain = _lora_step(shorten=False)
+    loss_shortened, shortened, report = _lora_step(shorten=True)
+    # each layer: one late copy of the q/k/v adapters' input and one of the o adapter's input,
+    # for the weight gradients at the end of the layer's backward
+    assert report.counters["split_widening_casts"] == 2 * LAYERS
+    # the dense layer's o adapter output, read by the norm after it and by that norm's backward
+    assert report.counters["materialized_narrowing_casts"] >= 1
+    backward = report.graphs["post_grad_backward"]
+    assert backward.count("lemo.late_cast.default(") == 2 * LAYERS
+    assert "lemo.materialize.default(" in backward
+    forward = report.graphs["post_grad_forward"]
+    assert "lemo.late_cast" not in forward and "lemo.materialize" not in forward
+    assert "split_widening_casts" not in plain.counters
+    assert torch.equal(loss, loss_shortened)
+    assert reference.keys() == shortened.keys() and len(reference) == 4 * LAYERS * 2
+    for name, grad in reference.items():
+        assert torch.equal(grad, shortened[name]), name
+
+
+def test_adapters_in_the_model_dtype_leave_nothing_to_shorten():
+    _, _, report = _lora_step(shorten=True, adapter_dtype_float32=False)
+    assert "split_widening_casts" not in report.counters
+    assert "materialized_narrowing_casts" not in report.counters
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_shorten_casts_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="shorten_casts"):
+        lemo_compile.LemoConfig(shorten_casts=value)
