@@ -186,8 +186,8 @@ class ModelRegions:
 
 def model_signature(block: ResidualBlock, layers: int, block_size: int) -> ModelSignature:
     """The `ModelSignature` of a model, read off one of its attention blocks in the graph."""
-    _, heads, _, head_dim = block.query.meta["example_value"].shape
-    hidden = block.residual.meta["example_value"].shape[-1]
+    _, heads, _, head_dim = node_shape(block.query)
+    hidden = node_shape(block.residual)[-1]
     return ModelSignature(int(hidden), int(heads), int(head_dim), layers, block_size)
 
 

@@ -19,12 +19,18 @@ Rewrites (counted in `counters` under their names):
   gets one copy per group of nearby matmuls, made just before the group; the narrower input is
   what stays alive in between (half the bytes).
 * `materialized_narrowing_casts`: a narrowing float cast (e.g. float32 -> bfloat16) of a value that
-  pointwise ops compute from a float32 matmul output is wrapped in `lemo.materialize`, so it is
-  computed once into a narrow buffer and the matmul output is freed there.
+  pointwise ops compute from a float32 matmul output, when kernels far apart would each compute it
+  inline (the o adapter's output: the norm after it and that norm's backward), is wrapped in
+  `lemo.materialize`, so it is computed once into a narrow buffer and the matmul output is freed
+  there. Narrowed values that a matmul or attention reads soon (the q/k/v adapters' outputs) are
+  stored by Inductor anyway and left alone: storing them ourselves changed the layout Inductor
+  chose for the recomputed attention's query, which cuDNN then refused.
 
-Promise: values are unchanged bit for bit (each copy computes the same cast of the same input; a
-materialised value is the value its readers would have computed); only where buffers are
-allocated and freed changes.
+Promise: the values are those the graph defines (each copy computes the same cast of the same
+input; a materialised value is the cast's value), so without code generation gradients are bit
+for bit the same; under Inductor a materialised value is rounded to its dtype where a fused kernel
+may have kept it in float32 (Inductor does not round intermediates by default), a difference of
+bf16 rounding. Only where buffers are allocated and freed changes otherwise.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ _POINTWISE = (aten.add.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.add.Scalar
               aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten.rsqrt.default,
               aten.neg.default, _CAST, aten.view.default,
               aten._unsafe_view.default, aten.reshape.default, aten.expand.default)
-# matmuls this close in graph order share one copy of a cast (Inductor fuses pointwise kernels
-# up to 64 of its scheduler nodes apart, and graph nodes are at least as many: nearby copies
-# would be made by one kernel and be live at once)
+# "near" in graph order: matmuls this close share one copy of a cast (Inductor fuses pointwise
+# kernels up to 64 of its scheduler nodes apart, and graph nodes are at least as many: nearby
+# copies would be made by one kernel and be live at once), and readers of a narrowed value this
+# close keep its float32 source alive only briefly
 _NEAR = 64
 _REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var_mean.correction)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
@@ -132,7 +139,7 @@ def _matmul_reads(cast: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
     while stack:
         path = stack.pop()
         for user in path[-1].users:
-            if user.target in _MATMULS:
+            if user.target in _MATMULS and all(user is not read for read, _ in reads):
                 reads.append((user, path))
             elif user.target in _VIEWS and user.args[0] is path[-1]:
                 stack.append([*path, user])

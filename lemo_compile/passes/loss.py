@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from lemo_compile import ops
-from lemo_compile.fx_utils import insert_call
+from lemo_compile.fx_utils import example_value, insert_call
 from lemo_compile.regions import is_linear
 from lemo_compile.tags import Role, tag
 
@@ -53,8 +53,8 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
             continue
         head, chain, target, ignore_index, reduction = match
         hidden, weight, bias = _linear_args(head)
-        width = hidden.meta["example_value"].shape[-1]
-        logits_dtype = loss.args[0].meta["example_value"].dtype
+        width = example_value(hidden).shape[-1]
+        logits_dtype = example_value(loss.args[0]).dtype
         with graph.inserting_before(loss):
             rows = insert_call(graph, fake_mode, "reshape", (hidden, -1, width), method=True)
             segmented = graph.call_function(
@@ -63,13 +63,13 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
             )
         # the loss's own value: the segmented loss stands in for it
         with fake_mode:
-            segmented.meta["example_value"] = loss.meta["example_value"].new_empty(())
+            segmented.meta["example_value"] = example_value(loss).new_empty(())
         for node in (rows, segmented):
             tag(node, Role.SEGMENTED_LOSS)
         loss.replace_all_uses_with(segmented)
         graph.erase_node(loss)
         for returned in chain:  # the logits as returned (OPT: linear(...).contiguous())
-            logits = returned.meta["example_value"]
+            logits = example_value(returned)
             for output in [u for u in returned.users if u.op == "output"]:
                 with graph.inserting_before(output):
                     filler = insert_call(graph, fake_mode, ops.nan_placeholder,
@@ -91,7 +91,7 @@ def _match(loss: fx.Node):
     if reduction not in ("mean", "sum"):
         return f"{loss.name}: reduction {reduction!r}"
     source, target = loss.args
-    value = source.meta.get("example_value")
+    value = example_value(source)
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         return f"{loss.name}: the loss input is not [rows, vocab]"
     chain, node = [], source
@@ -113,8 +113,8 @@ def _keeps_rows(node: fx.Node) -> bool:
         return False
     if node.op == "call_method" and node.target in _SAME_ROWS_METHODS:
         if node.target in ("view", "reshape"):
-            last = node.meta["example_value"].shape[-1]
-            return last == node.args[0].meta["example_value"].shape[-1]
+            last = example_value(node).shape[-1]
+            return last == example_value(node.args[0]).shape[-1]
         return True
     if node.op == "call_function" and node.target is operator.getitem:
         index = node.args[1]

@@ -29,6 +29,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lemo_compile.config import LemoConfig
+from lemo_compile.fx_utils import example_value, node_shape
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, select_pass
@@ -137,8 +138,7 @@ def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: Laye
                     + "".join(f"\n  - {line}" for line in _grouped_by_reason(problems)))
     if not sparse_layers:
         return
-    residual = sparse_layers[0].attention.residual.meta["example_value"]
-    report.batch_size, report.seq_len = int(residual.shape[0]), int(residual.shape[1])
+    report.batch_size, report.seq_len = node_shape(sparse_layers[0].attention.residual)[:2]
     # A padded batch: the attention mask depends on the caller's inputs (its attention_mask).
     # Every sparse attention block then reads the padding off the mask that reaches it.
     padded = bool(input_dependent_masks(gm, report.batch_size, report.seq_len))
@@ -316,7 +316,7 @@ def _warn_unplanned_dense_layers(report: CompileReport, plans: list[LayerPlan],
 
 def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
+        value = example_value(node)
         if isinstance(value, torch.SymInt):
             return True
         if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):

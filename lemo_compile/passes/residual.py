@@ -19,7 +19,7 @@ import operator
 import torch
 from torch import fx
 
-from lemo_compile.fx_utils import node_shape
+from lemo_compile.fx_utils import example_value, node_shape
 from lemo_compile.regions import (
     LAYER_PATH, downstream, is_add, is_sdpa, is_view, module_stack,
 )
@@ -57,13 +57,13 @@ def unflatten_residual_adds(gm: fx.GraphModule, fake_mode=None) -> int:
                 new = graph.call_function(operator.add, (x, out3))
             for created in (out3, new):
                 _inherit_meta(created, node)
-            value = out.meta["example_value"]
+            value = example_value(out)
             if fake_mode is not None:
                 with fake_mode:
                     out3.meta["example_value"] = value.reshape(shape)
             else:
                 out3.meta["example_value"] = value.reshape(shape)
-            new.meta["example_value"] = back.meta["example_value"]
+            new.meta["example_value"] = example_value(back)
             back.replace_all_uses_with(new)
             graph.erase_node(back)
             graph.erase_node(node)
@@ -129,10 +129,10 @@ def reassociate_parallel_residuals(gm: fx.GraphModule, fake_mode=None) -> int:
                     y = graph.call_function(operator.add, (x1, m))
                 for created in (x1, y):
                     _inherit_meta(created, outer)
-                    created.meta["example_value"] = outer.meta["example_value"]
+                    created.meta["example_value"] = example_value(outer)
                 if fake_mode is not None:  # (x1's value: same shape, dtype and device as y's)
                     with fake_mode:
-                        x1.meta["example_value"] = torch.empty_like(outer.meta["example_value"])
+                        x1.meta["example_value"] = torch.empty_like(example_value(outer))
                 outer.replace_all_uses_with(y)
                 graph.erase_node(outer)
                 graph.erase_node(inner)

@@ -60,21 +60,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lemo_compile import ops, tags
 from lemo_compile.config import LemoConfig
-from lemo_compile.fx_utils import copy_with_value, insert_call
+from lemo_compile.fx_utils import copy_with_value, example_value, insert_call, node_shape
 from lemo_compile.plan import LayerPlan, kept_channels
 from lemo_compile.passes.compact import (
     CannotCompact,
     apply_compaction,
     plan_compaction,
 )
-from lemo_compile.predictors.bank import as_bank, predicted_block_scores, predicted_mlp_block_scores
+from lemo_compile.predictors.bank import (
+    PredictorBank, as_bank, predicted_block_scores, predicted_mlp_block_scores,
+)
 from lemo_compile.regions import (
     DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
     attention_masks, model_signature,
@@ -115,7 +117,7 @@ class _Padding:
         """Remember the mask that reaches the layer's attention, before the layer is rewritten."""
         masks = []
         if layer.attention is not None:
-            batch, seq_len = layer.attention.residual.meta["example_value"].shape[:2]
+            batch, seq_len = node_shape(layer.attention.residual)[:2]
             masks = attention_masks(layer.attention, batch, seq_len)
         self.masks[layer.index] = masks[0] if masks else None
 
@@ -180,10 +182,10 @@ class _Rewrite:
 
     gm: fx.GraphModule
     config: LemoConfig
-    fake_mode: Any
+    fake_mode: FakeTensorMode
     result: SelectionResult
     padding: _Padding | None
-    bank: Any
+    bank: PredictorBank | None
 
 
 def _tagger(layer_index: int, anchor: fx.Node):
@@ -244,8 +246,8 @@ def _sparse_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBlock
                                 "not found, so its predictor has nothing to read")
         value = _detached_copy(graph, block, residual, (source,), fake_mode, tag,
                                Role.MLP_SCORE)[source]
-        batch, seq_len = residual.meta["example_value"].shape[:2]
-        if value.meta["example_value"].dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
+        batch, seq_len = node_shape(residual)[:2]
+        if example_value(value).dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
             value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
             tag(value, Role.MLP_SCORE)
         real_arg = (real,) if real is not None else ()
@@ -258,7 +260,7 @@ def _sparse_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBlock
                        for i, t in enumerate(predictor.tensors())]
             node = graph.call_function(predicted_mlp_block_scores,
                                        (value, tensors, config.block_size) + real_arg)
-            example = value.meta["example_value"]
+            example = example_value(value)
             with fake_mode:
                 node.meta["example_value"] = example.new_empty(
                     (batch, seq_len // config.block_size), dtype=torch.float32)
@@ -289,8 +291,8 @@ def _channel_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBloc
     args = list(output.args) + [None] * (3 - len(output.args))
     a, weight, bias = args[:3]
     bias = output.kwargs.get("bias", bias)
-    shape = tuple(a.meta["example_value"].shape)
-    batch, seq_len = tuple(block.residual.meta["example_value"].shape[:2])
+    shape = tuple(example_value(a).shape)
+    batch, seq_len = tuple(example_value(block.residual).shape[:2])
     flat = len(shape) == 2 and shape[0] == batch * seq_len  # OPT: fc2 reads [B*S, I]
     if not (flat or (len(shape) == 3 and shape[:2] == (batch, seq_len))):
         result.mlp_dense[layer] = (
@@ -324,7 +326,7 @@ def _channel_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBloc
         for node in chain:
             env[node] = copy_with_value(graph, fake_mode, node, env)
             inserted.append(env[node])
-        dtype = output.meta["example_value"].dtype
+        dtype = example_value(output).dtype
         new = call(torch.ops.lemo.channel_linear.default, (detached, env[a], idx, weight, bias, dtype))
         if flat:
             new = call(torch.Tensor.view, (new, (batch * seq_len, -1)))
@@ -352,7 +354,7 @@ def _pointwise_chain(block: ResidualBlock, a: fx.Node, shape):
             leaves.append(node)
             continue
         for arg in node.all_input_nodes:
-            value = arg.meta.get("example_value")
+            value = example_value(arg)
             if not isinstance(value, torch.Tensor):
                 return None, f"the MLP's activation reads {arg.name}, which is not a tensor"
             if value.dim() == 0:
@@ -385,7 +387,7 @@ def _sparse_block(ctx: _Rewrite, layer: int, block: ResidualBlock, keep: tuple[i
     graph, config, fake_mode, padding = ctx.gm.graph, ctx.config, ctx.fake_mode, ctx.padding
     kept_blocks, kept_tokens = keep
     residual = block.residual
-    batch, seq_len = residual.meta["example_value"].shape[:2]
+    batch, seq_len = node_shape(residual)[:2]
     compaction = plan_compaction(block, residual, batch, seq_len, kept_tokens, fake_mode)
     tag = _tagger(layer, block.add)
     with graph.inserting_before(block.nodes[0]):
@@ -403,7 +405,7 @@ def _sparse_block(ctx: _Rewrite, layer: int, block: ResidualBlock, keep: tuple[i
             tag(kept, KEPT_OF[select_role])
             tag(valid, VALID_OF[select_role])
         tag(idx, select_role)
-    cache_shapes = {n: tuple(n.meta["example_value"].shape) for n in block.cache_outputs}
+    cache_shapes = {n: tuple(example_value(n).shape) for n in block.cache_outputs}
     merged = _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, valid)
     for cached, shape in cache_shapes.items():
         ctx.result.placeholder_outputs += _replace_output_use(graph, cached, shape, fake_mode, tag)
@@ -444,7 +446,7 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     if scale is None and len(block.attention.args) > 6:
         scale = block.attention.args[6]
     if isinstance(scale, (int, float)):
-        factor = float(scale) * math.sqrt(block.query.meta["example_value"].shape[-1])
+        factor = float(scale) * math.sqrt(example_value(block.query).shape[-1])
         if abs(factor - 1.0) > 1e-6:
             q = insert_call(graph, fake_mode, operator.mul, (q, factor))
             nodes.append(q)
@@ -501,7 +503,7 @@ def _insert_predictor(
             f"lemo scorer 'predictor': the attention input of layer {block.layer} ({block.module_path})"
             " could not be located in the graph (a pre-norm layer is expected)"
         )
-    value = h.meta["example_value"]
+    value = example_value(h)
     graph = gm.graph
     h_all = _detached_copy(graph, block, residual, (h,), fake_mode, tag)[h]  # on all tokens
     predictor = bank.predictor(block.layer)
@@ -528,7 +530,7 @@ def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: R
     """A new graph input holding `tensor` (float32, on `like`'s device) that the backend passes
     itself (`extra_inputs`): frozen, and no optimizer ever sees it."""
     graph = gm.graph
-    constant = tensor.detach().to(like.meta["example_value"].device, torch.float32).clone()
+    constant = tensor.detach().to(example_value(like).device, torch.float32).clone()
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         node = graph.placeholder(name)
@@ -555,7 +557,7 @@ def _ancestors_in_block(block: ResidualBlock, roots) -> set[fx.Node]:
 def _replace_output_use(graph: fx.Graph, node: fx.Node, shape, fake_mode, tag) -> int:
     """Return a NaN placeholder of `shape` instead of `node` from the graph (a KV cache entry that
     lemo computed on kept tokens only); returns how many outputs were replaced."""
-    value = node.meta["example_value"]
+    value = example_value(node)
     outputs = [u for u in node.users if u.op == "output"]
     for output in outputs:
         with graph.inserting_before(output):

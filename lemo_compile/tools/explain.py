@@ -41,7 +41,7 @@ import torch
 from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.compile_fx import select_decomp_table
+from torch._inductor import compile_fx as inductor_compile_fx
 
 from lemo_compile import ops
 from lemo_compile.backend import DEBUG_DIR_VARIABLE, set_debug_dumper
@@ -400,8 +400,8 @@ def _saved_for_backward(
         captured["backward"] = backward
         return forward, backward
 
-    aot_module_simplified(own_copy(gm), inputs, fw_compiler=forward_compiler,
-                          partition_fn=partition, decompositions=select_decomp_table())
+    aot_module_simplified(own_copy(gm), inputs, fw_compiler=forward_compiler, partition_fn=partition,
+                          decompositions=inductor_compile_fx.select_decomp_table())
     if "backward" not in captured:  # nothing in the graph needs a gradient: nothing is saved
         return [], (captured["forward"],)
     forward, backward = captured["forward"], captured["backward"]

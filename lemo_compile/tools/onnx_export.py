@@ -44,6 +44,7 @@ this module without them raises ImportError.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import operator
@@ -271,22 +272,17 @@ def _exact_channel_linear(a, weight, bias, dtype):
 
 
 def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
-    """(export op, its arguments) for one of lemo's operations, None for any other node."""
-    if node.target is bank.predicted_block_scores:
-        name = "predicted_block_scores"
-        args = _bound(node)
-        if not len(args[1]) == len(args[2]) == 6:  # not three linear layers per side
-            return None
-    elif node.target is bank.predicted_mlp_block_scores:
-        name = "predicted_mlp_block_scores"
-        args = _bound(node)
-        if len(args[1]) != 6:  # not three linear layers
-            return None
-    else:
-        name = _EXPORTED.get(node.target)
-        if name is None:
-            return None
-        args = _bound(node)
+    """(export op, its arguments) for one of lemo's operations, None for any other node (and for
+    predictors of another depth than three linear layers per side, exported as plain ops)."""
+    exported = _BY_TARGET.get(node.target)
+    if exported is None:
+        return None
+    name = exported.name
+    args = _bound(node)
+    if name == "predicted_block_scores" and not len(args[1]) == len(args[2]) == 6:
+        return None
+    if name == "predicted_mlp_block_scores" and len(args[1]) != 6:
+        return None
     if node.target is not torch.ops.lemo.block_scores.default and "real" in inspect.signature(
             node.target).parameters:
         # export_onnx refuses padded graphs up front, so `real` is None: the unpadded form
@@ -310,23 +306,9 @@ def _bound(node: fx.Node) -> tuple:
     return tuple(bound.arguments.values())
 
 
-# lemo's operations in graphs -> the name of their export op and ONNX function
-_EXPORTED: dict = {
-    ops.select_tokens: "select_tokens",
-    ops.gather_tokens: "gather_tokens",
-    ops.scatter_add_tokens: "scatter_add_tokens",
-    ops.activation_block_scores: "activation_block_scores",
-    ops.linear_cross_entropy: "linear_cross_entropy",
-    torch.ops.lemo.block_scores.default: "block_scores",
-    torch.ops.lemo.random_block_scores.default: "random_block_scores",
-}
 
 
-# --------------------------------------------- the export ops (opaque to torch.export), torch side
-#
-# One op per ONNX function: lemo's implementation (so the export copy of a graph computes what the
-# graph computes) and a fake implementation for the output's shape. Every op takes two more
-# arguments, the node's `lemo_role` and `lemo_layer` tags, which become ONNX node metadata.
+# ------------------------------------- fake implementations of the export ops (their output shapes)
 
 
 def _gathered_like(t, idx, dims):
@@ -353,53 +335,6 @@ def _predicted_mlp(h, tensors, block_size):
     return bank.predicted_mlp_block_scores(h, tensors, block_size)
 
 
-_EXPORT_OPS = {  # name: (parameters, implementation, fake implementation)
-    "select_tokens": (
-        "Tensor scores, int kept_blocks, int block_size, int seq_len",
-        ops.select_tokens, _selected_like),
-    "gather_tokens": (
-        "Tensor t, Tensor idx, int[] dims",
-        lambda t, idx, dims: ops.gather_tokens(t, idx, tuple(dims)), _gathered_like),
-    "scatter_add_tokens": (
-        "Tensor x, Tensor idx, Tensor rows",
-        ops.scatter_add_tokens, lambda x, idx, rows: torch.empty_like(x)),
-    "block_scores": (
-        "Tensor q, Tensor k, int block_size",
-        lambda q, k, block_size: torch.ops.lemo.block_scores(q, k, block_size),
-        lambda q, k, block_size: _block_scores_like(q, q.shape[2] // block_size)),
-    "activation_block_scores": (
-        "Tensor intermediate, int block_size",
-        ops.activation_block_scores,
-        lambda x, block_size: _block_scores_like(x, x.shape[1] // block_size)),
-    "predicted_block_scores": (
-        "Tensor h, Tensor[] q_side, Tensor[] k_side, Tensor distance_bias, int block_size, int heads",
-        _predicted,
-        lambda h, q_side, k_side, distance_bias, block_size, heads: _block_scores_like(
-            h, h.shape[1] // block_size)),
-    "predicted_mlp_block_scores": (
-        "Tensor h, Tensor[] tensors, int block_size",
-        _predicted_mlp,
-        lambda h, tensors, block_size: _block_scores_like(h, h.shape[1] // block_size)),
-    "random_block_scores": (
-        "Tensor like, int n_blocks, int layer, int? seed",
-        lambda like, n_blocks, layer, seed: torch.ops.lemo.random_block_scores(like, n_blocks, layer,
-                                                                               seed),
-        lambda like, n_blocks, layer, seed: _block_scores_like(like, n_blocks)),
-    "linear_cross_entropy": (
-        ("Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
-         "str reduction, int segment, ScalarType logits_dtype"),
-        ops.linear_cross_entropy,
-        lambda h, weight, bias, target, ignore_index, reduction, segment, logits_dtype: (
-            h.new_empty((), dtype=logits_dtype))),
-}
-
-_library = torch.library.Library("lemo_onnx", "DEF")
-for _name, (_parameters, _implementation, _fake) in _EXPORT_OPS.items():
-    _library.define(f"{_name}({_parameters}, str lemo_role, int lemo_layer) -> Tensor")
-    _library.impl(_name, lambda *args, f=_implementation: f(*args[:-2]),
-                  "CompositeExplicitAutograd")
-    torch.library.register_fake(f"lemo_onnx::{_name}", lambda *args, f=_fake: f(*args[:-2]),
-                                lib=_library)
 
 
 # ------------------------------------------------------------ the ONNX functions of domain "lemo"
@@ -591,9 +526,6 @@ def linear_cross_entropy(h: _T, weight: _T, bias: _T | None, target: INT64, igno
 # from the function's signature), not the function itself: torch.onnx.export inlines every function
 # it sees in the model (its opset conversion step does), so the definitions are added afterwards.
 
-_FUNCTIONS = (select_tokens, gather_tokens, scatter_add_tokens, block_scores,
-              activation_block_scores, predicted_block_scores, predicted_mlp_block_scores,
-              random_block_scores, linear_cross_entropy)
 _TENSOR_TYPES = [f"tensor({t})" for t in ("float", "double", "float16", "bfloat16", "int64",
                                           "int32", "int16", "int8", "uint8", "bool")]
 
@@ -623,66 +555,154 @@ def _node_op(function) -> Op:
     return Op(_lemo, function.name, schema)
 
 
+def _emit(name: str, *inputs, lemo_role: str, lemo_layer: int, **attributes):
+    """A node of domain "lemo" calling function `name`, tagged with the node's role and layer."""
+    output = _NODE_OPS[name](*inputs, **attributes)
+    node = output.producer()
+    node.metadata_props["lemo.role"] = lemo_role
+    node.metadata_props["lemo.layer"] = str(lemo_layer)
+    return output
+
+
+def _select_tokens(scores, kept_blocks, block_size, seq_len, role, layer):
+    return _emit("select_tokens", scores, kept_blocks=kept_blocks, block_size=block_size,
+                 seq_len=seq_len, lemo_role=role, lemo_layer=layer)
+
+
+def _gather_tokens(t, idx, dims, role, layer):
+    for dim in dims:  # one call per sequence dim: ops.gather_tokens gathers them in turn
+        t = _emit("gather_tokens", t, idx, dim=dim, lemo_role=role, lemo_layer=layer)
+    return t
+
+
+def _scatter_add_tokens(x, idx, rows, role, layer):
+    return _emit("scatter_add_tokens", x, idx, rows, lemo_role=role, lemo_layer=layer)
+
+
+def _block_scores(q, k, block_size, role, layer):
+    return _emit("block_scores", q, k, block_size=block_size, lemo_role=role, lemo_layer=layer)
+
+
+def _activation_block_scores(intermediate, block_size, role, layer):
+    return _emit("activation_block_scores", intermediate, block_size=block_size,
+                 lemo_role=role, lemo_layer=layer)
+
+
+def _predicted_block_scores(h, q_side, k_side, distance_bias, block_size, heads, role, layer):
+    return _emit("predicted_block_scores", h, *q_side, *k_side, distance_bias,
+                 block_size=block_size, heads=heads, lemo_role=role, lemo_layer=layer)
+
+
+def _predicted_mlp_block_scores(h, tensors, block_size, role, layer):
+    return _emit("predicted_mlp_block_scores", h, *tensors, block_size=block_size,
+                 lemo_role=role, lemo_layer=layer)
+
+
+def _random_block_scores(like, n_blocks, generator_layer, seed, role, layer):
+    return _emit("random_block_scores", like, n_blocks=n_blocks, layer=generator_layer,
+                 seed=-1 if seed is None else seed, lemo_role=role, lemo_layer=layer)
+
+
+def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype,
+                          role, layer):
+    return _emit("linear_cross_entropy", h, weight, bias, target, ignore_index=ignore_index,
+                 reduction=reduction, segment=segment, logits_dtype=int(logits_dtype),
+                 lemo_role=role, lemo_layer=layer)
+
+
+# ----------------------------------------------------------- lemo's operations, one entry each
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exported:
+    """One of lemo's operations, everything its export needs: the graph targets it stands for
+    (`_replacement` maps their arguments), the export op `lemo_onnx::<name>` (schema `parameters`,
+    lemo's `implementation` so that the export copy computes what the graph computes, `fake` for
+    the output's shape; every export op takes two more arguments, the node's role and layer
+    tags), the ONNX `function` named `name` that the model declares, and `translation`, which
+    emits the export op as node(s) calling that function."""
+
+    function: Any
+    targets: tuple
+    parameters: str
+    implementation: Callable
+    fake: Callable
+    translation: Callable
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+
+_OPERATIONS = (
+    _Exported(select_tokens, (ops.select_tokens,),
+              "Tensor scores, int kept_blocks, int block_size, int seq_len",
+              ops.select_tokens, _selected_like, _select_tokens),
+    _Exported(gather_tokens, (ops.gather_tokens,), "Tensor t, Tensor idx, int[] dims",
+              lambda t, idx, dims: ops.gather_tokens(t, idx, tuple(dims)), _gathered_like,
+              _gather_tokens),
+    _Exported(scatter_add_tokens, (ops.scatter_add_tokens,), "Tensor x, Tensor idx, Tensor rows",
+              ops.scatter_add_tokens, lambda x, idx, rows: torch.empty_like(x),
+              _scatter_add_tokens),
+    _Exported(block_scores, (torch.ops.lemo.block_scores.default,),
+              "Tensor q, Tensor k, int block_size",
+              lambda q, k, block_size: torch.ops.lemo.block_scores(q, k, block_size),
+              lambda q, k, block_size: _block_scores_like(q, q.shape[2] // block_size),
+              _block_scores),
+    _Exported(activation_block_scores, (ops.activation_block_scores,),
+              "Tensor intermediate, int block_size", ops.activation_block_scores,
+              lambda x, block_size: _block_scores_like(x, x.shape[1] // block_size),
+              _activation_block_scores),
+    _Exported(predicted_block_scores, (bank.predicted_block_scores,),
+              "Tensor h, Tensor[] q_side, Tensor[] k_side, Tensor distance_bias, int block_size, "
+              "int heads",
+              _predicted,
+              lambda h, q_side, k_side, distance_bias, block_size, heads: _block_scores_like(
+                  h, h.shape[1] // block_size),
+              _predicted_block_scores),
+    _Exported(predicted_mlp_block_scores, (bank.predicted_mlp_block_scores,),
+              "Tensor h, Tensor[] tensors, int block_size", _predicted_mlp,
+              lambda h, tensors, block_size: _block_scores_like(h, h.shape[1] // block_size),
+              _predicted_mlp_block_scores),
+    _Exported(random_block_scores, (torch.ops.lemo.random_block_scores.default,),
+              "Tensor like, int n_blocks, int layer, int? seed",
+              lambda like, n_blocks, layer, seed: torch.ops.lemo.random_block_scores(
+                  like, n_blocks, layer, seed),
+              lambda like, n_blocks, layer, seed: _block_scores_like(like, n_blocks),
+              _random_block_scores),
+    _Exported(linear_cross_entropy, (ops.linear_cross_entropy,),
+              "Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+              "str reduction, int segment, ScalarType logits_dtype",
+              ops.linear_cross_entropy,
+              lambda h, weight, bias, target, ignore_index, reduction, segment, logits_dtype: (
+                  h.new_empty((), dtype=logits_dtype)),
+              _linear_cross_entropy),
+)
+_BY_TARGET = {target: exported for exported in _OPERATIONS for target in exported.targets}
+_NODE_OPS = {exported.name: _node_op(exported.function) for exported in _OPERATIONS}
+
+_library = torch.library.Library("lemo_onnx", "DEF")
+for _exported in _OPERATIONS:
+    _library.define(f"{_exported.name}({_exported.parameters}, str lemo_role, int lemo_layer) "
+                    "-> Tensor")
+    _library.impl(_exported.name, lambda *args, f=_exported.implementation: f(*args[:-2]),
+                  "CompositeExplicitAutograd")
+    torch.library.register_fake(f"lemo_onnx::{_exported.name}",
+                                lambda *args, f=_exported.fake: f(*args[:-2]), lib=_library)
+
+
 def _translation_table() -> dict:
-    """torch.onnx's custom_translation_table: each export op -> a function that emits its node(s)."""
-    node_ops = {function.name: _node_op(function) for function in _FUNCTIONS}
-
-    def emit(name, *inputs, lemo_role, lemo_layer, **attributes):
-        output = node_ops[name](*inputs, **attributes)
-        node = output.producer()
-        node.metadata_props["lemo.role"] = lemo_role
-        node.metadata_props["lemo.layer"] = str(lemo_layer)
-        return output
-
-    def select_tokens_(scores, kept_blocks, block_size, seq_len, role, layer):
-        return emit("select_tokens", scores, kept_blocks=kept_blocks, block_size=block_size,
-                    seq_len=seq_len, lemo_role=role, lemo_layer=layer)
-
-    def gather_tokens_(t, idx, dims, role, layer):
-        for dim in dims:  # one call per sequence dim: ops.gather_tokens gathers them in turn
-            t = emit("gather_tokens", t, idx, dim=dim, lemo_role=role, lemo_layer=layer)
-        return t
-
-    def scatter_add_tokens_(x, idx, rows, role, layer):
-        return emit("scatter_add_tokens", x, idx, rows, lemo_role=role, lemo_layer=layer)
-
-    def block_scores_(q, k, block_size, role, layer):
-        return emit("block_scores", q, k, block_size=block_size, lemo_role=role, lemo_layer=layer)
-
-    def activation_block_scores_(intermediate, block_size, role, layer):
-        return emit("activation_block_scores", intermediate, block_size=block_size,
-                    lemo_role=role, lemo_layer=layer)
-
-    def predicted_block_scores_(h, q_side, k_side, distance_bias, block_size, heads, role, layer):
-        return emit("predicted_block_scores", h, *q_side, *k_side, distance_bias,
-                    block_size=block_size, heads=heads, lemo_role=role, lemo_layer=layer)
-
-    def predicted_mlp_block_scores_(h, tensors, block_size, role, layer):
-        return emit("predicted_mlp_block_scores", h, *tensors, block_size=block_size,
-                    lemo_role=role, lemo_layer=layer)
-
-    def random_block_scores_(like, n_blocks, generator_layer, seed, role, layer):
-        return emit("random_block_scores", like, n_blocks=n_blocks, layer=generator_layer,
-                    seed=-1 if seed is None else seed, lemo_role=role, lemo_layer=layer)
-
-    def linear_cross_entropy_(h, weight, bias, target, ignore_index, reduction, segment,
-                              logits_dtype, role, layer):
-        return emit("linear_cross_entropy", h, weight, bias, target, ignore_index=ignore_index,
-                    reduction=reduction, segment=segment, logits_dtype=int(logits_dtype),
-                    lemo_role=role, lemo_layer=layer)
-
-    translations = (select_tokens_, gather_tokens_, scatter_add_tokens_, block_scores_,
-                    activation_block_scores_, predicted_block_scores_, predicted_mlp_block_scores_,
-                    random_block_scores_, linear_cross_entropy_)
-    return {getattr(torch.ops.lemo_onnx, f.__name__[:-1]).default: f for f in translations}
+    """torch.onnx's custom_translation_table: each export op -> the function that emits it."""
+    return {getattr(torch.ops.lemo_onnx, exported.name).default: exported.translation
+            for exported in _OPERATIONS}
 
 
 def _add_functions(model) -> None:
     """Declare the functions of domain "lemo" that the model's nodes call (an onnx_ir Model)."""
     called = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
-    for function in _FUNCTIONS:
-        if function.name in called:
-            definition = ir.serde.deserialize_function(function.to_function_proto())
+    for exported in _OPERATIONS:
+        if exported.name in called:
+            definition = ir.serde.deserialize_function(exported.function.to_function_proto())
             model.functions[definition.identifier()] = definition
     if called:
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
