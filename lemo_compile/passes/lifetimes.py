@@ -17,7 +17,10 @@ Rewrites (counted in `counters` under their names):
 * `split_widening_casts`: a widening float cast (e.g. bfloat16 -> float32) read by matmuls far
   apart (the adapter's forward in the recomputation, its weight gradient at the end of the layer)
   gets one copy per group of nearby matmuls, made just before the group; the narrower input is
-  what stays alive in between (half the bytes).
+  what stays alive in between (half the bytes). A late copy reads the value the cast's input is
+  a layout of (views, permutes, contiguous copies: attention's output, which its backward keeps
+  anyway, rather than the contiguous copy made for the o projection) and redoes the layout ops
+  after the cast.
 * `materialized_narrowing_casts`: a narrowing float cast (e.g. float32 -> bfloat16) of a value that
   pointwise ops compute from a float32 matmul output, when kernels far apart would each compute it
   inline (the o adapter's output: the norm after it and that norm's backward), is wrapped in
@@ -54,6 +57,8 @@ _POINTWISE = (aten.add.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.add.Scalar
 # close keep its float32 source alive only briefly
 _NEAR = 64
 _REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var_mean.correction)
+_LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+           aten.transpose.int, aten.clone.default)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
           aten.t.default, aten.expand.default)
 
@@ -113,10 +118,16 @@ def _split(graph: fx.Graph, cast: fx.Node, order: dict[fx.Node, int]) -> int:
             groups[-1].append(read)
         else:
             groups.append([read])
+    source, layout = _layout_source(cast.args[0])
     for group in groups[1:]:
         with graph.inserting_before(group[0][0]):
-            copy = graph.call_function(torch.ops.lemo.late_cast.default, cast.args[:2])
-        copy.meta.update(cast.meta)
+            copy = graph.call_function(torch.ops.lemo.late_cast.default, (source, cast.args[1]))
+            copy.meta.update(cast.meta)
+            copy.meta["val"] = torch.ops.lemo.late_cast.default(source.meta["val"], cast.args[1])
+            for view in layout:
+                copy = _copy(graph, view, (copy, *view.args[1:]))
+                copy.meta["val"] = view.target(copy.args[0].meta["val"], *view.args[1:],
+                                               **view.kwargs)
         for matmul, path in group:
             viewed = copy
             with graph.inserting_before(matmul):
@@ -124,6 +135,19 @@ def _split(graph: fx.Graph, cast: fx.Node, order: dict[fx.Node, int]) -> int:
                     viewed = _copy(graph, view, (viewed, *view.args[1:]))
             matmul.replace_input_with(path[-1], viewed)
     return max(len(groups) - 1, 0)
+
+
+def _layout_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """(source, [op, ...]): the value `node` is made from by layout ops only (views, permutes,
+    reshapes, contiguous copies), and those ops in order. A late cast reads the source and
+    re-applies them: the source (e.g. attention's output, kept for attention's backward) is alive
+    anyway, while a contiguous copy of it made for an early reader would be kept alive for the
+    late one."""
+    layout = []
+    while node.target in _LAYOUT and isinstance(node.args[0], fx.Node):
+        layout.append(node)
+        node = node.args[0]
+    return node, layout[::-1]
 
 
 def _copy(graph: fx.Graph, node: fx.Node, args: tuple) -> fx.Node:
