@@ -46,12 +46,13 @@ class LemoConfig:
     fuse:         rewrite the gathers and scatter-adds of selection, in the forward and backward
                   graphs, into lemo's fused row kernels (`passes/fuse.py`); False leaves them to
                   Inductor (for comparisons).
-    shorten_casts: in backward graphs, give each matmul its own float32 copy of a bfloat16 tensor
-                  and materialise the narrowed float32 output of a matmul (`passes/lifetimes.py`),
-                  so that such copies are not held across a whole layer's backward: with PEFT's
-                  float32 adapters on a bfloat16 model under checkpointing this lowers the peak by
-                  about 3 x S x hidden x 4 bytes, for a few extra casts. False leaves them to
-                  Inductor (for comparisons).
+    shorten_casts: in backward graphs, give matmuls that read a float32 copy of a bfloat16 tensor
+                  late a copy of their own, and store once, narrowed, a float32 matmul output that
+                  readers far apart would each recompute (`passes/lifetimes.py`), so that such
+                  copies are not held across a whole layer's backward: with PEFT's float32
+                  adapters on a bfloat16 model under checkpointing this lowers the peak by about
+                  2-3 x S x hidden x 4 bytes, for a few extra casts. False leaves them to Inductor
+                  (for comparisons).
     save_attention: with activation checkpointing (e.g. HF gradient checkpointing), keep each
                   checkpointed layer's attention output and log-sum-exp for the backward instead of
                   recomputing attention there (`passes/recompute.py`): faster at long lengths, and
@@ -121,7 +122,8 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        for name in ("fuse", "shorten_casts", "save_attention", "save_sparse_layers", "backward_buffer_reuse"):
+        for name in ("fuse", "shorten_casts", "save_attention", "save_sparse_layers",
+                     "backward_buffer_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lemo option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

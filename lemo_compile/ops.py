@@ -525,7 +525,7 @@ linear_cross_entropy_with_grads.register_autograd(
 )
 
 
-# -------------------------------------------------------------- buffer placement (Inductor lowering)
+# ------------------------------------------------------------ buffer placement (Inductor lowering)
 
 
 @torch.library.custom_op("lemo::materialize", mutates_args=())
@@ -547,7 +547,7 @@ def late_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x converted to `dtype`, by a kernel of its own where this op stands: Inductor calls an
     opaque op as it is and never fuses it into the kernel that computes x, which would make the
     converted copy exist as early as x does."""
-    return x.to(dtype)
+    return x.to(dtype, copy=True)
 
 
 @late_cast.register_fake

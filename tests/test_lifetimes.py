@@ -25,9 +25,9 @@ def _lora_step(shorten: bool, adapter_dtype_float32: bool = True):
     HF gradient checkpointing: (loss, gradients, training report)."""
     model = tiny_llama(dtype=torch.bfloat16, layers=LAYERS)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                           autocast_adapter_dtype=adapter_dtype_float32)
+    adapters = LoraConfig(r=4, lora_alpha=8,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(model, adapters, autocast_adapter_dtype=adapter_dtype_float32)
     backend = lemo_compile.LemoBackend({**OPTIONS, "shorten_casts": shorten})
     ids = token_batch(1, 256)
     with warnings.catch_warnings():

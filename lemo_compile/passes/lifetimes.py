@@ -63,7 +63,8 @@ _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, at
           aten.t.default, aten.expand.default)
 
 
-def shorten_cast_lifetimes(graph: fx.Graph, counters: dict[str, int] | None = None) -> dict[str, int]:
+def shorten_cast_lifetimes(graph: fx.Graph,
+                           counters: dict[str, int] | None = None) -> dict[str, int]:
     """Apply the rewrites above to `graph` in place if it is a backward graph (it reads tangents);
     add their counts to `counters`, return it."""
     counters = counters if counters is not None else {}

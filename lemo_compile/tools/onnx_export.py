@@ -306,8 +306,6 @@ def _bound(node: fx.Node) -> tuple:
     return tuple(bound.arguments.values())
 
 
-
-
 # ------------------------------------- fake implementations of the export ops (their output shapes)
 
 
@@ -333,8 +331,6 @@ def _predicted(h, q_side, k_side, distance_bias, block_size, heads):
 
 def _predicted_mlp(h, tensors, block_size):
     return bank.predicted_mlp_block_scores(h, tensors, block_size)
-
-
 
 
 # ------------------------------------------------------------ the ONNX functions of domain "lemo"
