@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import lemo_compile
 from conftest import tiny_llama, tiny_opt, token_batch
@@ -128,3 +133,61 @@ def test_inductor_backward_buffer_reuse_off_patches_the_backward_only(monkeypatc
         compiled = torch.compile(tiny_llama(layers=2), backend=backend, fullgraph=True)
         compiled(input_ids=ids, labels=ids).loss.backward()
     assert seen == [(False, True), (True, False)]
+
+
+def _float32_buffers_live_at(code: str, marker: str, numel: int) -> list[list[str]]:
+    """For each line of Inductor's generated `code` that matches `marker`: the float32 buffers of
+    `numel` elements allocated before it and not yet freed (read from the code's allocations,
+    `del`s and in-place reuses)."""
+    live: dict[str, int] = {}
+    found = []
+    for line in code.splitlines():
+        allocation = re.search(r"(buf\d+) = empty_strided_\w+\(\(([\d, ]*)\), .*torch\.float32\)",
+                               line)
+        if allocation:
+            sizes = allocation.group(2).split(",")
+            live[allocation.group(1)] = math.prod(int(d) for d in sizes if d.strip())
+        reuse = re.search(r"(buf\d+) = (?:reinterpret_tensor\()?(buf\d+)\b.*del \2\s+# reuse", line)
+        if reuse and reuse.group(2) in live:
+            live[reuse.group(1)] = live.pop(reuse.group(2))
+        elif not reuse:
+            for freed in re.findall(r"del (buf\d+)", line):
+                live.pop(freed, None)
+        if re.search(marker, line):
+            found.append(sorted(name for name, size in live.items() if size == numel))
+    return found
+
+
+@pytest.mark.parametrize("shorten", [True, False])
+def test_inductor_checkpointed_backward_holds_no_float32_adapter_copy_across_the_mlp(shorten):
+    """PEFT's float32 adapters on a bf16 Llama under checkpointing: in the generated backward, no
+    float32 [S, hidden] buffer is alive while the dense layer's SwiGLU backward runs (the peak of
+    a checkpointed layer) with `shorten_casts`; without it, the adapters' copies are."""
+    from peft import LoraConfig, get_peft_model
+
+    seq_len, hidden = 256, 64
+    model = tiny_llama(dtype=torch.bfloat16, layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = LoraConfig(r=4, lora_alpha=8,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(model, adapters)
+    backend = lemo_compile.LemoBackend({"compiler": "inductor", "block_size": 16,
+                                        "dense_layers": [0], "loss_segment": None,
+                                        "shorten_casts": shorten})
+    ids = token_batch(1, seq_len)
+
+    def step():
+        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _, codes = run_and_get_code(step)
+    (backward,) = [code for code in codes if "silu_backward" in code]
+    # the calls of the kernels that compute the SwiGLU backward
+    live = _float32_buffers_live_at(backward, r"silu_backward\w*\(buf", seq_len * hidden)
+    assert len(live) == 2  # the dense layer's MLP and the sparse layer's
+    if shorten:
+        assert live == [[], []]
+    else:  # the dense layer holds the copies of its q/k/v and o adapters' inputs and o's output
+        assert len(live[-1]) == 3
