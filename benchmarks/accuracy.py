@@ -18,6 +18,8 @@ One run, one process, same data and seeds for every variant:
 4. Evaluation, dense (`model.eval()`, no grad: lemo leaves evaluation unchanged): the mean loss on
    `--eval-windows` held-out windows of `--long` tokens, and passkey accuracy (the 5 digits greedily
    decoded, exact match) at depths 0, 0.25, 0.5, 0.75 and 1, `--passkey-trials` new keys each.
+   For a sparse variant also `key_block_kept`: per depth, how often its selection on the
+   fine-tuned model keeps the block holding the key, against the share of blocks kept (chance).
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
@@ -91,9 +93,10 @@ def windows(data: torch.Tensor, length: int, count: int, generator: torch.Genera
     return torch.stack([data[s:s + length] for s in starts.tolist()]).long()
 
 
-def passkey_sample(length: int, depth: float, key: int) -> tuple[torch.Tensor, int]:
-    """(ids [length], answer_start): filler with the key sentence at `depth` of the filler, ending
-    with the question and the 5-digit answer; answer_start is where the answer's digits begin."""
+def passkey_sample(length: int, depth: float, key: int) -> tuple[torch.Tensor, int, int]:
+    """(ids [length], answer_start, key_start): filler with the key sentence at `depth` of the
+    filler, ending with the question and the 5-digit answer; answer_start is where the answer's
+    digits begin, key_start where the key's digits do in the key sentence."""
     digits = f"{key:05d}".encode()
     needle = b"The pass key is " + digits + b". Remember it. " + digits + b" is the pass key. "
     question = b"What is the pass key? The pass key is "
@@ -102,7 +105,8 @@ def passkey_sample(length: int, depth: float, key: int) -> tuple[torch.Tensor, i
     cut = int(depth * room)
     text = filler[:cut] + needle + filler[cut:] + question + digits
     assert len(text) == length
-    return torch.tensor(list(text), dtype=torch.long), length - len(digits)
+    return (torch.tensor(list(text), dtype=torch.long), length - len(digits),
+            cut + len(b"The pass key is "))
 
 
 def build_model(args, device):
@@ -228,6 +232,36 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     return merged.eval(), losses, sparse, lemo_compile.LemoConfig.from_options(options).keep_ratio
 
 
+def key_block_kept(model, variant: str, args, device) -> dict | None:
+    """Whether the variant's selection keeps the passkey: per depth, the share of (sample, sparse
+    layer) pairs whose attention block selection, on the fine-tuned model, keeps the block holding
+    the key's first digit, over min(`--passkey-trials`, 4) samples per depth (`lemo_compile.explain`,
+    one batch: it runs with gradients on, so the batch's activations are all kept);
+    "chance" is the share of blocks a sparse layer keeps. None for the dense variant."""
+    import lemo_compile
+
+    if variant == "dense":
+        return None
+    options = lemo_options("oracle" if variant in ("then-dense", "layerwise") else variant, args)
+    rng = random.Random(args.seed + 5)
+    samples = [(depth, *passkey_sample(args.long, depth, rng.randrange(100000)))
+               for depth in DEPTHS for _ in range(min(args.passkey_trials, 4))]
+    ids = torch.stack([sample[1] for sample in samples]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, options=options)
+    torch._dynamo.reset()
+    selected = explanation.selected.get("attention", {})
+    if not selected:
+        return None
+    kept: dict[str, list[bool]] = {str(depth): [] for depth in DEPTHS}
+    for row, (depth, _, _, key_start) in enumerate(samples):
+        for blocks in selected.values():
+            kept[str(depth)].append(key_start // args.block_size in blocks[row].tolist())
+    plans = [plan for plan in explanation.plans if plan.sparse]
+    return {"by_depth": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
+            "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
+
+
 @torch.no_grad()
 def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     """Dense evaluation: held-out loss at --long tokens and passkey accuracy per depth."""
@@ -242,7 +276,7 @@ def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     for depth in DEPTHS:
         right = 0
         for _ in range(args.passkey_trials):
-            ids, start = passkey_sample(args.long, depth, rng.randrange(100000))
+            ids, start, _ = passkey_sample(args.long, depth, rng.randrange(100000))
             prompt = ids[:start][None].to(device)
             for _ in range(5):  # greedy decoding of the 5 digits
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -314,18 +348,23 @@ def main() -> int:
         rows.append({"variant": variant, **common, "sparse_layers_per_phase": sparse,
                      "keep_ratio": keep_ratio,
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-                     "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device)})
+                     "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
+                     "key_block_kept": key_block_kept(tuned, variant, args, device)})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
         del tuned
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
-    print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}")
+    print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
+          "  key block kept by depth (chance)")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
+        kept = row.get("key_block_kept")
+        kept_text = "" if not kept else "  " + " ".join(
+            f"{kept['by_depth'][str(d)]:.2f}" for d in DEPTHS) + f" ({kept['chance']:.2f})"
         print(f"{row['variant']:<32} {row['held_out_loss']:>13.4f} {versus:>8}  "
-              + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS))
+              + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS) + kept_text)
     print(f"total {time.perf_counter() - begin:.0f} s")
     return 0
 
