@@ -192,6 +192,12 @@ def lemo_options(variant: str, args) -> dict:
     return options
 
 
+def selection_variant(variant: str) -> str:
+    """The variant whose options a variant selects with: "then-dense" and "layerwise" select as
+    the oracle does (then-dense until its dense phase; layerwise with its own keep ratios)."""
+    return "oracle" if variant in ("then-dense", "layerwise") else variant
+
+
 def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
     """A copy of the base model, context-extended, LoRA-fine-tuned with `variant`; returns it
     (adapters merged, eval mode), the training losses, per phase the layers lemo made sparse, and
@@ -202,7 +208,7 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     model = build_model(args, device)
     model.load_state_dict(base_state)
     extend_context(model, args.long / args.short)
-    options = lemo_options("oracle" if variant in ("then-dense", "layerwise") else variant, args)
+    options = lemo_options(selection_variant(variant), args)
     if variant == "layerwise":
         options["keep_ratio"] = lemo_compile.layer_keep_ratios(
             model, [ids.to(device) for ids in batches[:4]], options=options)
@@ -232,17 +238,18 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     return merged.eval(), losses, sparse, lemo_compile.LemoConfig.from_options(options).keep_ratio
 
 
-def key_block_kept(model, variant: str, args, device) -> dict | None:
+def key_block_kept(model, variant: str, keep_ratio, args, device) -> dict | None:
     """Whether the variant's selection keeps the passkey: per depth, the share of (sample, sparse
     layer) pairs whose attention block selection, on the fine-tuned model, keeps the block holding
     the key's first digit, over min(`--passkey-trials`, 4) samples per depth (`lemo_compile.explain`,
     one batch: it runs with gradients on, so the batch's activations are all kept);
-    "chance" is the share of blocks a sparse layer keeps. None for the dense variant."""
+    "chance" is the share of blocks a sparse layer keeps. `keep_ratio`: the one `finetune` used.
+    None for the dense variant."""
     import lemo_compile
 
     if variant == "dense":
         return None
-    options = lemo_options("oracle" if variant in ("then-dense", "layerwise") else variant, args)
+    options = {**lemo_options(selection_variant(variant), args), "keep_ratio": keep_ratio}
     rng = random.Random(args.seed + 5)
     samples = [(depth, *passkey_sample(args.long, depth, rng.randrange(100000)))
                for depth in DEPTHS for _ in range(min(args.passkey_trials, 4))]
@@ -349,7 +356,7 @@ def main() -> int:
                      "keep_ratio": keep_ratio,
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
-                     "key_block_kept": key_block_kept(tuned, variant, args, device)})
+                     "key_block_kept": key_block_kept(tuned, variant, keep_ratio, args, device)})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")

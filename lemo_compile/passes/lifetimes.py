@@ -71,14 +71,14 @@ def shorten_cast_lifetimes(graph: fx.Graph,
     if not any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder")):
         return counters
 
-    def count(name: str) -> None:
-        counters[name] = counters.get(name, 0) + 1
+    def count(name: str, made: int = 1) -> None:
+        if made:
+            counters[name] = counters.get(name, 0) + made
 
     order = {node: index for index, node in enumerate(graph.nodes)}
     for cast in list(graph.find_nodes(op="call_function", target=_CAST)):
         if _widens(cast):
-            for _ in range(_split(graph, cast, order)):
-                count("split_widening_casts")
+            count("split_widening_casts", _split(graph, cast, order))
     order = {node: index for index, node in enumerate(graph.nodes)}
     for cast in list(graph.find_nodes(op="call_function", target=_CAST)):
         if (_narrows(cast) and _reads_float_matmul(cast.args[0])
@@ -122,18 +122,14 @@ def _split(graph: fx.Graph, cast: fx.Node, order: dict[fx.Node, int]) -> int:
     source, layout = _layout_source(cast.args[0])
     for group in groups[1:]:
         with graph.inserting_before(group[0][0]):
-            copy = graph.call_function(torch.ops.lemo.late_cast.default, (source, cast.args[1]))
-            copy.meta.update(cast.meta)
-            copy.meta["val"] = torch.ops.lemo.late_cast.default(source.meta["val"], cast.args[1])
+            copy = _call(graph, torch.ops.lemo.late_cast.default, (source, cast.args[1]), cast)
             for view in layout:
-                copy = _copy(graph, view, (copy, *view.args[1:]))
-                copy.meta["val"] = view.target(copy.args[0].meta["val"], *view.args[1:],
-                                               **view.kwargs)
+                copy = _call(graph, view.target, (copy, *view.args[1:]), view)
         for matmul, path in group:
             viewed = copy
             with graph.inserting_before(matmul):
                 for view in path[1:]:
-                    viewed = _copy(graph, view, (viewed, *view.args[1:]))
+                    viewed = _call(graph, view.target, (viewed, *view.args[1:]), view)
             matmul.replace_input_with(path[-1], viewed)
     return max(len(groups) - 1, 0)
 
@@ -151,10 +147,14 @@ def _layout_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, layout[::-1]
 
 
-def _copy(graph: fx.Graph, node: fx.Node, args: tuple) -> fx.Node:
-    copy = graph.call_function(node.target, args, node.kwargs)
-    copy.meta.update(node.meta)
-    return copy
+def _call(graph: fx.Graph, target, args: tuple, like: fx.Node) -> fx.Node:
+    """A call of `target` on `args` (with `like`'s keyword arguments and metadata) at the graph's
+    insertion point, its `meta["val"]` computed from its inputs' values."""
+    node = graph.call_function(target, args, like.kwargs)
+    node.meta.update(like.meta)
+    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    node.meta["val"] = target(*values, **like.kwargs)
+    return node
 
 
 def _matmul_reads(cast: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
