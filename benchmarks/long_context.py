@@ -20,12 +20,16 @@ its own Inductor cache directory:
   lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
                   sparse layers kept, not recomputed)
   lemo-tokens-save-attention  lemo with mlp="tokens" and save_attention=True
+  lemo-tokens-save-dense-attention  lemo with mlp="tokens" and save_attention=[the dense layers]
+                  (a dense layer's attention saves the most recomputation per byte)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-reuse      lemo with backward_buffer_reuse=True (the compiled backward keeps a freed buffer
                   allocated for Inductor's planned reuse, Inductor's default; lemo's default frees
                   it at its last use)
   lemo-longcasts  lemo with shorten_casts=False (the adapters' float32 copies left to Inductor:
                   under checkpointing, held across each layer's backward)
+  lemo-swiglu-fused  lemo with swiglu_in_place=False (the SwiGLU backward left to Inductor's fused
+                  kernel, which allocates one of its two outputs)
   lemo-tokens     lemo with mlp="tokens"
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
@@ -64,9 +68,11 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-save-attention": {"save_attention": True},
     "lemo-save-sparse": {"mlp": "tokens", "save_sparse_layers": True},
     "lemo-tokens-save-attention": {"mlp": "tokens", "save_attention": True},
+    "lemo-tokens-save-dense-attention": {"mlp": "tokens", "save_attention": "dense layers"},
     "lemo-nofuse": {"fuse": False},
     "lemo-reuse": {"backward_buffer_reuse": True},
     "lemo-longcasts": {"shorten_casts": False},
+    "lemo-swiglu-fused": {"swiglu_in_place": False},
     "lemo-tokens": {"mlp": "tokens"},
     "lemo-channels": {"mlp": "channels"},
 }
@@ -89,9 +95,13 @@ def build_model(args):
 
 def lemo_options(args) -> dict:
     import lemo_compile
+    from lemo_compile.plan import dense_layer_set
 
     options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio,
                      **LEMO_VARIANT_OPTIONS[args.variant]}
+    if options.get("save_attention") == "dense layers":
+        config = lemo_compile.LemoConfig(**{**options, "save_attention": False})
+        options["save_attention"] = sorted(dense_layer_set(config, args.layers))
     if args.variant == "lemo-predictor":
         from lemo_compile.predictors import ModelSignature, PredictorBank
 

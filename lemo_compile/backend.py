@@ -43,6 +43,7 @@ from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import fake_mode_of, own_copy
 from lemo_compile.passes.fuse import fuse_row_movements
 from lemo_compile.passes.lifetimes import shorten_cast_lifetimes
+from lemo_compile.passes.swiglu import swiglu_backward_in_place
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.manager import (
     CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
@@ -103,7 +104,9 @@ class LemoBackend:
         # would give them symbolic sizes that Dynamo has no source for, and any guard Inductor
         # then puts on those sizes breaks Dynamo's guard building.
         static = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
-        compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report)
+        root_layer = self.layer_group.layers[0] if self.layer_group else None
+        compiled = _compile(gm, [*example_inputs, *static], self.config, self.mode, report,
+                            root_layer)
         compiled = _with_extra_inputs(compiled, extra) if extra else compiled
         if debug is not None:
             compiled = _debug_dumper(gm, debug, report, self.config, list(example_inputs))(compiled)
@@ -192,7 +195,8 @@ def _options_from_environment() -> dict:
 
 
 def _compile(
-    gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str | None, report: CompileReport
+    gm: fx.GraphModule, example_inputs, config: LemoConfig, mode: str | None, report: CompileReport,
+    root_layer: int | None = None,
 ) -> Callable:
     # The backward graph is compiled later (at the first backward); its fusion counts land in the
     # same report.
@@ -201,12 +205,14 @@ def _compile(
         passes.append(functools.partial(fuse_row_movements, counters=report.counters))
     if report.training and config.shorten_casts:
         passes.append(functools.partial(shorten_cast_lifetimes, counters=report.counters))
+    if report.training and config.swiglu_in_place:
+        passes.append(functools.partial(swiglu_backward_in_place, counters=report.counters))
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
     post_grad = InductorPasses(passes)
     joint = InductorPasses([functools.partial(
         save_in_checkpoints, attention=config.save_attention,
-        sparse_layers=config.save_sparse_layers, counters=report.counters,
+        sparse_layers=config.save_sparse_layers, counters=report.counters, root_layer=root_layer,
     )] if report.training else [])
     if config.compiler == "inductor":
         patches = dict(list_mode_options(mode)) if mode else {}

@@ -53,11 +53,18 @@ class LemoConfig:
                   adapters on a bfloat16 model under checkpointing this lowers the peak by about
                   2-3 x S x hidden x 4 bytes, for a few extra casts. False leaves them to Inductor
                   (for comparisons).
+    swiglu_in_place: in backward graphs, write the SwiGLU MLP's gradients (Llama, Mistral, Qwen)
+                  over its gate and up projections where these die there, as under checkpointing
+                  (`passes/swiglu.py`): one S x intermediate tensor less at a checkpointed layer's
+                  peak (1.9 GB at 64K tokens and Llama-3-8B's width). False leaves that backward to
+                  Inductor (for comparisons).
     save_attention: with activation checkpointing (e.g. HF gradient checkpointing), keep each
                   checkpointed layer's attention output and log-sum-exp for the backward instead of
                   recomputing attention there (`passes/recompute.py`): faster at long lengths, and
                   S x hidden x 2 bytes (bf16) more per dense layer, K x hidden x 2 per sparse one.
-                  No effect without checkpointing.
+                  True: every layer; a list of layer indices: those layers only (a dense layer
+                  saves more recomputation per byte than a sparse one, whose attention runs on
+                  K of S tokens). No effect without checkpointing.
     save_sparse_layers: with activation checkpointing, a sparse layer's checkpointed region is
                   not recomputed: its activations are kept as if it were not checkpointed
                   (`passes/recompute.py`). Dense layers are still recomputed. Pays with
@@ -87,7 +94,8 @@ class LemoConfig:
     compiler: str = "inductor"
     fuse: bool = True
     shorten_casts: bool = True
-    save_attention: bool = False
+    swiglu_in_place: bool = True
+    save_attention: bool | tuple[int, ...] = False
     save_sparse_layers: bool = False
     backward_buffer_reuse: bool = False
     seed: int | None = None
@@ -102,27 +110,16 @@ class LemoConfig:
                 _check_ratio(ratio)
         else:
             _check_ratio(self.keep_ratio)
-        if isinstance(self.dense_layers, str):
-            if self.dense_layers != "auto":
-                raise ValueError(
-                    f"lemo option 'dense_layers' must be 'auto' or a list of layer indices, "
-                    f"got {self.dense_layers!r}"
-                )
-        else:
-            try:
-                layers = tuple(self.dense_layers)
-            except TypeError:
-                raise ValueError(
-                    f"lemo option 'dense_layers' must be 'auto' or a list of layer indices, "
-                    f"got {self.dense_layers!r}"
-                ) from None
-            for layer in layers:
-                _check_int("dense_layers", layer, minimum=0)
-            object.__setattr__(self, "dense_layers", layers)
+        if self.dense_layers != "auto":
+            object.__setattr__(self, "dense_layers", _layer_indices(
+                "dense_layers", self.dense_layers, "'auto' or a list of layer indices"))
+        if not isinstance(self.save_attention, bool):
+            object.__setattr__(self, "save_attention", _layer_indices(
+                "save_attention", self.save_attention, "True, False or a list of layer indices"))
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        for name in ("fuse", "shorten_casts", "save_attention", "save_sparse_layers",
+        for name in ("fuse", "shorten_casts", "swiglu_in_place", "save_sparse_layers",
                      "backward_buffer_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lemo option {name!r} must be True or False, "
@@ -175,6 +172,13 @@ class LemoConfig:
             return self.keep_ratio[layer]
         return self.keep_ratio
 
+    def saves_attention(self, layer: int | None) -> bool:
+        """Whether decoder layer `layer` keeps its attention output under checkpointing
+        (`save_attention`); None: an attention call outside any decoder layer."""
+        if isinstance(self.save_attention, bool):
+            return self.save_attention
+        return layer in self.save_attention
+
     def mlp_ratio_of(self, layer: int) -> float:
         """The MLP keep ratio of decoder layer `layer` (mlp="tokens")."""
         return self.mlp_keep_ratio or self.keep_ratio_of(layer)
@@ -183,6 +187,19 @@ class LemoConfig:
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"lemo option {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _layer_indices(name: str, value: Any, expected: str) -> tuple[int, ...]:
+    """`value` as a tuple of layer indices (integers >= 0), or ValueError naming the option."""
+    if isinstance(value, str):
+        raise ValueError(f"lemo option {name!r} must be {expected}, got {value!r}")
+    try:
+        layers = tuple(value)
+    except TypeError:
+        raise ValueError(f"lemo option {name!r} must be {expected}, got {value!r}") from None
+    for layer in layers:
+        _check_int(name, layer, minimum=0)
+    return layers
 
 
 def _check_ratio(value: Any, name: str = "keep_ratio") -> None:

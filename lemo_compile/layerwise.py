@@ -49,14 +49,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_groups(config: LemoConfig, num_layers: int) -> list[LayerGroup]:
     """The layers of a model of `num_layers` layers that can share one compiled graph, in order of
     their first layer: those with the same plan at every sequence length (dense or not, the same
-    keep ratios). With per-layer scoring state (trained predictors, a seeded random scorer) every
-    layer is its own group."""
+    keep ratios, whether checkpointing saves their attention). With per-layer scoring state
+    (trained predictors, a seeded random scorer) every layer is its own group."""
     dense = dense_layer_set(config, num_layers)
     per_layer = config.scorer == "predictor" or (config.scorer == "random" and config.seed is not None)
     members: dict[tuple, list[int]] = {}
     for layer in range(num_layers):
         key = (layer,) if per_layer else (
-            layer in dense, config.keep_ratio_of(layer), config.mlp_ratio_of(layer))
+            layer in dense, config.keep_ratio_of(layer), config.mlp_ratio_of(layer),
+            config.saves_attention(layer))
         members.setdefault(key, []).append(layer)
     return [LayerGroup(tuple(layers), num_layers) for layers in members.values()]
 

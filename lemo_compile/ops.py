@@ -9,6 +9,10 @@ Two kinds live here, each named for what it computes:
   a graph; so is `lemo::channel_linear` (mlp="channels"), whose autograd formula defines that
   mode's gradient. `lemo::materialize` (an identity with an Inductor lowering of its own) and
   `lemo::late_cast` (an opaque dtype cast) decide where Inductor places a buffer.
+  `lemo::swiglu_backward_` writes the SwiGLU MLP's gradients over its inputs; it is a `custom_op`
+  whose body launches its kernel directly, because it enters graphs after Inductor's tracing (a
+  post-grad pass inserts it, wrapped in `auto_functionalized`, and Inductor's re-inplacing pass
+  decides that writing in place is safe), so Inductor calls it as an opaque op.
   Differentiable ops carry an autograd formula (the fusion pass inserts some of
   them after autograd, where the formula is not used; it is there for eager callers).
 * Plain graph functions (`select_tokens`, `gather_tokens`, `scatter_add_tokens`, ...): inserted as
@@ -26,6 +30,7 @@ from torch._inductor import lowering as inductor_lowering
 from lemo_compile.kernels import block_scores as _scores
 from lemo_compile.kernels import lm_loss as _loss
 from lemo_compile.kernels import rows as _rows
+from lemo_compile.kernels import swiglu as _swiglu
 from lemo_compile.kernels import use_triton
 from lemo_compile.plan import kept_blocks
 
@@ -559,3 +564,23 @@ def _(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _materialize_lowering(x):
     x.realize()
     return inductor_lowering.clone(x)  # a view of the realized buffer that readers inline
+
+
+# ------------------------------------------------------------------------- in-place backward
+
+
+@torch.library.custom_op("lemo::swiglu_backward_", mutates_args=("gate", "up"))
+def swiglu_backward_(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> None:
+    """gate <- d gate, up <- d up: the backward of `silu(gate) * up` given its gradient `grad`
+    (`kernels/swiglu.py`), written over the inputs, so that it allocates nothing."""
+    if use_triton(gate, up, grad) and _swiglu.triton_supports(gate, up, grad):
+        _swiglu.swiglu_backward_in_place_triton(gate, up, grad)
+        return
+    d_gate, d_up = _swiglu.swiglu_backward_reference(gate, up, grad)
+    gate.copy_(d_gate)
+    up.copy_(d_up)
+
+
+@swiglu_backward_.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> None:
+    return None

@@ -87,13 +87,17 @@ def dense_layer_set(config: LemoConfig, num_layers: int) -> frozenset[int]:
     """Indices of the layers `config.dense_layers` keeps dense in a model of `num_layers` layers."""
     if config.dense_layers == "auto":
         return frozenset(range(num_layers // 2)) | {num_layers - 1}
-    out_of_range = [layer for layer in config.dense_layers if layer >= num_layers]
+    _check_layers_exist("dense_layers", config.dense_layers, num_layers)
+    return frozenset(config.dense_layers)
+
+
+def _check_layers_exist(option: str, layers: tuple[int, ...], num_layers: int) -> None:
+    out_of_range = [layer for layer in layers if layer >= num_layers]
     if out_of_range:
         raise ValueError(
-            f"lemo option 'dense_layers' names layers {out_of_range} but the model has "
+            f"lemo option {option!r} names layers {out_of_range} but the model has "
             f"{num_layers} decoder layers"
         )
-    return frozenset(config.dense_layers)
 
 
 def kept_blocks(ratio: float, n_blocks: int) -> int:
@@ -122,6 +126,8 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
             f"{num_layers} decoder layers"
         )
     dense = dense_layer_set(config, num_layers)
+    if not isinstance(config.save_attention, bool):
+        _check_layers_exist("save_attention", config.save_attention, num_layers)
     n_blocks, tail = divmod(seq_len, config.block_size)
     plans = []
     for layer in range(num_layers):

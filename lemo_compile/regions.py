@@ -243,20 +243,36 @@ def _nodes_by_layer(gm: fx.GraphModule, root_layer: int | None):
     layer_index: dict[str, int] = {}
     children: dict[str, dict[str, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
-        stack = module_stack(node)
-        if root_layer is not None:
-            stack = [("", type(gm))] + stack
-        for depth, (path, _cls) in enumerate(stack):
-            index = _layer_index(path, root_layer)
-            if index is None:
-                continue
-            layer_nodes.setdefault(path, []).append(node)
-            layer_index[path] = index
-            if depth + 1 < len(stack):
-                child = stack[depth + 1][0]
-                children.setdefault(path, {}).setdefault(child, []).append(node)
-            break
+        found = _layer_in_stack(node, root_layer)
+        if found is None:
+            continue
+        index, path, child = found
+        layer_nodes.setdefault(path, []).append(node)
+        layer_index[path] = index
+        if child is not None:
+            children.setdefault(path, {}).setdefault(child, []).append(node)
     return layer_nodes, layer_index, children
+
+
+def layer_index_of(node: fx.Node, root_layer: int | None = None) -> int | None:
+    """The index of the decoder layer whose module runs `node` (read from its module stack, which
+    AOTAutograd carries to the joint graph), None outside decoder layers; root_layer as for
+    `find_regions`."""
+    found = _layer_in_stack(node, root_layer)
+    return None if found is None else found[0]
+
+
+def _layer_in_stack(node: fx.Node, root_layer: int | None) -> tuple[int, str, str | None] | None:
+    """(layer index, layer path, path of the layer's child that runs node or None) of the first
+    decoder layer in node's module stack, outermost first."""
+    stack = module_stack(node)
+    if root_layer is not None:
+        stack = [("", fx.GraphModule)] + stack
+    for depth, (path, _cls) in enumerate(stack):
+        index = _layer_index(path, root_layer)
+        if index is not None:
+            return index, path, stack[depth + 1][0] if depth + 1 < len(stack) else None
+    return None
 
 
 def _decoder_layer(index: int, path: str, nodes: set[fx.Node],

@@ -155,41 +155,65 @@ def test_layers_compiled_one_by_one_use_lemo_kernels_and_match_the_torch_path():
     assert sorted(p.layer for p in sparse[0].plans) == [3, 4]
 
 
+CHECKPOINTED_SEQ_LEN, CHECKPOINTED_HIDDEN, CHECKPOINTED_INTERMEDIATE = 8192, 1024, 3584
+
+
+def _checkpointed_lora_peak(options: dict) -> tuple[int, dict[str, torch.Tensor]]:
+    """(peak bytes of the second step, gradients) of a 2-layer bf16 Llama with PEFT's LoRA on
+    q/k/v/o (float32 adapters, PEFT's default) and HF gradient checkpointing, compiled by lemo with
+    `options`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=CHECKPOINTED_HIDDEN,
+                         intermediate_size=CHECKPOINTED_INTERMEDIATE, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=CHECKPOINTED_SEQ_LEN, use_cache=False)
+    ids = torch.randint(0, 1024, (1, CHECKPOINTED_SEQ_LEN),
+                        generator=torch.Generator().manual_seed(0)).cuda()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj"])).train()
+    step = _step(model, ids, lemo_compile.LemoBackend({"keep_ratio": 1.0, **options}),
+                 fullgraph=False)
+    step()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    del model, step
+    torch.cuda.empty_cache()
+    return peak, grads
+
+
 def test_short_cast_lifetimes_lower_the_checkpointed_peak():
     """PEFT's float32 adapters on a bf16 Llama under checkpointing: with `shorten_casts` the
     backward holds no float32 copy of an adapter's input or output across a layer, so the peak
     falls by at least two [S, hidden] float32 buffers; gradients stay those of the run without."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    seq_len, hidden = 8192, 1024
-    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=3584,
-                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=seq_len, use_cache=False)
-    ids = torch.randint(0, 1024, (1, seq_len), generator=torch.Generator().manual_seed(0)).cuda()
     peaks, grads = {}, {}
     for shorten in (False, True):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj"])).train()
-        backend = lemo_compile.LemoBackend({"keep_ratio": 1.0, "shorten_casts": shorten})
-        step = _step(model, ids, backend, fullgraph=False)
-        step()
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peaks[shorten] = torch.cuda.max_memory_allocated()
-        grads[shorten] = {n: p.grad.float() for n, p in model.named_parameters()
-                          if p.grad is not None}
-        del model, step
-        torch.cuda.empty_cache()
-    fp32_copy = seq_len * hidden * 4
+        peaks[shorten], grads[shorten] = _checkpointed_lora_peak({"shorten_casts": shorten})
+    fp32_copy = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_HIDDEN * 4
     assert peaks[True] <= peaks[False] - 2 * fp32_copy, (peaks, fp32_copy)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_swiglu_backward_in_place_lowers_the_checkpointed_peak():
+    """Under checkpointing the SwiGLU backward written over gate and up (`swiglu_in_place`)
+    allocates no [S, I] buffer of its own, so the peak (a layer's MLP backward) falls by one;
+    gradients stay those of Inductor's fused kernel within bf16 rounding."""
+    peaks, grads = {}, {}
+    for in_place in (False, True):
+        peaks[in_place], grads[in_place] = _checkpointed_lora_peak({"swiglu_in_place": in_place})
+    mlp_buffer = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_INTERMEDIATE * 2
+    assert peaks[True] <= peaks[False] - mlp_buffer, (peaks, mlp_buffer)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=2e-2, atol=2e-2, msg=name)

@@ -135,14 +135,14 @@ def test_inductor_backward_buffer_reuse_off_patches_the_backward_only(monkeypatc
     assert seen == [(False, True), (True, False)]
 
 
-def _float32_buffers_live_at(code: str, marker: str, numel: int) -> list[list[str]]:
-    """For each line of Inductor's generated `code` that matches `marker`: the float32 buffers of
-    `numel` elements allocated before it and not yet freed (read from the code's allocations,
-    `del`s and in-place reuses)."""
+def _buffers_live_at(code: str, marker: str, numel: int, dtype: str) -> list[list[str]]:
+    """For each line of Inductor's generated `code` that matches `marker`: the buffers of `dtype`
+    (e.g. "float32") and `numel` elements allocated before it and not yet freed (read from the
+    code's allocations, `del`s and in-place reuses)."""
     live: dict[str, int] = {}
     found = []
     for line in code.splitlines():
-        allocation = re.search(r"(buf\d+) = empty_strided_\w+\(\(([\d, ]*)\), .*torch\.float32\)",
+        allocation = re.search(rf"(buf\d+) = empty_strided_\w+\(\(([\d, ]*)\), .*torch\.{dtype}\)",
                                line)
         if allocation:
             sizes = allocation.group(2).split(",")
@@ -158,22 +158,26 @@ def _float32_buffers_live_at(code: str, marker: str, numel: int) -> list[list[st
     return found
 
 
-@pytest.mark.parametrize("shorten", [True, False])
-def test_inductor_checkpointed_backward_holds_no_float32_adapter_copy_across_the_mlp(shorten):
-    """PEFT's float32 adapters on a bf16 Llama under checkpointing: in the generated backward, no
-    float32 [S, hidden] buffer is alive while the dense layer's SwiGLU backward runs (the peak of
-    a checkpointed layer) with `shorten_casts`; without it, the adapters' copies are."""
+@pytest.mark.parametrize("memory_passes", [True, False])
+def test_inductor_checkpointed_mlp_backward_holds_three_mlp_buffers_and_no_float32_copy(
+        memory_passes):
+    """PEFT's float32 adapters on a bf16 Llama under checkpointing, at the SwiGLU backward of each
+    layer (the peak of a checkpointed layer), in the generated backward code. `shorten_casts`: no
+    float32 [S, hidden] buffer is alive there; without it, the adapters' copies are.
+    `swiglu_in_place`: lemo.swiglu_backward_ runs on gate and up's own buffers and three [S, I]
+    buffers are alive (gate, up, the gradient); without it, Inductor's fused kernel adds a fourth."""
     from peft import LoraConfig, get_peft_model
 
-    seq_len, hidden = 256, 64
-    model = tiny_llama(dtype=torch.bfloat16, layers=2)
+    seq_len, hidden, intermediate = 256, 64, 96
+    model = tiny_llama(dtype=torch.bfloat16, layers=2, intermediate=intermediate)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapters = LoraConfig(r=4, lora_alpha=8,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(model, adapters)
     backend = lemo_compile.LemoBackend({"compiler": "inductor", "block_size": 16,
                                         "dense_layers": [0], "loss_segment": None,
-                                        "shorten_casts": shorten})
+                                        "shorten_casts": memory_passes,
+                                        "swiglu_in_place": memory_passes})
     ids = token_batch(1, seq_len)
 
     def step():
@@ -184,10 +188,17 @@ def test_inductor_checkpointed_backward_holds_no_float32_adapter_copy_across_the
         warnings.simplefilter("ignore", FutureWarning)
         _, codes = run_and_get_code(step)
     (backward,) = [code for code in codes if "silu_backward" in code]
-    # the calls of the kernels that compute the SwiGLU backward
-    live = _float32_buffers_live_at(backward, r"silu_backward\w*\(buf", seq_len * hidden)
-    assert len(live) == 2  # the dense layer's MLP and the sparse layer's
-    if shorten:
-        assert live == [[], []]
+    # the calls that compute the SwiGLU backward: lemo's op, or Inductor's fused kernel
+    marker = r"lemo\.swiglu_backward_\.default\(" if memory_passes else r"silu_backward\w*\(buf"
+    fp32 = _buffers_live_at(backward, marker, seq_len * hidden, "float32")
+    mlp = _buffers_live_at(backward, marker, seq_len * intermediate, "bfloat16")
+    assert len(fp32) == len(mlp) == 2  # the sparse layer's MLP and the dense layer's
+    if memory_passes:
+        assert fp32 == [[], []]
+        assert [len(buffers) for buffers in mlp] == [3, 3]
+        calls = re.findall(r"lemo\.swiglu_backward_\.default\((.*)\)\n", backward)
+        for buffers, call in zip(mlp, calls):  # written over gate and up, reading the gradient
+            assert sorted(re.findall(r"buf\d+", call)) == buffers
     else:  # the dense layer holds the copies of its q/k/v and o adapters' inputs and o's output
-        assert len(live[-1]) == 3
+        assert len(fp32[-1]) == 3
+        assert [len(buffers) for buffers in mlp] == [4, 4]

@@ -263,3 +263,26 @@ def test_linear_cross_entropy(path, device, rows, width, vocab, segment, dtype):
     torch.testing.assert_close(h.grad, h_ref.grad, **tol)
     torch.testing.assert_close(weight.grad, weight_ref.grad, **tol)
     assert not math.isnan(loss.item())
+
+
+# ------------------------------------------------------------------------------ SwiGLU backward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (63, 65), (2, 1000, 48), (3, 2049)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_swiglu_backward_in_place(path, device, shape, dtype, contiguous):
+    """lemo.swiglu_backward_ writes autograd's gradients of silu(gate) * up over gate and up."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    gate, up, grad = (3 * torch.randn(shape, generator=generator) for _ in range(3))
+    if not contiguous:  # a transposed layout: the kernel walks flat arrays, so the op falls back
+        gate, up, grad = (t.mT.contiguous().mT if t.dim() > 1 else t[::1] for t in (gate, up, grad))
+    gate, up, grad = (t.to(device=device, dtype=dtype) for t in (gate, up, grad))
+    gate_ref = gate.clone().requires_grad_(True)
+    up_ref = up.clone().requires_grad_(True)
+    (F.silu(gate_ref) * up_ref).backward(grad)
+    ops.swiglu_backward_(gate, up, grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(gate, gate_ref.grad, **tol)
+    torch.testing.assert_close(up, up_ref.grad, **tol)

@@ -75,6 +75,18 @@ def test_gradient_checkpointing_inside_each_layer():
     assert sum(r.counters.get("sparse_layers", 0) for b in backends for r in b.reports) == 1
 
 
+def test_checkpointed_layers_save_the_attention_of_the_layers_listed():
+    model = tiny_llama(layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_batch(2, 256)
+    backends = lemo_compile.compile_decoder_layers(model, {**AOT, "save_attention": [1, 2]})
+    _assert_step_matches(model, ids, lambda: lemo_forward(model, ids, ids))
+    saved = {layer: report.counters.get("saved_attention", 0)
+             for backend in backends for report in backend.reports if report.training
+             for layer in backend.layer_group.layers}
+    assert saved == {0: 0, 1: 1, 2: 1, 3: 0}
+
+
 def test_padded_batches_keep_each_row_as_alone():
     model = tiny_llama(layers=4)
     ids = token_batch(2, 256)
@@ -90,6 +102,8 @@ def test_padded_batches_keep_each_row_as_alone():
 def test_groups_follow_the_plan():
     config = lemo_compile.LemoConfig(keep_ratio=(1.0, 1.0, 0.5, 0.3, 0.3, 1.0), dense_layers=())
     assert [g.layers for g in layer_groups(config, 6)] == [(0, 1, 5), (2,), (3, 4)]
+    saving = lemo_compile.LemoConfig(save_attention=[1])  # dense layers 0, 1 and 3
+    assert [g.layers for g in layer_groups(saving, 4)] == [(0, 3), (1,), (2,)]
     seeded = lemo_compile.LemoConfig(scorer="random", seed=3)
     assert [g.layers for g in layer_groups(seeded, 3)] == [(0,), (1,), (2,)]
 

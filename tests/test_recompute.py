@@ -86,6 +86,29 @@ def test_saved_sparse_layers_are_not_recomputed():
     assert "saved_sparse_layers" not in checkpointed.counters
 
 
+def test_attention_is_saved_in_the_layers_listed_only():
+    want_loss, want, _ = _step(False)
+    loss, got, report = _step(True, save_attention=[0, 2])  # dense layer 0 and sparse layer 2
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert report.counters["saved_attention"] == 2
+    # layers 1 and 3 recompute their attention in the backward
+    assert _attention_forwards(report.graphs["post_grad_backward"]) == 2
+
+
+def test_save_attention_layers_must_exist():
+    config = lemo_compile.LemoConfig(save_attention=[1, 7])
+    with pytest.raises(ValueError, match="save_attention.*names layers \\[7\\]"):
+        lemo_compile.plan_layers(config, 4, SEQ_LEN)
+
+
+@pytest.mark.parametrize("value", ["yes", [1.5], [-1], 3])
+def test_save_attention_is_a_bool_or_layer_indices(value):
+    with pytest.raises(ValueError, match="save_attention"):
+        lemo_compile.LemoConfig(save_attention=value)
+
+
 def test_without_saving_the_selection_the_backward_would_recompute_it(monkeypatch):
     """The baseline the pass improves on: the partitioner re-runs the scorer in the backward."""
     monkeypatch.setattr("lemo_compile.passes.recompute.SELECTION_ROLES", frozenset())
@@ -101,6 +124,7 @@ def test_the_cache_key_covers_the_passes_settings():
 
     assert key(True) != key(False)
     assert key(True) == key(True)
+    assert len({key(True), key((0, 2)), key((0, 3))}) == 3
 
 
 @pytest.mark.parametrize("name", ["save_attention", "save_sparse_layers"])

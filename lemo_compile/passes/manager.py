@@ -349,8 +349,8 @@ class InductorPasses(CustomGraphPass):
 
 def _pass_name(graph_pass: Callable) -> str:
     """The qualified name of a pass (of the function a functools.partial wraps) and the settings
-    (bool, int or str keyword arguments) it was bound to."""
+    (bool, int, str or tuple keyword arguments) it was bound to."""
     function = getattr(graph_pass, "func", graph_pass)
     settings = sorted((key, value) for key, value in getattr(graph_pass, "keywords", {}).items()
-                      if isinstance(value, (bool, int, str)))
+                      if isinstance(value, (bool, int, str, tuple)))
     return f"{function.__module__}.{function.__qualname__}{settings}"

@@ -14,10 +14,12 @@ Promises, inside checkpointed regions only (a graph without them is left as it i
   partitioner recomputes the whole selection (the scorer over all tokens, its sort) in the backward
   just to know which rows to scatter gradients to. Saving it also guarantees that the backward sees
   the very rows the forward chose.
-* **Attention outputs are saved** when asked (`save_attention=True`): the fused attention ops' outputs
-  (the attention output and its log-sum-exp) are kept, so the backward recomputes the projections
-  but not attention itself. That costs S x hidden x 2 bytes per dense layer and K x hidden x 2 per
-  sparse one (bf16), and saves the recomputation of the costliest op at long lengths.
+* **Attention outputs are saved** when asked (`save_attention`: True, or the layers listed): the
+  fused attention ops' outputs (the attention output and its log-sum-exp) are kept, so the backward
+  recomputes the projections but not attention itself. That costs S x hidden x 2 bytes per dense
+  layer and K x hidden x 2 per sparse one (bf16), and saves the recomputation of the costliest op
+  at long lengths. An attention op's layer is read from its module stack, which AOTAutograd
+  carries into the joint graph (`regions.layer_index_of`).
 * **Sparse layers are not recomputed** when asked (`save_sparse_layers=True`): the checkpoint
   regions that hold a selection (one region per checkpointed layer) lose their recompute tags, so
   the partitioner treats them as it treats code outside checkpointing (it saves what the backward
@@ -32,6 +34,7 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from lemo_compile.regions import layer_index_of
 from lemo_compile.tags import SELECTIONS, role_of
 
 # The nodes whose results are saved in checkpointed regions (a name of its own, so that a test can
@@ -39,11 +42,13 @@ from lemo_compile.tags import SELECTIONS, role_of
 SELECTION_ROLES = SELECTIONS
 
 
-def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool,
-                        counters: dict[str, int]) -> None:
-    """Mark, in checkpointed regions of the joint graph, lemo's selections (and with `attention`,
-    the fused attention ops) MUST_SAVE, and with `sparse_layers` untag the regions that select;
-    counts them in `counters` ("saved_selections", "saved_attention", "saved_sparse_layers")."""
+def save_in_checkpoints(graph: fx.Graph, *, attention: bool | tuple[int, ...], sparse_layers: bool,
+                        counters: dict[str, int], root_layer: int | None = None) -> None:
+    """Mark, in checkpointed regions of the joint graph, lemo's selections (and the fused attention
+    ops: all with `attention` True, those of the layers listed otherwise) MUST_SAVE, and with
+    `sparse_layers` untag the regions that select; counts them in `counters` ("saved_selections",
+    "saved_attention", "saved_sparse_layers"). root_layer: the graph is that decoder layer
+    compiled on its own (as for `regions.find_regions`)."""
     if sparse_layers:
         selecting = {node.meta.get("ac_graph_id") for node in graph.nodes
                      if _is_recomputed(node) and role_of(node) in SELECTION_ROLES}
@@ -60,7 +65,8 @@ def save_in_checkpoints(graph: fx.Graph, *, attention: bool, sparse_layers: bool
                                                     for u in node.users):
             _must_save(node)
             counters["saved_selections"] = counters.get("saved_selections", 0) + 1
-        elif attention and _is_fused_attention(node):
+        elif _is_fused_attention(node) and (attention if isinstance(attention, bool) else
+                                            layer_index_of(node, root_layer) in attention):
             _must_save(node)
             counters["saved_attention"] = counters.get("saved_attention", 0) + 1
 
