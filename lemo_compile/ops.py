@@ -8,7 +8,8 @@ Two kinds live here, each named for what it computes:
   body. The segmented loss is an opaque `custom_op`, so that its segment loop is never unrolled into
   a graph; so is `lemo::channel_linear` (mlp="channels"), whose autograd formula defines that
   mode's gradient. `lemo::materialize` (an identity with an Inductor lowering of its own) and
-  `lemo::late_cast` (an opaque dtype cast) decide where Inductor places a buffer.
+  `lemo::late_cast` (an opaque dtype cast) and `lemo::add_now` (an opaque addition) decide where
+  Inductor places a buffer.
   `lemo::swiglu_backward_` writes the SwiGLU MLP's gradients over its inputs; it is a `custom_op`
   whose body launches its kernel directly, because it enters graphs after Inductor's tracing (a
   post-grad pass inserts it, wrapped in `auto_functionalized`, and Inductor's re-inplacing pass
@@ -558,6 +559,19 @@ def late_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @late_cast.register_fake
 def _(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(x, dtype=dtype)
+
+
+@torch.library.custom_op("lemo::add_now", mutates_args=())
+def add_now(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b (same shape and dtype), by a kernel of its own where this op stands: Inductor calls an
+    opaque op as it is and never fuses it into its readers, so a and b are freed here instead of
+    living until the kernel that reads the sum (which may read many such terms at once)."""
+    return a + b
+
+
+@add_now.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(a)
 
 
 @inductor_lowering.register_lowering(torch.ops.lemo.materialize.default, type_promotion_kind=None)

@@ -208,12 +208,14 @@ def test_short_cast_lifetimes_lower_the_checkpointed_peak():
 
 def test_swiglu_backward_in_place_lowers_the_checkpointed_peak():
     """Under checkpointing the SwiGLU backward written over gate and up (`swiglu_in_place`)
-    allocates no [S, I] buffer of its own, so the peak (a layer's MLP backward) falls by one;
-    gradients stay those of Inductor's fused kernel within bf16 rounding."""
+    allocates no [S, I] buffer of its own, so the peak (a layer's MLP backward) falls by one such
+    buffer (measured on the H200: 58.08 MB for a 58.72 MB buffer, as the allocations beside it
+    differ by a little; asked: 95% of it); gradients stay those of Inductor's fused kernel within
+    bf16 rounding."""
     peaks, grads = {}, {}
     for in_place in (False, True):
         peaks[in_place], grads[in_place] = _checkpointed_lora_peak({"swiglu_in_place": in_place})
     mlp_buffer = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_INTERMEDIATE * 2
-    assert peaks[True] <= peaks[False] - mlp_buffer, (peaks, mlp_buffer)
+    assert peaks[False] - peaks[True] >= 0.95 * mlp_buffer, (peaks, mlp_buffer)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=2e-2, atol=2e-2, msg=name)
