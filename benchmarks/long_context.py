@@ -22,6 +22,8 @@ its own Inductor cache directory:
   lemo-tokens-save-attention  lemo with mlp="tokens" and save_attention=True
   lemo-tokens-save-dense-attention  lemo with mlp="tokens" and save_attention=[the dense layers]
                   (a dense layer's attention saves the most recomputation per byte)
+  lemo-tokens-predictor-save-dense-attention  the same with scorer="predictor" (randomly
+                  initialised attention and MLP predictors: their cost, not their accuracy)
   lemo-nofuse     lemo with fuse=False (selection's row movements left to Inductor)
   lemo-reuse      lemo with backward_buffer_reuse=True (the compiled backward keeps a freed buffer
                   allocated for Inductor's planned reuse, Inductor's default; lemo's default frees
@@ -64,11 +66,13 @@ from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
 
 # Each lemo variant's options on top of keep_ratio (1.0 for lemo-base, --keep-ratio for the rest).
 LEMO_VARIANT_OPTIONS: dict[str, dict] = {
-    "lemo-base": {}, "lemo": {}, "lemo-predictor": {},
+    "lemo-base": {}, "lemo": {}, "lemo-predictor": {"scorer": "predictor"},
     "lemo-save-attention": {"save_attention": True},
     "lemo-save-sparse": {"mlp": "tokens", "save_sparse_layers": True},
     "lemo-tokens-save-attention": {"mlp": "tokens", "save_attention": True},
     "lemo-tokens-save-dense-attention": {"mlp": "tokens", "save_attention": "dense layers"},
+    "lemo-tokens-predictor-save-dense-attention": {"mlp": "tokens", "scorer": "predictor",
+                                                   "save_attention": "dense layers"},
     "lemo-nofuse": {"fuse": False},
     "lemo-reuse": {"backward_buffer_reuse": True},
     "lemo-longcasts": {"shorten_casts": False},
@@ -100,15 +104,17 @@ def lemo_options(args) -> dict:
     options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio,
                      **LEMO_VARIANT_OPTIONS[args.variant]}
     if options.get("save_attention") == "dense layers":
-        config = lemo_compile.LemoConfig(**{**options, "save_attention": False})
-        options["save_attention"] = sorted(dense_layer_set(config, args.layers))
-    if args.variant == "lemo-predictor":
+        config = lemo_compile.LemoConfig(**{**options, "save_attention": False, "scorer": "oracle"})
+        options["save_attention"] = (args.save_attention_layers
+                                     or sorted(dense_layer_set(config, args.layers)))
+    if options.get("scorer") == "predictor":
         from lemo_compile.predictors import ModelSignature, PredictorBank
 
         signature = ModelSignature(args.hidden, args.heads, args.hidden // args.heads, args.layers, 64)
-        plans = lemo_compile.plan_layers(lemo_compile.LemoConfig(**options), args.layers, args.seq_len)
-        options.update(scorer="predictor",
-                       predictors=PredictorBank(signature, [p.layer for p in plans if p.sparse]))
+        config = lemo_compile.LemoConfig(**{**options, "scorer": "oracle"})
+        plans = lemo_compile.plan_layers(config, args.layers, args.seq_len)
+        options["predictors"] = PredictorBank(signature, [p.layer for p in plans if p.sparse],
+                                              mlp_layers=[p.layer for p in plans if p.mlp_sparse])
     return options
 
 
@@ -341,6 +347,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--out", default="long_context.jsonl")
     parser.add_argument("--trace-dir", help="write each run's profiled step as a Chrome trace here")
+    parser.add_argument("--save-attention-layers", type=int, nargs="+",
+                        help="the layers the *-save-dense-attention variants keep the attention "
+                             "of (default: every dense layer)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -368,6 +377,8 @@ def main() -> int:
                 command.append("--checkpointing")
             if args.trace_dir:
                 command += ["--trace-dir", args.trace_dir]
+            if args.save_attention_layers:
+                command += ["--save-attention-layers", *map(str, args.save_attention_layers)]
             if args.memory:
                 command.append("--memory")
             row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,

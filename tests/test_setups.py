@@ -242,20 +242,26 @@ def test_bf16_autocast_matches_the_reference_under_autocast():
         assert (got[name] - p.grad).abs().max() <= 0.02 * scale + 1e-6, name
 
 
-def test_predictor_scorer_stays_dense_in_checkpointed_layers():
+def _tiny_bank(mlp_layers=()):
     from lemo_compile.predictors import ModelSignature, PredictorBank
 
-    bank = PredictorBank(ModelSignature(64, 4, 16, 4, 16), [1, 2, 3], width=16, rank=4)
-    _, _, report = _checkpointed_step(True, scorer="predictor", predictors=bank)
-    assert report.counters["sparse_layers"] == 0 and report.counters["dense_fallbacks"] == 3
-    assert any("predictor scorer is not supported inside checkpointed" in w for w in report.warnings)
+    torch.manual_seed(0)
+    return PredictorBank(ModelSignature(64, 4, 16, 4, 16), [1, 2, 3], width=16, rank=4,
+                         mlp_layers=mlp_layers).requires_grad_(False).eval()
 
 
-@pytest.mark.parametrize("mlp", [{"mlp": "tokens"}, {"mlp": "channels", "mlp_channel_ratio": 0.5}])
-def test_predictor_scorer_keeps_checkpointed_mlp_blocks_dense_and_says_so(mlp):
-    from lemo_compile.predictors import ModelSignature, PredictorBank
-
-    bank = PredictorBank(ModelSignature(64, 4, 16, 4, 16), [1, 2, 3], width=16, rank=4)
-    _, _, report = _checkpointed_step(True, scorer="predictor", predictors=bank, **mlp)
-    assert any("these MLP blocks run dense" in w and "predictor scorer" in w for w in report.warnings)
-    assert all(not p.mlp_sparse and p.mlp_kept_channels is None for p in report.plans)
+@pytest.mark.parametrize("mlp", [{}, {"mlp": "tokens"}, {"mlp": "channels"}])
+def test_predictor_scorer_in_checkpointed_layers_equals_unchecked(mlp):
+    """The predictors' weights are inputs of the graph, passed on to each checkpointed layer's
+    body; selections are saved, so the recomputation sees the forward's rows."""
+    bank = _tiny_bank(mlp_layers=[1, 2, 3] if mlp.get("mlp") == "tokens" else ())
+    loss, want, plain = _checkpointed_step(False, scorer="predictor", predictors=bank, **mlp)
+    got_loss, got, report = _checkpointed_step(True, scorer="predictor", predictors=bank, **mlp)
+    assert report.counters["sparse_layers"] == 3 and report.counters["dense_fallbacks"] == 0
+    assert [p.kept_tokens for p in report.plans] == [p.kept_tokens for p in plain.plans]
+    assert [p.mlp_kept_tokens for p in report.plans] == [p.mlp_kept_tokens for p in plain.plans]
+    assert len(report.extra_inputs) == len(plain.extra_inputs) > 0
+    assert not any("run dense" in w for w in report.warnings)
+    torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)

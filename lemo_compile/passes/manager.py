@@ -32,10 +32,11 @@ from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import example_value, node_shape
 from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.loss import segment_loss_pass
-from lemo_compile.passes.select import SelectionResult, select_pass
+from lemo_compile.passes.select import SelectionResult, pass_body_inputs, select_pass
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.passes.residual import canonical_residual_adds
-from lemo_compile.regions import checkpointed_layers, find_regions, input_dependent_masks
+from lemo_compile.regions import (checkpoint_bodies, checkpointed_layers, find_regions,
+                                  input_dependent_masks)
 
 
 class LemoWarning(UserWarning):
@@ -156,9 +157,11 @@ def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: Laye
     selection = SelectionResult([], {})
     if any(l.attention is not None for l in regions.layers):
         selection = select_pass(gm, regions, plans, config, fake_mode, padded)
+    calls = checkpoint_bodies(gm)
     bodies = {id(body): (body, body_regions) for body, body_regions, _ in checkpointed.values()}
     for body, body_regions in bodies.values():
-        _select_in_body(body, body_regions, plans, config, fake_mode, padded, selection)
+        _select_in_body(gm, body, calls[body], body_regions, plans, config, fake_mode, padded,
+                        selection)
     report.extra_inputs = selection.extra_inputs
     if selection.mlp_activation_scored:
         report.warn(
@@ -203,18 +206,18 @@ def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: Laye
     report.graphs["select"] = gm.code
 
 
-def _select_in_body(body: fx.GraphModule, body_regions, plans: list[LayerPlan], config: LemoConfig,
-                    fake_mode, padded: bool, selection: SelectionResult) -> None:
-    """The selection pass over one activation-checkpoint body, its result merged into
-    `selection`; a scorer that cannot run in a recomputed region leaves the body's layers dense,
-    with the reason."""
+def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Node], body_regions,
+                    plans: list[LayerPlan], config: LemoConfig, fake_mode, padded: bool,
+                    selection: SelectionResult) -> None:
+    """The selection pass over one activation-checkpoint body of `gm` (run by `calls`), its result
+    merged into `selection`; the predictors' weights it reads become inputs of `gm` passed on to
+    the body. A scorer that cannot run in a recomputed region leaves the body's layers dense, with
+    the reason."""
     inside = [l.index for l in body_regions.layers if l.attention is not None]
     if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
         return
     unsupported = None
-    if config.scorer == "predictor":
-        unsupported = "the predictor scorer is not supported inside checkpointed layers yet"
-    elif config.scorer == "random" and config.seed is None:
+    if config.scorer == "random" and config.seed is None:
         # the backward recomputes the region: unseeded scores would select other tokens
         unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
     if unsupported:
@@ -224,6 +227,7 @@ def _select_in_body(body: fx.GraphModule, body_regions, plans: list[LayerPlan], 
             if plans[i].mlp_sparse or plans[i].mlp_channel_ratio is not None})
         return
     inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
+    pass_body_inputs(gm, body, calls, inner.extra_inputs, fake_mode, selection.extra_inputs)
     selection.sparse += inner.sparse
     selection.dense.update(inner.dense)
     selection.placeholder_outputs += inner.placeholder_outputs

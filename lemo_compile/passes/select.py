@@ -482,11 +482,13 @@ def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
 
 
 def _predictor_bank(regions: ModelRegions, plans: list[LayerPlan], config: LemoConfig):
-    """The `predictors` option as a bank, checked against the model's shapes and sparse layers."""
+    """The `predictors` option as a bank, checked against the model's shapes and sparse layers
+    (`plans` has one plan per decoder layer of the model; `regions` may hold fewer, e.g. the one
+    layer of an activation-checkpoint body)."""
     bank = as_bank(config.predictors)
     blocks = [layer.attention for layer in regions.layers if layer.attention is not None]
     bank.check_fits(
-        model_signature(blocks[0], len(regions.layers), config.block_size),
+        model_signature(blocks[0], len(plans), config.block_size),
         [p.layer for p in plans if p.sparse],
         [p.layer for p in plans if p.mlp_sparse],
     )
@@ -539,6 +541,28 @@ def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: R
     tag(node, role)
     extra_inputs.append(constant)
     return node
+
+
+def pass_body_inputs(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Node],
+                     tensors: list[torch.Tensor], fake_mode, extra_inputs: list) -> None:
+    """Give the activation-checkpoint body `body` of `gm` the constants a selection pass appended to
+    its inputs (its last `len(tensors)` placeholders, holding `tensors`): each becomes a new input
+    of `gm` (appended to `extra_inputs`, which the backend passes) and an operand of every call of
+    the body in `calls` (`tag_activation_checkpoint(body, *operands)`: placeholders take the
+    operands in order)."""
+    if not tensors:
+        return
+    inner = [n for n in body.graph.nodes if n.op == "placeholder"][-len(tensors):]
+    for placeholder, tensor in zip(inner, tensors, strict=True):
+        last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        with gm.graph.inserting_after(last):
+            outer = gm.graph.placeholder(placeholder.name)
+        outer.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True)
+        outer.meta["custom"] = dict(placeholder.meta.get("custom") or {})
+        outer._dynamo_source = None  # AOTAutograd asks every input where it came from
+        extra_inputs.append(tensor)
+        for call in calls:
+            call.args = (*call.args, outer)
 
 
 def _ancestors_in_block(block: ResidualBlock, roots) -> set[fx.Node]:
