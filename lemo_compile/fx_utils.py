@@ -1,11 +1,12 @@
 """FX helpers shared by the backend, its passes and the tools: graph copies, dotted attribute
 access, the fake mode a graph's values live in, node values (`example_value`, `node_shape`,
-`evaluate`), the one way a pass inserts a node with its value (`insert_call`, `copy_with_value`),
-and `compile_apart` (a one-off compile in a frame of its own). Only the insertion helpers change
+`evaluate`), the one way a pass inserts a node with its value (`insert_call`, `copy_with_value`;
+`insert_post_grad_call` in Inductor's post-grad IR), and `compile_apart` (a one-off compile in a frame of its own). Only the insertion helpers change
 a graph, and only where the caller says."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -103,6 +104,21 @@ def insert_call(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: dict | 
     node = insert(target, args, kwargs)
     with fake_mode:
         node.meta["example_value"] = evaluate(node, example_value)
+    return node
+
+
+def insert_post_grad_call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None, *,
+                          like: fx.Node | None = None) -> fx.Node:
+    """Insert `target(*args, **kwargs)` at the graph's insertion point in Inductor's post-grad IR:
+    with `like`'s metadata (stack trace, tags) when given, and `meta["val"]` computed from its
+    inputs' `meta["val"]` in their fake mode."""
+    node = graph.call_function(target, args, kwargs or {})
+    if like is not None:
+        node.meta.update(like.meta)
+    values = [n.meta["val"] for n in node.all_input_nodes]
+    mode = detect_fake_mode(values)
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = evaluate(node, lambda n: n.meta["val"])
     return node
 
 

@@ -51,6 +51,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from lemo_compile.fx_utils import insert_post_grad_call
+
 aten, prims = torch.ops.aten, torch.ops.prims
 
 _CAST = prims.convert_element_type.default
@@ -100,7 +102,8 @@ def shorten_cast_lifetimes(graph: fx.Graph,
                and _same_layout(*add.args)]
     for add in partial:
         with graph.inserting_before(add):
-            now = _call(graph, torch.ops.lemo.add_now.default, tuple(add.args), add)
+            now = insert_post_grad_call(graph, torch.ops.lemo.add_now.default, tuple(add.args),
+                                       like=add)
         add.replace_all_uses_with(now)
         graph.erase_node(add)
     count("ordered_gradient_sums", len(partial))
@@ -141,14 +144,17 @@ def _split(graph: fx.Graph, cast: fx.Node, order: dict[fx.Node, int]) -> int:
     source, layout = _layout_source(cast.args[0])
     for group in groups[1:]:
         with graph.inserting_before(group[0][0]):
-            copy = _call(graph, torch.ops.lemo.late_cast.default, (source, cast.args[1]), cast)
+            copy = insert_post_grad_call(graph, torch.ops.lemo.late_cast.default,
+                                         (source, cast.args[1]), like=cast)
             for view in layout:
-                copy = _call(graph, view.target, (copy, *view.args[1:]), view)
+                copy = insert_post_grad_call(graph, view.target, (copy, *view.args[1:]),
+                                             view.kwargs, like=view)
         for matmul, path in group:
             viewed = copy
             with graph.inserting_before(matmul):
                 for view in path[1:]:
-                    viewed = _call(graph, view.target, (viewed, *view.args[1:]), view)
+                    viewed = insert_post_grad_call(graph, view.target, (viewed, *view.args[1:]),
+                                                   view.kwargs, like=view)
             matmul.replace_input_with(path[-1], viewed)
     return max(len(groups) - 1, 0)
 
@@ -164,16 +170,6 @@ def _layout_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         layout.append(node)
         node = node.args[0]
     return node, layout[::-1]
-
-
-def _call(graph: fx.Graph, target, args: tuple, like: fx.Node) -> fx.Node:
-    """A call of `target` on `args` (with `like`'s keyword arguments and metadata) at the graph's
-    insertion point, its `meta["val"]` computed from its inputs' values."""
-    node = graph.call_function(target, args, like.kwargs)
-    node.meta.update(like.meta)
-    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    node.meta["val"] = target(*values, **like.kwargs)
-    return node
 
 
 def _matmul_reads(cast: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:

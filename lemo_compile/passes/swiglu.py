@@ -32,8 +32,9 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch._guards import detect_fake_mode
 from torch._inductor import pattern_matcher as pm
+
+from lemo_compile.fx_utils import insert_post_grad_call
 
 aten = torch.ops.aten
 
@@ -146,17 +147,12 @@ def _rewrite(match: pm.Match, gate: fx.Node, up: fx.Node, grad: fx.Node) -> None
     order = {node: index for index, node in enumerate(graph.nodes)}
     first_reader = min((user for output in outputs for user in output.users), key=order.__getitem__)
     op = torch.ops.lemo.swiglu_backward_.default
-    values = {"gate": gate.meta["val"], "up": up.meta["val"], "grad": grad.meta["val"]}
     with graph.inserting_before(first_reader):
-        call = graph.call_function(torch.ops.higher_order.auto_functionalized, (op,),
-                                   {"gate": gate, "up": up, "grad": grad})
-        with detect_fake_mode(list(values.values())):
-            call.meta["val"] = torch.ops.higher_order.auto_functionalized(op, **values)
+        call = insert_post_grad_call(graph, torch.ops.higher_order.auto_functionalized, (op,),
+                                     {"gate": gate, "up": up, "grad": grad})
         # its results end with the mutated arguments, in order: (..., d gate, d up)
         first = len(call.meta["val"]) - len(outputs)
         for index, output in enumerate(outputs, start=first):
-            result = graph.call_function(operator.getitem, (call, index))
-            result.meta.update(output.meta)
-            result.meta["val"] = call.meta["val"][index]
-            output.replace_all_uses_with(result)
+            output.replace_all_uses_with(
+                insert_post_grad_call(graph, operator.getitem, (call, index), like=output))
     match.erase_nodes()
