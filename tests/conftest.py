@@ -113,6 +113,23 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def compiled_step(model, options: dict, seq_len: int = 256):
+    """One training step of `model` compiled by a LemoBackend with `options`, on one sequence of
+    `seq_len` tokens: (loss, gradients, the training report of the graph with sparse layers)."""
+    import warnings
+
+    import lemo_compile
+
+    backend = lemo_compile.LemoBackend(options)
+    ids = token_batch(1, seq_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    (report,) = [r for r in backend.reports if r.training and "sparse_layers" in r.counters]
+    return loss.detach(), grads(model), report
+
+
 def inserted_nodes(gm) -> dict:
     """Per layer, a Counter of the roles of the nodes lemo inserted into the graph module gm."""
     from collections import Counter

@@ -6,14 +6,12 @@ them (aot_eager, where `lemo.late_cast` is the same cast, `lemo.materialize` a c
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import lemo_compile
-from conftest import grads, tiny_llama, token_batch
+from conftest import compiled_step, tiny_llama
 
 LAYERS = 4
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
@@ -28,14 +26,7 @@ def _lora_step(shorten: bool, adapter_dtype_float32: bool = True):
     adapters = LoraConfig(r=4, lora_alpha=8,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(model, adapters, autocast_adapter_dtype=adapter_dtype_float32)
-    backend = lemo_compile.LemoBackend({**OPTIONS, "shorten_casts": shorten})
-    ids = token_batch(1, 256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
-    loss.backward()
-    (report,) = [r for r in backend.reports if r.training and "sparse_layers" in r.counters]
-    return loss.detach(), grads(model), report
+    return compiled_step(model, {**OPTIONS, "shorten_casts": shorten})
 
 
 def test_float32_adapters_get_short_lived_copies_and_identical_gradients():

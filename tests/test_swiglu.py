@@ -6,13 +6,11 @@ rounds as autograd's decomposed graph does. The buffers it saves are read from g
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import lemo_compile
-from conftest import grads, tiny_llama, token_batch
+from conftest import compiled_step, tiny_llama
 
 LAYERS = 4
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
@@ -26,14 +24,7 @@ def _step(in_place: bool, *, checkpointing: bool = True, dtype=torch.bfloat16, *
     model = tiny_llama(dtype=dtype, layers=LAYERS)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backend = lemo_compile.LemoBackend({**OPTIONS, **options, "swiglu_in_place": in_place})
-    ids = token_batch(1, 256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss
-    loss.backward()
-    (report,) = [r for r in backend.reports if r.training and "sparse_layers" in r.counters]
-    return loss.detach(), grads(model), report
+    return compiled_step(model, {**OPTIONS, **options, "swiglu_in_place": in_place})
 
 
 @pytest.mark.parametrize("dtype, mlp", [(torch.bfloat16, "off"), (torch.bfloat16, "tokens"),
