@@ -1,8 +1,8 @@
 """FX helpers shared by the backend, its passes and the tools: graph copies, dotted attribute
 access, the fake mode a graph's values live in, node values (`example_value`, `node_shape`,
 `evaluate`), the one way a pass inserts a node with its value (`insert_call`, `copy_with_value`;
-`insert_post_grad_call` in Inductor's post-grad IR), and `compile_apart` (a one-off compile in a frame of its own). Only the insertion helpers change
-a graph, and only where the caller says."""
+`insert_post_grad_call` in Inductor's post-grad IR), and `compile_apart` (a one-off compile in a
+frame of its own). Only the insertion helpers change a graph, and only where the caller says."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Two kinds live here, each named for what it computes:
   own code) and run the pure-torch reference otherwise; fake implementations come from tracing the
   body. The segmented loss is an opaque `custom_op`, so that its segment loop is never unrolled into
   a graph; so is `lemo::channel_linear` (mlp="channels"), whose autograd formula defines that
-  mode's gradient. `lemo::materialize` (an identity with an Inductor lowering of its own) and
+  mode's gradient. `lemo::materialize` (an identity with an Inductor lowering of its own),
   `lemo::late_cast` (an opaque dtype cast) and `lemo::add_now` (an opaque addition) decide where
   Inductor places a buffer.
   `lemo::swiglu_backward_` writes the SwiGLU MLP's gradients over its inputs; it is a `custom_op`

@@ -3,8 +3,8 @@
 Shapes: gate, up and grad share one shape [..., I] and dtype; grad is the gradient of
 `silu(gate) * up`. Numerics: those of PyTorch's autograd on Hugging Face's MLP in gate's dtype
 (and of the graph Inductor compiles for it): silu computed in float32, as x / (1 + exp(-x)) like
-ATen's kernel, and rounded to gate's dtype,
-`grad * up` rounded to it before silu's backward, every other step in float32.
+ATen's kernel, and rounded to gate's dtype; `grad * up` rounded to it before silu's backward;
+every other step in float32.
 
 * `swiglu_backward_reference(gate, up, grad) -> (d_gate, d_up)`, new tensors.
 * `swiglu_backward_in_place_triton(gate, up, grad)`: the same values, d_gate written over gate and

@@ -22,6 +22,13 @@ Rewrites (counted in `counters` under their names):
   a layout of (views, permutes, contiguous copies: attention's output, which its backward keeps
   anyway, rather than the contiguous copy made for the o projection) and redoes the layout ops
   after the cast.
+* `materialized_narrowing_casts`: a narrowing float cast (e.g. float32 -> bfloat16) of a value that
+  pointwise ops compute from a float32 matmul output, when kernels far apart would each compute it
+  inline (the o adapter's output: the norm after it and that norm's backward), is wrapped in
+  `lemo.materialize`, so it is computed once into a narrow buffer and the matmul output is freed
+  there. Narrowed values that a matmul or attention reads soon (the q/k/v adapters' outputs) are
+  stored by Inductor anyway and left alone: storing them ourselves changed the layout Inductor
+  chose for the recomputed attention's query, which cuDNN then refused.
 * `ordered_gradient_sums`: a value read by several matmuls in the forward (a norm's output, read
   by the q/k/v projections and their adapters) gets its gradient as a sum of matmul outputs (six
   at a LoRA-adapted attention input, three of them float32 from the adapters). Inductor computes
@@ -30,13 +37,6 @@ Rewrites (counted in `counters` under their names):
   sum that the next addition reads becomes `lemo.add_now`, an opaque addition Inductor runs where
   it stands (it would fuse a materialised one back into the reader), so the terms are added as
   they come, as eager autograd accumulates gradients, and each dies at its addition.
-* `materialized_narrowing_casts`: a narrowing float cast (e.g. float32 -> bfloat16) of a value that
-  pointwise ops compute from a float32 matmul output, when kernels far apart would each compute it
-  inline (the o adapter's output: the norm after it and that norm's backward), is wrapped in
-  `lemo.materialize`, so it is computed once into a narrow buffer and the matmul output is freed
-  there. Narrowed values that a matmul or attention reads soon (the q/k/v adapters' outputs) are
-  stored by Inductor anyway and left alone: storing them ourselves changed the layout Inductor
-  chose for the recomputed attention's query, which cuDNN then refused.
 
 Promise: the values are those the graph defines (each copy computes the same cast of the same
 input; a materialised value is the cast's value; `lemo.add_now` adds what the addition added), so

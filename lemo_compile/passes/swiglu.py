@@ -68,7 +68,8 @@ def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
 @functools.cache
 def _patterns() -> pm.PatternMatcherPass:
     """The pass holding the patterns: traced once, for float32 (no casts) and for a narrower dtype
-    (casts to float32 and back; dtype arguments match any dtype, `_safe` checks them)."""
+    (casts to float32 and back: the pattern's dtype arguments match any dtype; `_safe` checks that
+    gate, up, the gradient and both results share one)."""
     patterns = pm.PatternMatcherPass()
     for dtype in (torch.bfloat16, torch.float32):
         example = [torch.empty(2, 4, dtype=dtype) for _ in range(3)]
