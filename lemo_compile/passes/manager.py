@@ -9,7 +9,8 @@ Three stages, each seeing one IR:
 * `InductorPasses` on AOTAutograd's joint graph, installed as `joint_custom_post_pass`: what
   activation checkpointing saves in lemo's layers (`recompute.py`).
 * `InductorPasses` on Inductor's post-grad aten graphs (forward and backward), installed as
-  `post_grad_custom_post_pass`: the kernel fusion (`fuse.py`).
+  `post_grad_custom_post_pass`: the kernel fusion (`fuse.py`), and in backward graphs shorter
+  buffer lifetimes (`lifetimes.py`) and the SwiGLU backward in place (`swiglu.py`).
 
 An `InductorPasses`' `uuid()` hashes the source of the package and its list of passes, so that
 Inductor's caches never reuse a graph compiled by other code or with other passes.
@@ -56,9 +57,9 @@ class CompileReport:
                (mlp="tokens"), mlp_channel_layers (mlp="channels": MLP blocks whose backward
                keeps only their top channels), saved_selections, saved_attention and
                saved_sparse_layers (what checkpointed layers save instead of recomputing,
-               `passes/recompute.py`), and the
-               post-grad fusion's (`passes/fuse.py`), summed over the forward graph and, once it is
-               compiled at the first backward, the backward graph.
+               `passes/recompute.py`), and the post-grad passes' (`passes/fuse.py`,
+               `passes/lifetimes.py`, `passes/swiglu.py`), summed over the forward graph and, once
+               it is compiled at the first backward, the backward graph.
     warnings:  the messages of the LemoWarnings raised for this graph.
     extra_inputs: tensors the passes appended to the graph's inputs (predictor weights); the
                backend passes them after the caller's inputs.
