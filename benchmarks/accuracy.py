@@ -18,13 +18,17 @@ One run, one process, same data and seeds for every variant:
 4. Evaluation, dense (`model.eval()`, no grad: lemo leaves evaluation unchanged): the mean loss on
    `--eval-windows` held-out windows of `--long` tokens, and passkey accuracy (the 5 digits greedily
    decoded, exact match) at depths 0, 0.25, 0.5, 0.75 and 1, `--passkey-trials` new keys each.
-   For a sparse variant also `key_block_kept`: per depth, how often its selection on the
-   fine-tuned model keeps the block holding the key, against the share of blocks kept (chance).
+   For a sparse variant also its selection on a passkey probe (`selection_report`): per depth,
+   how often the fine-tuned model's selection keeps the block holding the key, and how much of it
+   the base model's selection shares, against the share of blocks kept (chance).
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
   oracle        lemo defaults (oracle scores, keep 0.4, first half of the layers and the last dense)
-  random        random block selection (`scorer="random"`): the baseline the selection must beat
+  random        random block selection (`scorer="random"`, seeded): one fixed pattern per layer,
+                the same blocks dropped at every step and in every row
+  random-fresh  random block selection drawn anew at every step (`scorer="random"`, no seed): the
+                random-token-drop baseline the selection must beat
   tokens        lemo with mlp="tokens"
   channels      lemo with mlp="channels"
   keep06        lemo with keep_ratio=0.6
@@ -54,7 +58,8 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "tokens", "channels", "keep06", "then-dense", "layerwise")
+VARIANTS = ("dense", "oracle", "random", "random-fresh", "tokens", "channels", "keep06",
+            "then-dense", "layerwise")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -183,6 +188,8 @@ def lemo_options(variant: str, args) -> dict:
         options["keep_ratio"] = 1.0
     elif variant == "random":
         options.update(scorer="random", seed=args.seed)
+    elif variant == "random-fresh":
+        options.update(scorer="random", seed=None)
     elif variant == "tokens":
         options["mlp"] = "tokens"
     elif variant == "channels":
@@ -238,34 +245,57 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     return merged.eval(), losses, sparse, lemo_compile.LemoConfig.from_options(options).keep_ratio
 
 
-def key_block_kept(model, variant: str, keep_ratio, args, device) -> dict | None:
-    """Whether the variant's selection keeps the passkey: per depth, the share of (sample, sparse
-    layer) pairs whose attention block selection, on the fine-tuned model, keeps the block holding
-    the key's first digit, over min(`--passkey-trials`, 4) samples per depth (`lemo_compile.explain`,
-    one batch: it runs with gradients on, so the batch's activations are all kept);
-    "chance" is the share of blocks a sparse layer keeps. `keep_ratio`: the one `finetune` used.
-    None for the dense variant."""
+def passkey_probe(args) -> list[tuple[float, torch.Tensor, int, int]]:
+    """The probe samples the selection is read on: min(`--passkey-trials`, 4) passkey samples per
+    depth, as (depth, ids, key, key_start)."""
+    rng = random.Random(args.seed + 5)
+    return [(depth, *passkey_sample(args.long, depth, rng.randrange(100000)))
+            for depth in DEPTHS for _ in range(min(args.passkey_trials, 4))]
+
+
+def attention_selections(model, options: dict, ids: torch.Tensor, device):
+    """(layer -> kept block indices [B, k], the sparse plans) of lemo's attention selection with
+    `options` on `ids`, one batch through `lemo_compile.explain` (it runs with gradients on, so
+    the batch's activations are all kept); ({}, []) when no layer is sparse."""
     import lemo_compile
 
-    if variant == "dense":
-        return None
-    options = {**lemo_options(selection_variant(variant), args), "keep_ratio": keep_ratio}
-    rng = random.Random(args.seed + 5)
-    samples = [(depth, *passkey_sample(args.long, depth, rng.randrange(100000)))
-               for depth in DEPTHS for _ in range(min(args.passkey_trials, 4))]
-    ids = torch.stack([sample[1] for sample in samples]).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, options=options)
     torch._dynamo.reset()
-    selected = explanation.selected.get("attention", {})
+    return (explanation.selected.get("attention", {}),
+            [plan for plan in explanation.plans if plan.sparse])
+
+
+def selection_report(tuned, base, variant: str, keep_ratio, args, device) -> dict | None:
+    """For a sparse variant, its attention selection on the passkey probe (`passkey_probe`), read
+    on the fine-tuned model `tuned` and on the context-extended base model `base`:
+
+    key_block_kept: per depth, the share of (sample, sparse layer) pairs whose selection on the
+                    fine-tuned model keeps the block holding the key's first digit;
+    same_as_base:   the share of the fine-tuned model's kept blocks that the base model's
+                    selection keeps too (1 for a fixed pattern; about `chance` for one unrelated
+                    to the input);
+    chance:         the share of blocks a sparse layer keeps.
+
+    `keep_ratio`: the one `finetune` used. None for the dense variant."""
+    if variant == "dense":
+        return None
+    options = {**lemo_options(selection_variant(variant), args), "keep_ratio": keep_ratio}
+    samples = passkey_probe(args)
+    ids = torch.stack([sample[1] for sample in samples]).to(device)
+    selected, plans = attention_selections(tuned, options, ids, device)
     if not selected:
         return None
+    before, _ = attention_selections(base, options, ids, device)
     kept: dict[str, list[bool]] = {str(depth): [] for depth in DEPTHS}
+    shared = []
     for row, (depth, _, _, key_start) in enumerate(samples):
-        for blocks in selected.values():
-            kept[str(depth)].append(key_start // args.block_size in blocks[row].tolist())
-    plans = [plan for plan in explanation.plans if plan.sparse]
-    return {"by_depth": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
+        for layer, blocks in selected.items():
+            chosen = set(blocks[row].tolist())
+            kept[str(depth)].append(key_start // args.block_size in chosen)
+            shared.append(len(chosen & set(before[layer][row].tolist())) / len(chosen))
+    return {"key_block_kept": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
+            "same_as_base": sum(shared) / len(shared),
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
 
@@ -337,6 +367,7 @@ def main() -> int:
     pretrain_losses = pretrain(model, train, args, device)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     extend_context(model, args.long / args.short)
+    base = model  # the context-extended base, whose selection the fine-tuned ones are compared to
     common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
               "steps": args.steps, "batch": args.batch, "seed": args.seed, "compiler": args.compiler,
               "pretrain_steps": args.pretrain_steps, "passkey_fraction": args.passkey_fraction,
@@ -345,7 +376,6 @@ def main() -> int:
     rows = [{"variant": "base (extended, not fine-tuned)", **common,
              "pretrain_loss_last": pretrain_losses[-1], "seconds": time.perf_counter() - begin,
              **evaluate(model, held_out, args, device)}]
-    del model
     with open(args.out, "a") as f:  # row by row: a run cut short keeps what it finished
         f.write(json.dumps(rows[-1]) + "\n")
     batches = finetune_batches(train, args)
@@ -356,7 +386,7 @@ def main() -> int:
                      "keep_ratio": keep_ratio,
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
-                     "key_block_kept": key_block_kept(tuned, variant, keep_ratio, args, device)})
+                     "selection": selection_report(tuned, base, variant, keep_ratio, args, device)})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
@@ -364,12 +394,13 @@ def main() -> int:
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
-          "  key block kept by depth (chance)")
+          "  key block kept by depth, same as base (chance)")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
-        kept = row.get("key_block_kept")
-        kept_text = "" if not kept else "  " + " ".join(
-            f"{kept['by_depth'][str(d)]:.2f}" for d in DEPTHS) + f" ({kept['chance']:.2f})"
+        selection = row.get("selection")
+        kept_text = "" if not selection else "  " + " ".join(
+            f"{selection['key_block_kept'][str(d)]:.2f}" for d in DEPTHS) + (
+            f", {selection['same_as_base']:.2f} ({selection['chance']:.2f})")
         print(f"{row['variant']:<32} {row['held_out_loss']:>13.4f} {versus:>8}  "
               + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS) + kept_text)
     print(f"total {time.perf_counter() - begin:.0f} s")
