@@ -20,7 +20,7 @@ its own Inductor cache directory:
   lemo-save-sparse  lemo with mlp="tokens" and save_sparse_layers=True (with --checkpointing:
                   sparse layers kept, not recomputed)
   lemo-tokens-save-attention  lemo with mlp="tokens" and save_attention=True
-  lemo-tokens-save-dense-attention  lemo with mlp="tokens" and save_attention=[the dense layers]
+  lemo-tokens-save-dense-attention  lemo with mlp="tokens" and save_attention="dense"
                   (a dense layer's attention saves the most recomputation per byte)
   lemo-tokens-predictor-save-dense-attention  the same with scorer="predictor" (randomly
                   initialised attention and MLP predictors: their cost, not their accuracy)
@@ -70,9 +70,9 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-save-attention": {"save_attention": True},
     "lemo-save-sparse": {"mlp": "tokens", "save_sparse_layers": True},
     "lemo-tokens-save-attention": {"mlp": "tokens", "save_attention": True},
-    "lemo-tokens-save-dense-attention": {"mlp": "tokens", "save_attention": "dense layers"},
+    "lemo-tokens-save-dense-attention": {"mlp": "tokens", "save_attention": "dense"},
     "lemo-tokens-predictor-save-dense-attention": {"mlp": "tokens", "scorer": "predictor",
-                                                   "save_attention": "dense layers"},
+                                                   "save_attention": "dense"},
     "lemo-nofuse": {"fuse": False},
     "lemo-reuse": {"backward_buffer_reuse": True},
     "lemo-longcasts": {"shorten_casts": False},
@@ -99,14 +99,11 @@ def build_model(args):
 
 def lemo_options(args) -> dict:
     import lemo_compile
-    from lemo_compile.plan import dense_layer_set
 
     options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio,
                      **LEMO_VARIANT_OPTIONS[args.variant]}
-    if options.get("save_attention") == "dense layers":
-        config = lemo_compile.LemoConfig(**{**options, "save_attention": False, "scorer": "oracle"})
-        options["save_attention"] = (args.save_attention_layers
-                                     or sorted(dense_layer_set(config, args.layers)))
+    if options.get("save_attention") == "dense" and args.save_attention_layers:
+        options["save_attention"] = args.save_attention_layers
     if options.get("scorer") == "predictor":
         from lemo_compile.predictors import ModelSignature, PredictorBank
 

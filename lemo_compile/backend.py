@@ -210,8 +210,11 @@ def _compile(
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
     post_grad = InductorPasses(passes)
+    saved = config.save_attention
+    if saved == "dense":  # the layers that run dense as built (fallbacks included)
+        saved = tuple(plan.layer for plan in report.plans if not plan.sparse)
     joint = InductorPasses([functools.partial(
-        save_in_checkpoints, attention=config.save_attention,
+        save_in_checkpoints, attention=saved,
         sparse_layers=config.save_sparse_layers, counters=report.counters, root_layer=root_layer,
     )] if report.training else [])
     if config.compiler == "inductor":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from lemo_compile.predictors.bank import PredictorBank
@@ -62,9 +62,10 @@ class LemoConfig:
                   checkpointed layer's attention output and log-sum-exp for the backward instead of
                   recomputing attention there (`passes/recompute.py`): faster at long lengths, and
                   S x hidden x 2 bytes (bf16) more per dense layer, K x hidden x 2 per sparse one.
-                  True: every layer; a list of layer indices: those layers only (a dense layer
-                  saves more recomputation per byte than a sparse one, whose attention runs on
-                  K of S tokens). No effect without checkpointing.
+                  True: every layer; "dense": the layers that run dense (a dense layer saves
+                  more recomputation per byte than a sparse one, whose attention runs on K of S
+                  tokens); a list of layer indices: those layers. No effect without
+                  checkpointing.
     save_sparse_layers: with activation checkpointing, a sparse layer's checkpointed region is
                   not recomputed: its activations are kept as if it were not checkpointed
                   (`passes/recompute.py`). Dense layers are still recomputed. Pays with
@@ -95,7 +96,7 @@ class LemoConfig:
     fuse: bool = True
     shorten_casts: bool = True
     swiglu_in_place: bool = True
-    save_attention: bool | tuple[int, ...] = False
+    save_attention: bool | str | tuple[int, ...] = False
     save_sparse_layers: bool = False
     backward_buffer_reuse: bool = False
     seed: int | None = None
@@ -113,9 +114,10 @@ class LemoConfig:
         if self.dense_layers != "auto":
             object.__setattr__(self, "dense_layers", _layer_indices(
                 "dense_layers", self.dense_layers, "'auto' or a list of layer indices"))
-        if not isinstance(self.save_attention, bool):
+        if not isinstance(self.save_attention, bool) and self.save_attention != "dense":
             object.__setattr__(self, "save_attention", _layer_indices(
-                "save_attention", self.save_attention, "True, False or a list of layer indices"))
+                "save_attention", self.save_attention,
+                "True, False, 'dense' or a list of layer indices"))
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
@@ -172,12 +174,13 @@ class LemoConfig:
             return self.keep_ratio[layer]
         return self.keep_ratio
 
-    def saves_attention(self, layer: int | None) -> bool:
+    def saves_attention(self, layer: int | None, dense: Collection[int]) -> bool:
         """Whether decoder layer `layer` keeps its attention output under checkpointing
-        (`save_attention`); None: an attention call outside any decoder layer."""
+        (`save_attention`), given the layers that run dense; None: an attention call outside any
+        decoder layer."""
         if isinstance(self.save_attention, bool):
             return self.save_attention
-        return layer in self.save_attention
+        return layer in (dense if self.save_attention == "dense" else self.save_attention)
 
     def mlp_ratio_of(self, layer: int) -> float:
         """The MLP keep ratio of decoder layer `layer` (mlp="tokens")."""

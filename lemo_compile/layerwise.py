@@ -57,7 +57,7 @@ def layer_groups(config: LemoConfig, num_layers: int) -> list[LayerGroup]:
     for layer in range(num_layers):
         key = (layer,) if per_layer else (
             layer in dense, config.keep_ratio_of(layer), config.mlp_ratio_of(layer),
-            config.saves_attention(layer))
+            config.saves_attention(layer, dense))
         members.setdefault(key, []).append(layer)
     return [LayerGroup(tuple(layers), num_layers) for layers in members.values()]
 

@@ -126,7 +126,7 @@ def plan_layers(config: LemoConfig, num_layers: int, seq_len: int,
             f"{num_layers} decoder layers"
         )
     dense = dense_layer_set(config, num_layers)
-    if not isinstance(config.save_attention, bool):
+    if isinstance(config.save_attention, tuple):
         _check_layers_exist("save_attention", config.save_attention, num_layers)
     n_blocks, tail = divmod(seq_len, config.block_size)
     plans = []

@@ -104,6 +104,8 @@ def test_groups_follow_the_plan():
     assert [g.layers for g in layer_groups(config, 6)] == [(0, 1, 5), (2,), (3, 4)]
     saving = lemo_compile.LemoConfig(save_attention=[1])  # dense layers 0, 1 and 3
     assert [g.layers for g in layer_groups(saving, 4)] == [(0, 3), (1,), (2,)]
+    saving_dense = lemo_compile.LemoConfig(save_attention="dense")
+    assert [g.layers for g in layer_groups(saving_dense, 4)] == [(0, 1, 3), (2,)]
     seeded = lemo_compile.LemoConfig(scorer="random", seed=3)
     assert [g.layers for g in layer_groups(seeded, 3)] == [(0,), (1,), (2,)]
 

@@ -97,6 +97,12 @@ def test_attention_is_saved_in_the_layers_listed_only():
     assert _attention_forwards(report.graphs["post_grad_backward"]) == 2
 
 
+def test_dense_saves_the_attention_of_the_layers_that_run_dense():
+    _, _, report = _step(True, save_attention="dense")  # layer 0 dense, layers 1-3 sparse
+    assert report.counters["saved_attention"] == 1
+    assert _attention_forwards(report.graphs["post_grad_backward"]) == 3
+
+
 def test_save_attention_layers_must_exist():
     config = lemo_compile.LemoConfig(save_attention=[1, 7])
     with pytest.raises(ValueError, match="save_attention.*names layers \\[7\\]"):
