@@ -73,15 +73,19 @@ def test_no_graph_breaks_and_no_recompiles_over_steps():
     assert not counters["graph_break"]
 
 
-def test_predictor_scorer_with_mlp_predictors_under_inductor():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predictor_scorer_with_mlp_predictors_under_inductor(checkpointing):
     """Calibrated on CUDA (oracle labels from the Triton kernel), then compiled by Inductor with
-    the attention and MLP predictors in the graph: one graph, and the loss and gradients of the
-    same graphs run without code generation."""
+    the attention and MLP predictors in the graph (with checkpointing: passed on to each
+    checkpointed layer): one graph, and the loss and gradients of the same graphs run without
+    code generation."""
     model = tiny_llama(dtype=torch.bfloat16).cuda()
     options = {"block_size": 32, "dense_layers": [0], "loss_segment": 128, "mlp": "tokens"}
     batches = [token_batch(1, 256, seed=s).cuda() for s in range(4)]
     bank = lemo_compile.calibrate(model, batches, options=options, steps=8, progress=False)
     assert bank.mlp_layers == [1, 2, 3]
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = token_batch(2, 300).cuda()
     options = {**options, "scorer": "predictor", "predictors": bank}
     backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
@@ -98,6 +102,7 @@ def test_predictor_scorer_with_mlp_predictors_under_inductor():
     assert len(backend.reports) == 1
     assert all("NaN placeholder" in warning for warning in report.warnings)  # the logits only
     assert report.counters["sparse_layers"] == 3 and report.counters["mlp_sparse_layers"] == 3
+    assert report.counters.get("saved_selections", 0) == (6 if checkpointing else 0)
 
 
 def test_opt_under_inductor_uses_the_layer_norm_kernel():
