@@ -36,8 +36,8 @@ from lemo_compile.passes.loss import segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, pass_body_inputs, select_pass
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.passes.residual import canonical_residual_adds
-from lemo_compile.regions import (checkpoint_bodies, checkpointed_layers, find_regions,
-                                  input_dependent_masks)
+from lemo_compile.regions import (DecoderLayer, checkpoint_bodies, checkpointed_layers,
+                                  find_regions, input_dependent_masks)
 
 
 class LemoWarning(UserWarning):
@@ -163,6 +163,16 @@ def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: Laye
     for body, body_regions in bodies.values():
         _select_in_body(gm, body, calls[body], body_regions, plans, config, fake_mode, padded,
                         selection)
+    _record_selection(report, selection, layers, plans, config, layer_group)
+    gm.recompile()
+    report.graphs["select"] = gm.code
+
+
+def _record_selection(report: CompileReport, selection: SelectionResult,
+                      layers: list[DecoderLayer], plans: list[LayerPlan], config: LemoConfig,
+                      layer_group: LayerGroup | None) -> None:
+    """Record in `report` what the selection passes built: the plans as built (a layer that fell
+    back runs dense, with the reason), the extra inputs, the counters and the warnings."""
     report.extra_inputs = selection.extra_inputs
     if selection.mlp_activation_scored:
         report.warn(
@@ -203,8 +213,6 @@ def _select(gm: fx.GraphModule, config: LemoConfig, fake_mode, layer_group: Laye
             "lemo: the model returns its KV cache in training (use_cache=True); the cache "
             "entries of sparse layers are NaN placeholders. Pass use_cache=False."
         )
-    gm.recompile()
-    report.graphs["select"] = gm.code
 
 
 def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Node], body_regions,
