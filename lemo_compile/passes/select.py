@@ -531,15 +531,22 @@ def _constant_input(gm, tensor: torch.Tensor, name: str, fake_mode, tag, role: R
                     extra_inputs: list, like: fx.Node) -> fx.Node:
     """A new graph input holding `tensor` (float32, on `like`'s device) that the backend passes
     itself (`extra_inputs`): frozen, and no optimizer ever sees it."""
-    graph = gm.graph
     constant = tensor.detach().to(example_value(like).device, torch.float32).clone()
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        node = graph.placeholder(name)
-    node.meta["example_value"] = fake_mode.from_tensor(constant, static_shapes=True)
-    node._dynamo_source = None  # AOTAutograd asks every input where it came from
+    node = _append_input(gm, name, constant, fake_mode, extra_inputs)
     tag(node, role)
-    extra_inputs.append(constant)
+    return node
+
+
+def _append_input(gm: fx.GraphModule, name: str, tensor: torch.Tensor, fake_mode,
+                  extra_inputs: list) -> fx.Node:
+    """A new last placeholder of gm holding `tensor` (static shape), which the backend passes
+    itself: `tensor` is appended to `extra_inputs`, in placeholder order."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    node._dynamo_source = None  # AOTAutograd asks every input where it came from
+    extra_inputs.append(tensor)
     return node
 
 
@@ -554,13 +561,8 @@ def pass_body_inputs(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.No
         return
     inner = [n for n in body.graph.nodes if n.op == "placeholder"][-len(tensors):]
     for placeholder, tensor in zip(inner, tensors, strict=True):
-        last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        with gm.graph.inserting_after(last):
-            outer = gm.graph.placeholder(placeholder.name)
-        outer.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True)
+        outer = _append_input(gm, placeholder.name, tensor, fake_mode, extra_inputs)
         outer.meta["custom"] = dict(placeholder.meta.get("custom") or {})
-        outer._dynamo_source = None  # AOTAutograd asks every input where it came from
-        extra_inputs.append(tensor)
         for call in calls:
             call.args = (*call.args, outer)
 
