@@ -107,6 +107,12 @@ def insert_call(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: dict | 
     return node
 
 
+def is_backward_graph(graph: fx.Graph) -> bool:
+    """Whether an AOTAutograd graph is a backward graph: it reads incoming gradients
+    (placeholders named `tangents_*`)."""
+    return any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder"))
+
+
 def insert_post_grad_call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None, *,
                           like: fx.Node | None = None) -> fx.Node:
     """Insert `target(*args, **kwargs)` at the graph's insertion point in Inductor's post-grad IR:

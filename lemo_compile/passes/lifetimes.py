@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from lemo_compile.fx_utils import insert_post_grad_call
+from lemo_compile.fx_utils import insert_post_grad_call, is_backward_graph
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -80,7 +80,7 @@ def shorten_cast_lifetimes(graph: fx.Graph,
     """Apply the rewrites above to `graph` in place if it is a backward graph (it reads tangents);
     add their counts to `counters`, return it."""
     counters = counters if counters is not None else {}
-    if not any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder")):
+    if not is_backward_graph(graph):
         return counters
 
     def count(name: str, made: int = 1) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch._inductor import pattern_matcher as pm
 
-from lemo_compile.fx_utils import insert_post_grad_call
+from lemo_compile.fx_utils import insert_post_grad_call, is_backward_graph
 
 aten = torch.ops.aten
 
@@ -49,7 +49,7 @@ def swiglu_backward_in_place(graph: fx.Graph,
     """Apply the rewrite above to `graph` in place if it is a backward graph (it reads tangents);
     add the count to `counters`, return it."""
     counters = counters if counters is not None else {}
-    if any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder")):
+    if is_backward_graph(graph):
         made = _patterns().apply(graph)
         if made:
             counters["swiglu_backward_in_place"] = counters.get("swiglu_backward_in_place", 0) + made
