@@ -1,8 +1,9 @@
 """FX helpers shared by the backend, its passes and the tools: graph copies, dotted attribute
 access, the fake mode a graph's values live in, node values (`example_value`, `node_shape`,
 `evaluate`), the one way a pass inserts a node with its value (`insert_call`, `copy_with_value`;
-`insert_post_grad_call` in Inductor's post-grad IR), and `compile_apart` (a one-off compile in a
-frame of its own). Only the insertion helpers change a graph, and only where the caller says."""
+`insert_post_grad_call` in Inductor's post-grad IR), `any_readers` (traced patterns for Inductor's
+pattern matcher), and `compile_apart` (a one-off compile in a frame of its own). Only the insertion
+helpers change a graph, and only where the caller says."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._inductor import pattern_matcher as pm
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 
@@ -126,6 +128,22 @@ def insert_post_grad_call(graph: fx.Graph, target, args: tuple, kwargs: dict | N
     with mode if mode is not None else contextlib.nullcontext():
         node.meta["val"] = evaluate(node, lambda n: n.meta["val"])
     return node
+
+
+def any_readers(pattern: pm.PatternExpr) -> pm.PatternExpr:
+    """Let every node of a traced pattern (`pm.gen_pattern`) have readers outside the match (a
+    traced pattern asks for the exact count it had in the traced function); returns `pattern`. The
+    caller's `extra_check` or replacement decides what those readers may see."""
+    stack = [pattern]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, pm.MultiOutputPattern):
+            stack.extend(node.outputs)
+        elif isinstance(node, pm.CallFunction):
+            node.users = pm.MULTIPLE
+            stack.extend(arg for arg in (*node.args, *node.kwargs.values())
+                         if isinstance(arg, pm.PatternExpr))
+    return pattern
 
 
 def copy_with_value(graph: fx.Graph, fake_mode, node: fx.Node,

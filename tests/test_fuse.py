@@ -7,11 +7,14 @@ import re
 
 import pytest
 import torch
+from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.fx_passes.post_grad import view_to_reshape
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lemo_compile
 from conftest import tiny_llama, tiny_opt, token_batch
 from lemo_compile.passes.fuse import fuse_row_movements
+from lemo_compile.tags import Role, tag
 
 
 def _train_step(model, ids, **options):
@@ -105,6 +108,61 @@ def test_user_gathers_and_scatters_are_left_alone():
     want = user_code(x, index, rows)
     got = graph_module(x, index, rows)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _rms_norm(rows, weight):  # Hugging Face's LlamaRMSNorm
+    h = rows.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return weight * h.to(rows.dtype)
+
+
+def _gemma_rms_norm(rows, weight):  # Gemma's: `1 + weight`, multiplied on the right (float32)
+    h = rows.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (h * (1.0 + weight.float())).type_as(rows)
+
+
+def _layer_norm(rows, weight, bias):
+    return torch.nn.functional.layer_norm(rows, rows.shape[-1:], weight, bias, 1e-5)
+
+
+def _flat_layer_norm(rows, weight, bias):  # OPT's MLP blocks
+    return _layer_norm(rows.reshape(-1, rows.shape[-1]), weight, bias)
+
+
+@pytest.mark.parametrize("inductor_views", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, op, arity", [(_rms_norm, "gather_rms_norm", 1),
+                                             (_gemma_rms_norm, "gather_rms_norm", 1),
+                                             (_layer_norm, "gather_layer_norm", 2),
+                                             (_flat_layer_norm, "gather_layer_norm", 2)])
+def test_norms_after_a_gather_as_torch_decomposes_them_are_fused(inductor_views, dtype, norm, op,
+                                                                 arity):
+    """The patterns follow the installed torch: each norm as a model writes it, traced through
+    Inductor's decompositions after a gather at lemo's selection, becomes the fused op (Gemma's
+    only in float32, where no cast stands between the norm and its weight), with the same result;
+    also with the views made reshapes, as Inductor makes them before its post-grad passes."""
+
+    def chain(x, idx, *params):
+        rows = x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[2]))
+        return norm(rows, *params)
+
+    x = torch.randn(2, 10, 8, dtype=dtype)
+    idx = torch.tensor([[0, 3, 4], [1, 2, 9]])
+    params = [torch.rand(8, dtype=dtype) + 0.5 for _ in range(arity)]
+    graph_module = make_fx(chain, select_decomp_table(), tracing_mode="fake")(x, idx, *params)
+    if inductor_views:
+        view_to_reshape(graph_module)
+    # the tags selection gives these nodes
+    tag(graph_module.graph.find_nodes(op="placeholder")[1], Role.SELECT)
+    tag(graph_module.graph.find_nodes(op="call_function", target=torch.ops.aten.gather.default)[0],
+        Role.GATHER)
+    counters = fuse_row_movements(graph_module.graph)
+    graph_module.recompile()
+    fused = norm is not _gemma_rms_norm or dtype == torch.float32
+    assert counters == ({"fused_gather_norm": 1} if fused else {"fused_gather": 1})
+    assert (f"lemo.{op}.default" in graph_module.code) == fused
+    torch.testing.assert_close(graph_module(x, idx, *params), chain(x, idx, *params))
 
 
 def test_sparse_block_does_not_keep_its_residual_input_alive():

@@ -1,9 +1,10 @@
 """Post-grad fusion: the row movements that token selection leaves -> lemo's fused row ops.
 
 IR: Inductor's post-grad graphs, forward and backward separately: functional aten ops after
-Inductor's decompositions, every node with `meta["val"]`. Token selection (`select.py`) inserts
-plain gathers and a scatter-add per sparse block on the Dynamo graph; AOTAutograd turns them, and
-their gradients, into these chains (B batch, S tokens, K kept, D width, idx [B, K] from `select_tokens`):
+Inductor's decompositions, every node with `meta["val"]`, the graph a GraphModule's (the pattern
+matcher's need). Token selection (`select.py`) inserts plain gathers and a scatter-add per sparse
+block on the Dynamo graph; AOTAutograd turns them, and their gradients, into these chains (B batch,
+S tokens, K kept, D width, idx [B, K] from `select_tokens`):
 
     forward   aten.gather(x, 1, expand(idx[:, :, None], [B, K, D]))  + Hugging Face RMSNorm after it
               aten.scatter_add(x, 1, expand(idx...), rows)           the residual add
@@ -11,14 +12,25 @@ their gradients, into these chains (B batch, S tokens, K kept, D width, idx [B, 
               aten.add(g, aten.scatter_add(zeros, 1, expand(idx...), d_rows))
                                                                     a zero-padded [B, S, D] buffer
 
+Matching uses Inductor's pattern matcher, with patterns traced from the pure-torch chains below
+(`_rms_norm`, `_layer_norm`, ...) through Inductor's decompositions: one per dtype variant (float32
+models have no casts; narrower ones cast the rows to float32 and the result back) and per form (the
+side the norm's weight is on; rows viewed as [B * K, D] through a view, or through the reshape that
+Inductor makes of every view before its post-grad passes: compiler="aot_eager" and `explain` run
+this pass on AOTAutograd's graphs, which keep views). The traced patterns leave ints, floats, lists
+and dtypes open; the checks pin those the chains state, and that the index is lemo's
+(`_token_index`). The nodes of a norm chain may have readers outside it (what the backward saves):
+they then read the fused op's outputs, or compute from them.
+
 Rewrites, in this order (each counted in `counters` under its name):
 
-* `fused_gather_norm`: the gather and the RMSNorm chain that reads it -> `lemo.gather_rms_norm`,
-  whose outputs stand in for the norm's output, the gathered rows and 1/rms (the last two are what
-  the norm's backward reads); the gather and the LayerNorm chain that reads it (OPT; Inductor's
-  decomposition: var_mean, rsqrt, (h - mean) * rstd * weight + bias; the rows may be viewed as
-  [B * K, D] first, as in OPT's MLP blocks) -> `lemo.gather_layer_norm`, whose outputs stand in
-  for the output, the rows, the mean and 1/std.
+* `fused_gather_norm`: the gather and the RMSNorm chain that reads it (the weight multiplied on
+  either side: Gemma's is `normed * (1 + weight)`) -> `lemo.gather_rms_norm`, whose outputs stand
+  in for the norm's output, the gathered rows and 1/rms (the last two are what the norm's backward
+  reads); the gather and the LayerNorm chain that reads it (OPT; Inductor's decomposition:
+  var_mean, rsqrt, (h - mean) * rstd * weight + bias; the rows may be viewed as [B * K, D] first,
+  as in OPT's MLP blocks) -> `lemo.gather_layer_norm`, whose outputs stand in for the output, the
+  rows, the mean and 1/std.
 * `fused_gather`: any other gather -> `lemo.gather_rows`.
 * `folded_zero_scatter`: add(g, scatter_add(zeros, ...)) -> `lemo.scatter_add_rows(g, ...)`.
 * `fused_scatter_add`: any other scatter-add -> `lemo.scatter_add_rows`.
@@ -32,46 +44,135 @@ when only pure calls compute it; otherwise that gather is left unfused.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
 from torch import fx
+from torch._inductor import pattern_matcher as pm
+from torch._inductor.fx_passes.post_grad import view_to_reshape
 
+from lemo_compile.fx_utils import any_readers, insert_post_grad_call
 from lemo_compile.tags import Role, role_of
 
 aten = torch.ops.aten
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+prims = torch.ops.prims
+
+# the norms' eps when traced: the pattern matcher turns this constant into the handler's `eps`
+_TRACED_EPS = 1e-6
 
 
 def fuse_row_movements(graph: fx.Graph, counters: dict[str, int] | None = None) -> dict[str, int]:
     """Apply the rewrites above to `graph` in place; add their counts to `counters`, return it."""
     counters = counters if counters is not None else {}
-
-    def count(name: str) -> None:
-        counters[name] = counters.get(name, 0) + 1
-
-    for node in list(graph.nodes):
-        if node.target is aten.gather.default and _token_index(node) is not None:
-            if _fuse_gather_norm(graph, node) or _fuse_gather_layer_norm(graph, node):
-                count("fused_gather_norm")
-            else:
-                _replace(graph, node, torch.ops.lemo.gather_rows.default,
-                         (node.args[0], _token_index(node)))
-                count("fused_gather")
-    for node in list(graph.nodes):
-        if node.target is aten.scatter_add.default and _token_index(node) is not None:
-            x, _, _, rows = node.args
-            idx = _token_index(node)
-            target = _zero_fold_target(node)
-            if target is not None:
-                add, other = target
-                _replace(graph, add, torch.ops.lemo.scatter_add_rows.default, (other, idx, rows))
-                count("folded_zero_scatter")
-            else:
-                _replace(graph, node, torch.ops.lemo.scatter_add_rows.default, (x, idx, rows))
-                count("fused_scatter_add")
+    for name, patterns in _rewrites():
+        made = patterns.apply(graph)
+        if made:
+            counters[name] = counters.get(name, 0) + made
     graph.eliminate_dead_code()
     return counters
+
+
+# ----------------------------------------------------------------- the chains, as torch states them
+
+
+def _gather(x, index):
+    return x.gather(1, index)
+
+
+def _scatter_add(x, index, rows):
+    return x.scatter_add(1, index, rows)
+
+
+def _g_plus_zero_scatter(g, zeros, index, rows):
+    return g + zeros.scatter_add(1, index, rows)
+
+
+def _zero_scatter_plus_g(g, zeros, index, rows):
+    return zeros.scatter_add(1, index, rows) + g
+
+
+def _rms_norm(x, index, weight, eps):
+    """Hugging Face's RMSNorm of the gathered rows: (output, rows, 1/rms)."""
+    rows = x.gather(1, index)
+    normed, rstd = _rms_normed(rows, eps)
+    return weight * normed, rows, rstd
+
+
+def _rms_norm_weight_last(x, index, weight, eps):
+    """The same with the weight multiplied on the right (Gemma's `normed * (1 + weight)`)."""
+    rows = x.gather(1, index)
+    normed, rstd = _rms_normed(rows, eps)
+    return normed * weight, rows, rstd
+
+
+def _rms_normed(rows, eps):
+    h = rows.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * rstd).to(rows.dtype), rstd
+
+
+def _layer_norm(x, index, weight, bias, eps):
+    """A LayerNorm of the gathered rows as Inductor decomposes it: (output, rows, mean, 1/std)."""
+    return _layer_norm_of(x.gather(1, index), weight, bias, eps)
+
+
+def _flat_layer_norm(x, index, weight, bias, eps):
+    """The same of the rows viewed as [B * K, D] (OPT's MLP blocks)."""
+    return _layer_norm_of(x.gather(1, index).view(-1, x.shape[2]), weight, bias, eps)
+
+
+def _layer_norm_of(rows, weight, bias, eps):
+    h = rows.float()
+    var, mean = torch.var_mean(h, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return ((h - mean) * rstd * weight + bias).to(rows.dtype), rows, mean, rstd
+
+
+@functools.cache
+def _rewrites() -> tuple[tuple[str, pm.PatternMatcherPass], ...]:
+    """Each rewrite's name and the pass holding its patterns, in the order they apply (traced
+    once)."""
+    norms, gathers, folds, scatters = (pm.PatternMatcherPass() for _ in range(4))
+    # the example inputs are distinct tensors: make_fx traces a tensor passed twice as one input
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16 stands for any narrower dtype
+        x, index = torch.empty(2, 8, 4, dtype=dtype), torch.zeros(2, 3, 4, dtype=torch.int64)
+        weight, bias = torch.empty(4, dtype=dtype), torch.empty(4, dtype=dtype)
+        rms_inputs, layer_norm_inputs = (x, index, weight), (x, index, weight, bias)
+        check = functools.partial(_is_fusable_norm, casts=dtype != torch.float32)
+        for chain, inputs, fuse, trace in (
+                (_rms_norm, rms_inputs, _fuse_rms_norm, pm.fwd_only),
+                (_rms_norm_weight_last, rms_inputs, _fuse_rms_norm, pm.fwd_only),
+                (_layer_norm, layer_norm_inputs, _fuse_layer_norm, pm.fwd_only),
+                (_flat_layer_norm, layer_norm_inputs, _fuse_layer_norm, pm.fwd_only),
+                (_flat_layer_norm, layer_norm_inputs, _fuse_layer_norm, _fwd_only_with_reshapes)):
+            pattern = pm.gen_pattern(chain, inputs, trace, scalar_workaround={"eps": _TRACED_EPS})
+            pm.register_graph_pattern(any_readers(pattern), extra_check=check,
+                                      pass_dict=norms)(fuse)
+    x, zeros, rows = torch.empty(2, 8, 4), torch.empty(2, 8, 4), torch.empty(2, 3, 4)
+    index = torch.zeros(2, 3, 4, dtype=torch.int64)
+    pm.register_graph_pattern(pm.gen_pattern(_gather, (x, index), pm.fwd_only),
+                              extra_check=_reads_token_index, pass_dict=gathers)(_rewrite_gather)
+    for chain in (_g_plus_zero_scatter, _zero_scatter_plus_g):
+        # not any_readers: the scatter-add is folded only when the add is its one reader
+        pm.register_graph_pattern(pm.gen_pattern(chain, (x, zeros, index, rows), pm.fwd_only),
+                                  extra_check=_is_zero_fold, pass_dict=folds)(_fold_zero_scatter)
+    pm.register_graph_pattern(pm.gen_pattern(_scatter_add, (x, index, rows), pm.fwd_only),
+                              extra_check=_reads_token_index, pass_dict=scatters)(_rewrite_scatter)
+    return (("fused_gather_norm", norms), ("fused_gather", gathers),
+            ("folded_zero_scatter", folds), ("fused_scatter_add", scatters))
+
+
+def _fwd_only_with_reshapes(fn, args, **kwargs) -> fx.GraphModule:
+    """`pm.fwd_only`'s graph with its views made reshapes, as Inductor makes them before its
+    post-grad passes (the AOTAutograd graphs that compiler="aot_eager" and explain fuse keep
+    views)."""
+    graph_module = pm.fwd_only(fn, args, **kwargs)
+    view_to_reshape(graph_module)
+    return graph_module
+
+
+# ------------------------------------------------------------------------------------- the checks
 
 
 def _val(node):
@@ -114,30 +215,23 @@ def _token_index(node: fx.Node) -> fx.Node | None:
     return idx
 
 
-def _replace(graph: fx.Graph, node: fx.Node, op, args: tuple) -> fx.Node:
-    with graph.inserting_before(node):
-        new = graph.call_function(op, args)
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return new
+def _reads_token_index(match: pm.Match) -> bool:
+    """Whether the matched gather / scatter-add is indexed by lemo's selection."""
+    return _token_index(match.output_node()) is not None
 
 
-def _zero_fold_target(scatter: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(add node, g) when scatter adds into a zero buffer whose only use is `g + scatter`."""
-    zeros = scatter.args[0]
-    if not _is_zeros(zeros) or len(scatter.users) != 1:
-        return None
-    (add,) = scatter.users
-    if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
-        return None
-    other = add.args[1] if add.args[0] is scatter else add.args[0]
-    other_val, add_val = _val(other), _val(add)
-    if other is scatter or other_val is None or add_val is None:
-        return None
-    if other_val.shape != add_val.shape or other_val.dtype != add_val.dtype:
-        return None
-    return add, other
+def _is_zero_fold(match: pm.Match) -> bool:
+    """Whether the matched `g + scatter_add(zeros, ...)` can be the scatter-add into g: lemo's
+    selection indexes it, the buffer is zeros and g has the sum's shape and dtype."""
+    add, g = match.output_node(), match.kwargs["g"]
+    g_val, add_val = _val(g), _val(add)
+    return (
+        _token_index(_matched(match, aten.scatter_add.default)) is not None
+        and _is_zeros(match.kwargs["zeros"])
+        and not add.kwargs  # an alpha would scale the scatter-add
+        and g_val is not None and add_val is not None
+        and g_val.shape == add_val.shape and g_val.dtype == add_val.dtype
+    )
 
 
 def _is_zeros(node) -> bool:
@@ -148,141 +242,56 @@ def _is_zeros(node) -> bool:
     return node.target is aten.zeros.default
 
 
-def _single_user(node: fx.Node, target, predicate=lambda user: True) -> fx.Node | None:
-    users = [u for u in node.users if u.target is target and predicate(u)]
-    return users[0] if len(users) == 1 else None
-
-
-def _fuse_gather_norm(graph: fx.Graph, gather: fx.Node) -> bool:
-    """Rewrite gather + `weight * (h * rsqrt(mean(h ** 2) + eps)).to(dtype)`, h = rows.float()."""
-    x_val = _val(gather)
-    width = x_val.shape[2]
-    h = _float_rows(gather)
-    square = h and _single_user(h, aten.pow.Tensor_Scalar, lambda u: u.args[1] == 2)
-    mean = square and _only_user(square, aten.mean.dim)
-    if mean is None or list(mean.args[1]) not in ([-1], [2]) or not _keepdim(mean):
-        return False
-    plus_eps = _only_user(mean, aten.add.Tensor)
-    if plus_eps is None or not isinstance(plus_eps.args[1], float):
-        return False
-    rstd = _only_user(plus_eps, aten.rsqrt.default)
-    normed = rstd and _single_user(rstd, aten.mul.Tensor, lambda u: h in u.args)
-    if normed is None:
-        return False
-    scaled_input = _cast_back(normed, x_val.dtype)
-    if scaled_input is None:
-        return False
-    weight_mul = _single_user(
-        scaled_input, aten.mul.Tensor, lambda u: _is_weight(u, scaled_input, width)
+def _is_fusable_norm(match: pm.Match, casts: bool) -> bool:
+    """Whether a matched gather + norm is fused: lemo's selection indexes the gather, the rows are
+    float32 exactly when the chain has no casts, the constants the pattern leaves open are the
+    chain's, and the weight (and bias) are [D] tensors computable before the gather."""
+    gather, rows = _matched(match, aten.gather.default), match.output_nodes()[1]
+    width = _val(gather).shape[2]
+    params = [match.kwargs[name] for name in ("weight", "bias") if name in match.kwargs]
+    return (
+        _token_index(gather) is not None
+        and (_val(rows).dtype != torch.float32) == casts
+        and isinstance(match.kwargs["eps"], float)
+        and all(_states_constants(node, rows) for node in match.nodes)
+        and all(_val(p) is not None and tuple(_val(p).shape) == (width,)
+                and _to_move(p, gather) is not None for p in params)
     )
-    if weight_mul is None:
-        return False
-    weight = weight_mul.args[0] if weight_mul.args[1] is scaled_input else weight_mul.args[1]
-
-    return _substitute(graph, gather, torch.ops.lemo.gather_rms_norm.default,
-                       (gather.args[0], _token_index(gather), weight, plus_eps.args[1]),
-                       (weight_mul, gather, rstd),
-                       (weight_mul, scaled_input, normed, rstd, plus_eps, mean, square, h, gather))
 
 
-def _fuse_gather_layer_norm(graph: fx.Graph, gather: fx.Node) -> bool:
-    """Rewrite gather + `((h - mean) * rsqrt(var + eps) * weight + bias).to(dtype)`, where
-    var, mean = var_mean(h, -1, correction=0, keepdim=True), h = rows.float(); the rows may be
-    viewed as [B * K, D] first (OPT's MLP blocks), and the fused outputs are then viewed so too."""
-    x_val = _val(gather)
-    width = x_val.shape[2]
-    flat = [u for u in gather.users if u.target in _VIEWS and len(_val(u).shape) == 2]
-    rows = flat[0] if len(flat) == 1 else gather
-    h = _float_rows(rows)
-    var_mean = h and _single_user(h, aten.var_mean.correction, lambda u: (
-        list(u.args[1]) in ([-1], [_val(h).dim() - 1]) and u.kwargs.get("correction") == 0
-        and u.kwargs.get("keepdim") is True))
-    if var_mean is None:
-        return False
-    parts = {u.args[1]: u for u in var_mean.users if u.target is operator.getitem}
-    if set(parts) != {0, 1}:
-        return False
-    var, mean = parts[0], parts[1]
-    plus_eps = _only_user(var, aten.add.Tensor)
-    if plus_eps is None or not isinstance(plus_eps.args[1], float):
-        return False
-    rstd = _only_user(plus_eps, aten.rsqrt.default)
-    centred = rstd and _single_user(h, aten.sub.Tensor, lambda u: tuple(u.args) == (h, mean))
-    normed = centred and _single_user(centred, aten.mul.Tensor, lambda u: rstd in u.args)
-    weight_mul = normed and _single_user(
-        normed, aten.mul.Tensor, lambda u: _is_weight(u, normed, width))
-    bias_add = weight_mul and _single_user(
-        weight_mul, aten.add.Tensor, lambda u: _is_weight(u, weight_mul, width))
-    if bias_add is None:
-        return False
-    output = _cast_back(bias_add, x_val.dtype)
-    if output is None:
-        return False
-    weight = weight_mul.args[0] if weight_mul.args[1] is normed else weight_mul.args[1]
-    bias = bias_add.args[0] if bias_add.args[1] is weight_mul else bias_add.args[1]
-
-    return _substitute(graph, gather, torch.ops.lemo.gather_layer_norm.default,
-                       (gather.args[0], _token_index(gather), weight, bias, plus_eps.args[1]),
-                       (output, rows, mean, rstd),
-                       (output, bias_add, weight_mul, normed, centred, rstd, plus_eps, var, mean,
-                        var_mean, h, rows, gather))
-
-
-def _float_rows(gather: fx.Node) -> fx.Node | None:
-    """h, the gathered rows in float32: the gather itself (fp32 models) or its one fp32 copy."""
-    if _val(gather).dtype == torch.float32:
-        return gather
-    return _single_user(gather, torch.ops.prims.convert_element_type.default,
-                        lambda u: u.args[1] == torch.float32)
-
-
-def _cast_back(node: fx.Node, dtype: torch.dtype) -> fx.Node | None:
-    """`node` (float32) as the model's dtype: itself for float32 models, else its one cast."""
-    if dtype == torch.float32:
-        return node
-    return _single_user(node, torch.ops.prims.convert_element_type.default,
-                        lambda u: u.args[1] == dtype)
-
-
-def _substitute(graph: fx.Graph, gather: fx.Node, op, args: tuple, originals: tuple,
-                chain: tuple) -> bool:
-    """Insert op(*args) before `gather`; its outputs, in order, replace `originals`. The op's
-    outputs are [B, K, ...] like the gather; an original viewed as [B * K, ...] is replaced by
-    the same view of its output. The nodes of `chain` that nothing reads any more are erased;
-    those still read (what the backward saves) now compute from the fused outputs. False (and
-    the graph unchanged but for pure nodes moved earlier) when an argument cannot be computed
-    before the gather."""
-    if not all(_hoist(arg, gather) for arg in args if isinstance(arg, fx.Node)):
-        return False
-    leading = tuple(_val(gather).shape[:2])
-    vals = [_val(n) if tuple(_val(n).shape[:2]) == leading
-            else _val(n).view(*leading, *_val(n).shape[1:]) for n in originals]
-    with graph.inserting_before(gather):
-        fused = graph.call_function(op, args)
-        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(originals))]
-        for i, (val, original) in enumerate(zip(vals, originals, strict=True)):
-            outputs[i].meta["val"] = val
-            if val.shape != _val(original).shape:
-                outputs[i] = graph.call_function(aten.view.default,
-                                                 (outputs[i], list(_val(original).shape)))
-    fused.meta.update(gather.meta)
-    fused.meta["val"] = tuple(vals)
-    for new, original in zip(outputs, originals, strict=True):
-        new.meta.update(original.meta)
-        original.replace_all_uses_with(new)
-    for node in dict.fromkeys(chain):  # h is the gather itself in fp32 models
-        if not node.users:
-            graph.erase_node(node)
+def _states_constants(node: fx.Node, rows: fx.Node) -> bool:
+    """Whether a node of a matched norm chain has the constants that the chain states and that its
+    traced pattern leaves open."""
+    if node.target is prims.convert_element_type.default:  # the rows to float32, the output back
+        return _val(node).dtype == (torch.float32 if node.args[0] is rows else _val(rows).dtype)
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[1] == 2
+    if node.target is aten.mean.dim:
+        return _over_last_dim(node)
+    if node.target is aten.var_mean.correction:
+        return _over_last_dim(node) and node.kwargs.get("correction") == 0
+    if node.target in (aten.view.default, aten.reshape.default):  # the rows as [B * K, D]
+        return _val(node).dim() == 2
     return True
 
 
-def _hoist(node: fx.Node, before: fx.Node) -> bool:
-    """Make `node` come before `before`, moving it and what it is computed from if they come later:
-    a norm weight computed in the graph (Gemma's `1 + weight`) can follow the gather, where the
-    partitioner reorders a recomputed checkpoint body. Only pure calls move; False (nothing moved)
-    when another node would have to."""
+def _over_last_dim(reduction: fx.Node) -> bool:
+    dims = reduction.args[1]
+    return dims is not None and list(dims) in ([-1], [_val(reduction.args[0]).dim() - 1])
+
+
+def _matched(match: pm.Match, target) -> fx.Node:
+    """The match's node that calls `target` (the patterns call each of these once)."""
+    return next(node for node in match.nodes if node.target is target)
+
+
+def _to_move(node: fx.Node, before: fx.Node) -> list[fx.Node] | None:
+    """The nodes to move before `before` so that `node` is computed before it: `node` and what it is
+    computed from that comes later, inputs first (a norm weight computed in the graph, Gemma's
+    `1 + weight`, can follow the gather where the partitioner reorders a recomputed checkpoint
+    body). None when one of them is not a pure call, or is `before` itself."""
     order = {n: i for i, n in enumerate(before.graph.nodes)}
-    later: list[fx.Node] = []  # to move, inputs first
+    later: list[fx.Node] = []
 
     def visit(n: fx.Node) -> bool:
         if order[n] < order[before] or n in later:
@@ -293,27 +302,67 @@ def _hoist(node: fx.Node, before: fx.Node) -> bool:
         later.append(n)
         return True
 
-    if not visit(node):
-        return False
-    for n in later:
-        before.prepend(n)
-    return True
+    return later if visit(node) else None
 
 
-def _only_user(node: fx.Node, target) -> fx.Node | None:
-    if len(node.users) != 1:
-        return None
-    (user,) = node.users
-    return user if user.target is target else None
+# ----------------------------------------------------------------------------------- the rewrites
 
 
-def _keepdim(mean: fx.Node) -> bool:
-    return bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+def _fuse_rms_norm(match: pm.Match, x: fx.Node, index: fx.Node, weight: fx.Node,
+                   eps: float) -> None:
+    gather = _matched(match, aten.gather.default)
+    _substitute(match, torch.ops.lemo.gather_rms_norm.default,
+                (x, _token_index(gather), weight, eps), (weight,))
 
 
-def _is_weight(mul: fx.Node, scaled_input: fx.Node, width: int) -> bool:
-    if len(mul.args) != 2:
-        return False
-    weight = mul.args[0] if mul.args[1] is scaled_input else mul.args[1]
-    weight_val = _val(weight)
-    return weight_val is not None and tuple(weight_val.shape) == (width,)
+def _fuse_layer_norm(match: pm.Match, x: fx.Node, index: fx.Node, weight: fx.Node,
+                     bias: fx.Node, eps: float) -> None:
+    gather = _matched(match, aten.gather.default)
+    _substitute(match, torch.ops.lemo.gather_layer_norm.default,
+                (x, _token_index(gather), weight, bias, eps), (weight, bias))
+
+
+def _substitute(match: pm.Match, op, args: tuple, params: tuple[fx.Node, ...]) -> None:
+    """Insert op(*args) before the match's gather, after moving `params` (the norm's weight and
+    bias) there if they came later; its outputs, in order, replace the match's outputs. The op's
+    outputs are [B, K, ...] like the gather; an output viewed as [B * K, ...] is replaced by the
+    same view of the op's. The matched nodes that nothing reads any more are erased; those still
+    read (what the backward saves) now compute from the fused outputs."""
+    graph = match.graph
+    gather = _matched(match, aten.gather.default)
+    for param in params:  # each after the last has moved: the two may share what they move
+        for node in _to_move(param, gather):
+            gather.prepend(node)
+    with graph.inserting_before(gather):
+        fused = insert_post_grad_call(graph, op, args, like=gather)
+        for index, original in enumerate(match.output_nodes()):
+            output = insert_post_grad_call(graph, operator.getitem, (fused, index), like=original)
+            shape = _val(original).shape
+            if _val(output).shape != shape:
+                output = insert_post_grad_call(graph, aten.view.default, (output, list(shape)),
+                                               like=original)
+            original.replace_all_uses_with(output)
+    match.erase_nodes()
+
+
+def _rewrite_gather(match: pm.Match, x: fx.Node, index: fx.Node) -> None:
+    gather = match.output_node()
+    gather.replace_all_uses_with(insert_post_grad_call(
+        match.graph, torch.ops.lemo.gather_rows.default, (x, _token_index(gather)), like=gather))
+    match.erase_nodes()
+
+
+def _fold_zero_scatter(match: pm.Match, g: fx.Node, zeros: fx.Node, index: fx.Node,
+                       rows: fx.Node) -> None:
+    add, idx = match.output_node(), _token_index(_matched(match, aten.scatter_add.default))
+    add.replace_all_uses_with(insert_post_grad_call(
+        match.graph, torch.ops.lemo.scatter_add_rows.default, (g, idx, rows), like=add))
+    match.erase_nodes()
+
+
+def _rewrite_scatter(match: pm.Match, x: fx.Node, index: fx.Node, rows: fx.Node) -> None:
+    scatter = match.output_node()
+    scatter.replace_all_uses_with(insert_post_grad_call(
+        match.graph, torch.ops.lemo.scatter_add_rows.default, (x, _token_index(scatter), rows),
+        like=scatter))
+    match.erase_nodes()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch._inductor import pattern_matcher as pm
 
-from lemo_compile.fx_utils import insert_post_grad_call, is_backward_graph
+from lemo_compile.fx_utils import any_readers, insert_post_grad_call, is_backward_graph
 
 aten = torch.ops.aten
 
@@ -73,25 +73,11 @@ def _patterns() -> pm.PatternMatcherPass:
     patterns = pm.PatternMatcherPass()
     for dtype in (torch.bfloat16, torch.float32):
         example = [torch.empty(2, 4, dtype=dtype) for _ in range(3)]
-        pattern = pm.gen_pattern(_swiglu_backward, example, pm.fwd_only)
-        _any_readers(pattern)
+        # any readers: the last layer's recomputation reads silu(gate) for the layer's output
+        # too; `_safe` checks when such readers run
+        pattern = any_readers(pm.gen_pattern(_swiglu_backward, example, pm.fwd_only))
         pm.register_graph_pattern(pattern, extra_check=_safe, pass_dict=patterns)(_rewrite)
     return patterns
-
-
-def _any_readers(pattern: pm.PatternExpr) -> None:
-    """Let every node of `pattern` have readers outside the match (traced patterns ask for the
-    exact count): the last layer's recomputation reads silu(gate) for the layer's output too;
-    `_safe` checks when such readers run."""
-    stack = [pattern]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, pm.MultiOutputPattern):
-            stack.extend(node.outputs)
-        elif isinstance(node, pm._TargetArgsExpr):
-            node.users = pm.MULTIPLE
-            stack.extend(arg for arg in (*node.args, *node.kwargs.values())
-                         if isinstance(arg, pm.PatternExpr))
 
 
 def _safe(match: pm.Match) -> bool:
