@@ -48,7 +48,7 @@ from lemo_compile.passes.attention import causal_attention_pass
 from lemo_compile.passes.manager import (
     CompileReport, InductorPasses, has_symbolic_shapes, run_graph_passes,
 )
-from lemo_compile.passes.recompute import save_in_checkpoints
+from lemo_compile.passes.recompute import recompute_widening_casts, save_in_checkpoints
 from lemo_compile.plan import LayerGroup
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,14 @@ def _compile(
     saved = config.save_attention
     if saved == "dense":  # the layers that run dense as built (fallbacks included)
         saved = tuple(plan.layer for plan in report.plans if not plan.sparse)
-    joint = InductorPasses([functools.partial(
-        save_in_checkpoints, attention=saved,
-        sparse_layers=config.save_sparse_layers, counters=report.counters, root_layer=root_layer,
-    )] if report.training else [])
+    joint_passes = []
+    if report.training:
+        joint_passes.append(functools.partial(
+            save_in_checkpoints, attention=saved, sparse_layers=config.save_sparse_layers,
+            counters=report.counters, root_layer=root_layer))
+    if report.training and config.recompute_casts:
+        joint_passes.append(functools.partial(recompute_widening_casts, counters=report.counters))
+    joint = InductorPasses(joint_passes)
     if config.compiler == "inductor":
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad

@@ -53,6 +53,12 @@ class LemoConfig:
                   adapters on a bfloat16 model under checkpointing this lowers the peak by about
                   2-3 x S x hidden x 4 bytes, for a few extra casts. False leaves them to Inductor
                   (for comparisons).
+    recompute_casts: outside checkpointed layers, make the backward recompute a float32 copy of a
+                  bfloat16 (or float16) tensor that it reads, instead of the forward saving it
+                  (`passes/recompute.py`): PEFT's float32 adapters' inputs, half the bytes (two
+                  S x hidden float32 tensors less per dense layer), the same values, a few extra
+                  casts in the backward. False leaves the choice to the partitioner (for
+                  comparisons).
     swiglu_in_place: in backward graphs, write the SwiGLU MLP's gradients (Llama, Mistral, Qwen)
                   over its gate and up projections where these die there, as under checkpointing
                   (`passes/swiglu.py`): one S x intermediate tensor less at a checkpointed layer's
@@ -95,6 +101,7 @@ class LemoConfig:
     compiler: str = "inductor"
     fuse: bool = True
     shorten_casts: bool = True
+    recompute_casts: bool = True
     swiglu_in_place: bool = True
     save_attention: bool | str | tuple[int, ...] = False
     save_sparse_layers: bool = False
@@ -121,8 +128,8 @@ class LemoConfig:
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("mlp", self.mlp, MLP_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
-        for name in ("fuse", "shorten_casts", "swiglu_in_place", "save_sparse_layers",
-                     "backward_buffer_reuse"):
+        for name in ("fuse", "shorten_casts", "recompute_casts", "swiglu_in_place",
+                     "save_sparse_layers", "backward_buffer_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"lemo option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

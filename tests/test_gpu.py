@@ -163,10 +163,10 @@ def test_layers_compiled_one_by_one_use_lemo_kernels_and_match_the_torch_path():
 CHECKPOINTED_SEQ_LEN, CHECKPOINTED_HIDDEN, CHECKPOINTED_INTERMEDIATE = 8192, 1024, 3584
 
 
-def _checkpointed_lora_peak(options: dict) -> tuple[int, dict[str, torch.Tensor]]:
+def _lora_peak(options: dict, checkpointing: bool = True) -> tuple[int, dict[str, torch.Tensor]]:
     """(peak bytes of the second step, gradients) of a 2-layer bf16 Llama with PEFT's LoRA on
-    q/k/v/o (float32 adapters, PEFT's default) and HF gradient checkpointing, compiled by lemo with
-    `options`."""
+    q/k/v/o (float32 adapters, PEFT's default) and HF gradient checkpointing (unless
+    `checkpointing` is False), compiled by lemo with `options`."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -180,7 +180,9 @@ def _checkpointed_lora_peak(options: dict) -> tuple[int, dict[str, torch.Tensor]
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj"])).train()
     step = _step(model, ids, lemo_compile.LemoBackend({"keep_ratio": 1.0, **options}),
@@ -204,7 +206,7 @@ def test_short_cast_lifetimes_lower_the_checkpointed_peak():
     falls by at least two [S, hidden] float32 buffers; gradients stay those of the run without."""
     peaks, grads = {}, {}
     for shorten in (False, True):
-        peaks[shorten], grads[shorten] = _checkpointed_lora_peak({"shorten_casts": shorten})
+        peaks[shorten], grads[shorten] = _lora_peak({"shorten_casts": shorten})
     fp32_copy = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_HIDDEN * 4
     assert peaks[True] <= peaks[False] - 2 * fp32_copy, (peaks, fp32_copy)
     for name, grad in grads[False].items():
@@ -219,8 +221,25 @@ def test_swiglu_backward_in_place_lowers_the_checkpointed_peak():
     bf16 rounding."""
     peaks, grads = {}, {}
     for in_place in (False, True):
-        peaks[in_place], grads[in_place] = _checkpointed_lora_peak({"swiglu_in_place": in_place})
+        peaks[in_place], grads[in_place] = _lora_peak({"swiglu_in_place": in_place})
     mlp_buffer = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_INTERMEDIATE * 2
     assert peaks[False] - peaks[True] >= 0.95 * mlp_buffer, (peaks, mlp_buffer)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_recomputed_casts_lower_the_peak_without_checkpointing():
+    """Without checkpointing the forward saves, per layer, float32 copies of the q/k/v adapters'
+    input and of the o adapter's input (PEFT's float32 adapters on a bf16 model); with
+    `recompute_casts` the backward makes them again from the bf16 tensors, so the peak (the saved
+    activations at the start of the backward) falls by at least half of those four [S, hidden]
+    float32 copies, whatever bf16 sources are saved in their place; gradients stay within bf16
+    rounding of the run without (the copies are the same values)."""
+    peaks, grads = {}, {}
+    for recompute in (False, True):
+        peaks[recompute], grads[recompute] = _lora_peak(
+            {"recompute_casts": recompute}, checkpointing=False)
+    fp32_copy = CHECKPOINTED_SEQ_LEN * CHECKPOINTED_HIDDEN * 4
+    assert peaks[True] <= peaks[False] - 2 * fp32_copy, (peaks, fp32_copy)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=2e-2, atol=2e-2, msg=name)

@@ -5,13 +5,15 @@ without checkpointing."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 import lemo_compile
-from conftest import grads, tiny_llama, token_batch
+from conftest import compiled_step, grads, tiny_llama, token_batch
 from lemo_compile.passes.manager import InductorPasses
 from lemo_compile.passes.recompute import save_in_checkpoints
 
@@ -137,3 +139,62 @@ def test_the_cache_key_covers_the_passes_settings():
 def test_save_options_must_be_bools(name):
     with pytest.raises(ValueError, match=name):
         lemo_compile.LemoConfig(**{name: "yes"})
+
+
+def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False):
+    """One compiled step of a bf16 4-layer Llama (layer 0 dense) with float32 LoRA adapters on
+    q/k/v/o, as PEFT makes them by default: (loss, gradients, training report)."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return compiled_step(model, {**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts},
+                         seq_len=SEQ_LEN)
+
+
+def _saved_float32_bytes(report, width: int) -> int:
+    """Bytes of the [..., width] float32 tensors the forward saves for the backward."""
+    return sum(math.prod(shape) * 4 for name, (shape, dtype) in report.saved_for_backward.items()
+               if dtype == torch.float32 and shape and shape[-1] == width
+               and not name.startswith("primals"))
+
+
+def _saved_bytes(report) -> int:
+    return sum(math.prod(shape) * dtype.itemsize
+               for name, (shape, dtype) in report.saved_for_backward.items()
+               if not name.startswith("primals"))
+
+
+def test_float32_copies_of_adapter_inputs_are_recomputed_not_saved():
+    loss, reference, plain = _peft_bf16_step(recompute_casts=False)
+    loss_recomputed, recomputed, report = _peft_bf16_step(recompute_casts=True)
+    width = tiny_llama().config.hidden_size
+    # per layer at least the four adapters' input copies (q, k and v each make their own); also
+    # the norms' float32 inputs that their backward reads
+    assert report.counters["recomputed_casts"] >= 4 * 4
+    assert "recomputed_casts" not in plain.counters
+    # without the pass the forward saves those copies in float32: 2 x [S, width] in the dense
+    # layer, 2 x [K, width] in each sparse one
+    kept = SEQ_LEN // 2
+    assert _saved_float32_bytes(plain, width) == (2 * SEQ_LEN + 3 * 2 * kept) * width * 4
+    assert _saved_float32_bytes(report, width) == 0
+    # the narrow sources saved in their place (where they were not saved already) take half
+    assert _saved_bytes(report) <= _saved_bytes(plain) - _saved_float32_bytes(plain, width) // 2
+    assert torch.equal(loss, loss_recomputed)
+    assert reference.keys() == recomputed.keys() and len(reference) == 4 * 4 * 2
+    for name, grad in reference.items():
+        assert torch.equal(grad, recomputed[name]), name
+
+
+def test_checkpointed_layers_keep_their_own_recompute_tags():
+    _, _, report = _peft_bf16_step(recompute_casts=True, checkpointing=True)
+    # the layers' casts carry the checkpoint's tags already; the one left is the final norm's
+    # float32 input, outside the layers
+    assert report.counters["recomputed_casts"] == 1
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_recompute_casts_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="recompute_casts"):
+        lemo_compile.LemoConfig(recompute_casts=value)

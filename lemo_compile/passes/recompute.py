@@ -1,13 +1,16 @@
-"""What activation checkpointing recomputes in lemo's layers.
+"""What the backward recomputes instead of the forward saving it: in checkpointed layers, and
+float32 copies anywhere.
 
 IR: AOTAutograd's joint forward-backward graph (aten ops, after Inductor's decompositions), before
 the partitioner splits it; installed as Inductor's `joint_custom_post_pass` (and run by the
 `aot_eager` compiler before its partitioner). Nodes that came from an activation-checkpoint region
 carry `meta["recompute"]` (a `CheckpointPolicy`); the partitioner recomputes those in the backward
-unless one says MUST_SAVE. This pass changes only such tags, never the graph's nodes, so every value
-and gradient is unchanged; what changes is what the forward saves and what the backward recomputes.
+unless one says MUST_SAVE. These passes change only such tags, never the graph's nodes, so every
+value and gradient is unchanged; what changes is what the forward saves and what the backward
+recomputes.
 
-Promises, inside checkpointed regions only (a graph without them is left as it is):
+`save_in_checkpoints` promises, inside checkpointed regions only (a graph without them is left as
+it is):
 
 * **Selections are saved.** The token indices a sparse block runs on (and, for padded batches, which
   of them are real) are saved for the backward: a few bytes per kept token. Without this the
@@ -24,6 +27,18 @@ Promises, inside checkpointed regions only (a graph without them is left as it i
   regions that hold a selection (one region per checkpointed layer) lose their recompute tags, so
   the partitioner treats them as it treats code outside checkpointing (it saves what the backward
   needs, and may still recompute cheap ops); dense layers stay checkpointed.
+
+`recompute_widening_casts` (option `recompute_casts`), outside checkpointed regions:
+
+* **Float32 copies are recomputed, not saved.** PEFT keeps LoRA adapters in float32 on a bfloat16
+  model and casts each adapter's input to float32; the weight gradient of lora_A reads that copy.
+  The partitioner saves the copy (it will not recompute an op whose backward reader is a matmul),
+  4 bytes per element where its bfloat16 source, often saved anyway (attention's output, which its
+  own backward reads), takes 2. Such casts, and the views of them that the backward reads, are
+  tagged MUST_RECOMPUTE (the norms' float32 inputs that their backward reads are such casts too):
+  the backward makes the copy again from the narrow tensor, with the same values (widening to
+  float32 is exact). At Llama-3-8B's shape that is two [S, hidden] float32
+  tensors per dense layer (268 MB each at 16K tokens), and two [K, hidden] per sparse one.
 """
 
 from __future__ import annotations
@@ -96,3 +111,46 @@ def _is_fused_attention(node: fx.Node) -> bool:
         return False
     name = target._opname
     return name.startswith("_scaled_dot_product_") and not name.endswith("_backward")
+
+
+def recompute_widening_casts(graph: fx.Graph, *, counters: dict[str, int]) -> None:
+    """Tag MUST_RECOMPUTE, outside checkpointed regions of the joint graph, each float32 cast of a
+    narrower floating-point tensor that the forward computes and the backward reads, with the views
+    of it that lead there; counts the casts in `counters` ("recomputed_casts")."""
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                n in backward for n in node.all_input_nodes):
+            backward.add(node)
+    for node in graph.nodes:
+        if node in backward or not _is_widening_cast(node) or "recompute" in node.meta:
+            continue
+        views = _views_read_by(node, backward)
+        if views is None:
+            continue
+        for tagged in (node, *views):
+            tagged.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        counters["recomputed_casts"] = counters.get("recomputed_casts", 0) + 1
+
+
+def _is_widening_cast(node: fx.Node) -> bool:
+    if node.target is not torch.ops.prims.convert_element_type.default:
+        return False
+    source, result = (n.meta.get("val") if isinstance(n, fx.Node) else None
+                      for n in (node.args[0], node))
+    return (isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor)
+            and source.dtype in (torch.bfloat16, torch.float16) and result.dtype == torch.float32)
+
+
+def _views_read_by(cast: fx.Node, backward: set[fx.Node]) -> list[fx.Node] | None:
+    """The forward views of `cast` (views of views included) when the backward reads the cast or
+    one of them; None when it reads none."""
+    views, stack, read = [], [cast], False
+    while stack:
+        for user in stack.pop().users:
+            if user in backward:
+                read = True
+            elif isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
+                views.append(user)
+                stack.append(user)
+    return views if read else None
