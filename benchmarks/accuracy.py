@@ -29,6 +29,11 @@ Variants (`--variants`):
                 the same blocks dropped at every step and in every row
   random-fresh  random block selection drawn anew at every step (`scorer="random"`, no seed): the
                 random-token-drop baseline the selection must beat
+  predictor     lemo with trained predictors (`scorer="predictor"`): `lemo_compile.calibrate` on the
+                context-extended base model (frozen) over the fine-tuning batches, for
+                `--calibrate-steps` steps, then fine-tuning as oracle does with the predictors'
+                selection; its row also gives the predictors' recall and overlap against the
+                oracle on the passkey probe's rows (`lemo_compile.predictor_recall`)
   tokens        lemo with mlp="tokens"
   channels      lemo with mlp="channels"
   keep06        lemo with keep_ratio=0.6
@@ -58,8 +63,8 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "random-fresh", "tokens", "channels", "keep06",
-            "then-dense", "layerwise")
+VARIANTS = ("dense", "oracle", "random", "random-fresh", "predictor", "tokens", "channels",
+            "keep06", "then-dense", "layerwise")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -208,7 +213,8 @@ def selection_variant(variant: str) -> str:
 def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
     """A copy of the base model, context-extended, LoRA-fine-tuned with `variant`; returns it
     (adapters merged, eval mode), the training losses, per phase the layers lemo made sparse, and
-    the keep ratio used (per layer for "layerwise")."""
+    the lemo options it selected with (keep ratios per layer for "layerwise", the trained bank
+    for "predictor")."""
     import lemo_compile
     from peft import LoraConfig, get_peft_model
 
@@ -219,6 +225,11 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     if variant == "layerwise":
         options["keep_ratio"] = lemo_compile.layer_keep_ratios(
             model, [ids.to(device) for ids in batches[:4]], options=options)
+        torch._dynamo.reset()
+    if variant == "predictor":
+        options.update(scorer="predictor", predictors=lemo_compile.calibrate(
+            model, [ids.to(device) for ids in batches], options=options,
+            steps=args.calibrate_steps, progress=False))
         torch._dynamo.reset()
     torch.manual_seed(args.seed + 2)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
@@ -242,7 +253,7 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     sparse = [sorted({p.layer for r in b.reports if r.training for p in r.plans if p.sparse})
               for b in schedule.backends if b is not None]
     merged = model.merge_and_unload()
-    return merged.eval(), losses, sparse, lemo_compile.LemoConfig.from_options(options).keep_ratio
+    return merged.eval(), losses, sparse, options
 
 
 def passkey_probe(args) -> list[tuple[float, torch.Tensor, int, int]]:
@@ -266,7 +277,21 @@ def attention_selections(model, options: dict, ids: torch.Tensor, device):
             [plan for plan in explanation.plans if plan.sparse])
 
 
-def selection_report(tuned, base, variant: str, keep_ratio, args, device) -> dict | None:
+def predictor_metrics(base, options: dict, args, device) -> dict | None:
+    """With trained predictors in `options`, their recall and overlap against the oracle per
+    sparse layer (`lemo_compile.predictor_recall`) on the passkey probe's rows, read on the
+    context-extended base model they were trained on; None otherwise."""
+    import lemo_compile
+
+    if options.get("scorer") != "predictor":
+        return None
+    ids = torch.stack([sample[1] for sample in passkey_probe(args)]).to(device)
+    metrics = lemo_compile.predictor_recall(base, options["predictors"], [ids], options=options)
+    torch._dynamo.reset()
+    return metrics
+
+
+def selection_report(tuned, base, variant: str, options: dict, args, device) -> dict | None:
     """For a sparse variant, its attention selection on the passkey probe (`passkey_probe`), read
     on the fine-tuned model `tuned` and on the context-extended base model `base`:
 
@@ -277,10 +302,9 @@ def selection_report(tuned, base, variant: str, keep_ratio, args, device) -> dic
                     to the input);
     chance:         the share of blocks a sparse layer keeps.
 
-    `keep_ratio`: the one `finetune` used. None for the dense variant."""
+    `options`: those `finetune` selected with. None for the dense variant."""
     if variant == "dense":
         return None
-    options = {**lemo_options(selection_variant(variant), args), "keep_ratio": keep_ratio}
     samples = passkey_probe(args)
     ids = torch.stack([sample[1] for sample in samples]).to(device)
     selected, plans = attention_selections(tuned, options, ids, device)
@@ -325,6 +349,8 @@ def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
 
 
 def main() -> int:
+    import lemo_compile
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -339,6 +365,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--calibrate-steps", type=int, default=300,
+                        help="predictor training steps (the predictor variant)")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--passkey-trials", type=int, default=20)
     parser.add_argument("--passkey-fraction", type=float, default=0.25,
@@ -356,6 +384,7 @@ def main() -> int:
     if args.smoke:
         args.layers, args.hidden, args.short, args.long = 4, 128, 256, 512
         args.pretrain_steps, args.pretrain_batch, args.steps, args.batch = 20, 4, 4, 2
+        args.calibrate_steps = 4
         args.block_size, args.eval_windows, args.passkey_trials = 32, 4, 1
         args.corpus_bytes = 2_000_000
     device = torch.device(args.device)
@@ -381,12 +410,13 @@ def main() -> int:
     batches = finetune_batches(train, args)
     for variant in args.variants:
         started = time.perf_counter()
-        tuned, losses, sparse, keep_ratio = finetune(base_state, variant, batches, args, device)
+        tuned, losses, sparse, options = finetune(base_state, variant, batches, args, device)
         rows.append({"variant": variant, **common, "sparse_layers_per_phase": sparse,
-                     "keep_ratio": keep_ratio,
+                     "keep_ratio": lemo_compile.LemoConfig.from_options(options).keep_ratio,
+                     "predictor_recall": predictor_metrics(base, options, args, device),
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
-                     "selection": selection_report(tuned, base, variant, keep_ratio, args, device)})
+                     "selection": selection_report(tuned, base, variant, options, args, device)})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
@@ -401,6 +431,9 @@ def main() -> int:
         kept_text = "" if not selection else "  " + " ".join(
             f"{selection['key_block_kept'][str(d)]:.2f}" for d in DEPTHS) + (
             f", {selection['same_as_base']:.2f} ({selection['chance']:.2f})")
+        if row.get("predictor_recall"):
+            layers = row["predictor_recall"].values()
+            kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"
         print(f"{row['variant']:<32} {row['held_out_loss']:>13.4f} {versus:>8}  "
               + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS) + kept_text)
     print(f"total {time.perf_counter() - begin:.0f} s")
