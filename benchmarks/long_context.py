@@ -33,9 +33,9 @@ its own Inductor cache directory:
   lemo-swiglu-fused  lemo with swiglu_in_place=False (the SwiGLU backward left to Inductor's fused
                   kernel, which allocates one of its two outputs)
   lemo-tokens     lemo with mlp="tokens"
-  lemo-tokens-savedcasts  lemo with mlp="tokens" and recompute_casts=False (the float32 copies
-                  of bf16 tensors that the backward reads saved by the forward, the partitioner's
-                  choice; lemo's default recomputes them in the backward)
+  lemo-tokens-recast  lemo with mlp="tokens" and recompute_casts=True (the float32 copies of
+                  bf16 tensors that the backward reads, PEFT's adapters' inputs, recomputed in the
+                  backward instead of saved by the forward; off by default until measured here)
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
                   not their quality)
@@ -81,7 +81,7 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-longcasts": {"shorten_casts": False},
     "lemo-swiglu-fused": {"swiglu_in_place": False},
     "lemo-tokens": {"mlp": "tokens"},
-    "lemo-tokens-savedcasts": {"mlp": "tokens", "recompute_casts": False},
+    "lemo-tokens-recast": {"mlp": "tokens", "recompute_casts": True},
     "lemo-channels": {"mlp": "channels"},
 }
 VARIANTS = ("hf", "liger", "compile", *LEMO_VARIANT_OPTIONS)
