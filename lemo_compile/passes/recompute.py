@@ -37,8 +37,8 @@ it is):
   own backward reads), takes 2. Such casts, and the views of them that the backward reads, are
   tagged MUST_RECOMPUTE (the norms' float32 inputs that their backward reads are such casts too):
   the backward makes the copy again from the narrow tensor, with the same values (widening to
-  float32 is exact). At Llama-3-8B's shape that is two [S, hidden] float32
-  tensors per dense layer (268 MB each at 16K tokens), and two [K, hidden] per sparse one.
+  float32 is exact). At Llama-3-8B's shape that is two [S, hidden] float32 tensors per dense
+  layer (268 MB each at 16K tokens), and two [K, hidden] per sparse one.
 """
 
 from __future__ import annotations
