@@ -290,11 +290,10 @@ def _to_move(node: fx.Node, before: fx.Node) -> list[fx.Node] | None:
     computed from that comes later, inputs first (a norm weight computed in the graph, Gemma's
     `1 + weight`, can follow the gather where the partitioner reorders a recomputed checkpoint
     body). None when one of them is not a pure call, or is `before` itself."""
-    order = {n: i for i, n in enumerate(before.graph.nodes)}
     later: list[fx.Node] = []
 
     def visit(n: fx.Node) -> bool:
-        if order[n] < order[before] or n in later:
+        if n < before or n in later:  # fx nodes compare by their position in the graph
             return True
         if (n is before or n.op != "call_function" or n.is_impure()
                 or not all(map(visit, n.all_input_nodes))):

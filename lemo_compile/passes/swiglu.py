@@ -91,20 +91,19 @@ def _safe(match: pm.Match) -> bool:
         return False
     inside = set(match.nodes)
     outputs = match.output_nodes()
-    order = {node: index for index, node in enumerate(match.graph.nodes)}
     readers = [user for output in outputs for user in output.users]
     if not readers:
         return False
-    at = min(order[reader] for reader in readers)
-    if any(user not in inside and order[user] >= at
+    at = min(readers)  # fx nodes compare by their position in the graph
+    if any(user not in inside and user >= at
            for node in inside - set(outputs) for user in node.users):
         return False  # an intermediate value read after the op (which erases what it can)
-    if any(order[node] >= at for node in (gate, up, grad)):
+    if any(node >= at for node in (gate, up, grad)):
         return False
     bases = [_base(node) for node in (gate, up, grad)]
     if len(set(bases)) != 3:
         return False
-    return all(_dies_before(base, inside, order, at) for base in bases[:2])
+    return all(_dies_before(base, inside, at) for base in bases[:2])
 
 
 def _base(node: fx.Node) -> fx.Node:
@@ -113,9 +112,9 @@ def _base(node: fx.Node) -> fx.Node:
     return node
 
 
-def _dies_before(base: fx.Node, inside: set[fx.Node], order: dict[fx.Node, int], at: int) -> bool:
+def _dies_before(base: fx.Node, inside: set[fx.Node], at: fx.Node) -> bool:
     """True when `base` is computed in the graph and every reader of it or of its views, other than
-    the match's nodes, comes before position `at`."""
+    the match's nodes, comes before node `at`."""
     if base.op != "call_function":
         return False
     storage, stack = {base}, [base]
@@ -124,15 +123,14 @@ def _dies_before(base: fx.Node, inside: set[fx.Node], order: dict[fx.Node, int],
             if user.target in _VIEWS and user.args[0] in storage and user not in storage:
                 storage.add(user)
                 stack.append(user)
-    return all(user in storage or user in inside or order[user] < at
+    return all(user in storage or user in inside or user < at
                for node in storage for user in node.users)
 
 
 def _rewrite(match: pm.Match, gate: fx.Node, up: fx.Node, grad: fx.Node) -> None:
     graph = match.graph
     outputs = match.output_nodes()
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    first_reader = min((user for output in outputs for user in output.users), key=order.__getitem__)
+    first_reader = min(user for output in outputs for user in output.users)
     op = torch.ops.lemo.swiglu_backward_.default
     with graph.inserting_before(first_reader):
         call = insert_post_grad_call(graph, torch.ops.higher_order.auto_functionalized, (op,),
