@@ -36,6 +36,8 @@ its own Inductor cache directory:
   lemo-tokens-recast  lemo with mlp="tokens" and recompute_casts=True (the float32 copies of
                   bf16 tensors that the backward reads, PEFT's adapters' inputs, recomputed in the
                   backward instead of saved by the forward; off by default until measured here)
+  lemo-tokens-predictor-recast  the same with scorer="predictor" (randomly initialised attention
+                  and MLP predictors: their cost, not their accuracy)
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
                   not their quality)
@@ -82,6 +84,8 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-swiglu-fused": {"swiglu_in_place": False},
     "lemo-tokens": {"mlp": "tokens"},
     "lemo-tokens-recast": {"mlp": "tokens", "recompute_casts": True},
+    "lemo-tokens-predictor-recast": {"mlp": "tokens", "scorer": "predictor",
+                                     "recompute_casts": True},
     "lemo-channels": {"mlp": "channels"},
 }
 VARIANTS = ("hf", "liger", "compile", *LEMO_VARIANT_OPTIONS)
