@@ -210,17 +210,7 @@ def _compile(
     if report.training:
         passes.append(functools.partial(_record_post_grad, report=report))
     post_grad = InductorPasses(passes)
-    saved = config.save_attention
-    if saved == "dense":  # the layers that run dense as built (fallbacks included)
-        saved = tuple(plan.layer for plan in report.plans if not plan.sparse)
-    joint_passes = []
-    if report.training:
-        joint_passes.append(functools.partial(
-            save_in_checkpoints, attention=saved, sparse_layers=config.save_sparse_layers,
-            counters=report.counters, root_layer=root_layer))
-    if report.training and config.recompute_casts:
-        joint_passes.append(functools.partial(recompute_widening_casts, counters=report.counters))
-    joint = InductorPasses(joint_passes)
+    joint = joint_graph_passes(config, report, report.counters, root_layer)
     if config.compiler == "inductor":
         patches = dict(list_mode_options(mode)) if mode else {}
         patches["post_grad_custom_post_pass"] = post_grad
@@ -251,6 +241,24 @@ def _compile(
         decompositions=inductor_compile_fx.select_decomp_table(),
         partition_fn=partition,
     )(gm, example_inputs)
+
+
+def joint_graph_passes(config: LemoConfig, report: CompileReport, counters: dict[str, int],
+                       root_layer: int | None = None) -> InductorPasses:
+    """The passes lemo runs on a training graph's joint forward-backward graph before the
+    partitioner (`passes/recompute.py`: what the forward saves), for `config` and the plans in
+    `report`, counting into `counters`; none for an inference graph."""
+    if not report.training:
+        return InductorPasses([])
+    saved = config.save_attention
+    if saved == "dense":  # the layers that run dense as built (fallbacks included)
+        saved = tuple(plan.layer for plan in report.plans if not plan.sparse)
+    passes = [functools.partial(save_in_checkpoints, attention=saved,
+                                sparse_layers=config.save_sparse_layers, counters=counters,
+                                root_layer=root_layer)]
+    if config.recompute_casts:
+        passes.append(functools.partial(recompute_widening_casts, counters=counters))
+    return InductorPasses(passes)
 
 
 def _with_extra_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:

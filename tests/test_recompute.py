@@ -141,15 +141,20 @@ def test_save_options_must_be_bools(name):
         lemo_compile.LemoConfig(**{name: "yes"})
 
 
-def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False):
-    """One compiled step of a bf16 4-layer Llama (layer 0 dense) with float32 LoRA adapters on
-    q/k/v/o, as PEFT makes them by default: (loss, gradients, training report)."""
+def _peft_bf16_llama(checkpointing: bool = False):
+    """A bf16 4-layer Llama with float32 LoRA adapters on q/k/v/o, as PEFT makes them by default."""
     model = tiny_llama(dtype=torch.bfloat16)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    return compiled_step(model, {**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts},
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False):
+    """One compiled step of `_peft_bf16_llama` (layer 0 dense): (loss, gradients, training
+    report)."""
+    return compiled_step(_peft_bf16_llama(checkpointing),
+                         {**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts},
                          seq_len=SEQ_LEN)
 
 
@@ -192,6 +197,25 @@ def test_checkpointed_layers_keep_their_own_recompute_tags():
     # the layers' casts carry the checkpoint's tags already; the one left is the final norm's
     # float32 input, outside the layers
     assert report.counters["recomputed_casts"] == 1
+
+
+def test_explain_partitions_with_the_joint_passes():
+    """`explain` counts what the forward keeps as lemo's compile would: with `recompute_casts` the
+    sparse layers' bytes drop by their float32 copies (2 x [K, hidden] x 4 bytes each, K = S / 2),
+    less the bf16 sources kept in their place."""
+    def lemo_bytes(recompute_casts: bool) -> dict[int, int]:
+        ids = token_batch(1, SEQ_LEN)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            explanation = lemo_compile.explain(
+                _peft_bf16_llama(), input_ids=ids, labels=ids,
+                options={**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts})
+        return {layer: m["lemo"] for layer, m in explanation.activation_bytes.items()}
+
+    saved, recast = lemo_bytes(False), lemo_bytes(True)
+    copies = 2 * (SEQ_LEN // 2) * tiny_llama().config.hidden_size * 4
+    for layer in (1, 2, 3):
+        assert recast[layer] <= saved[layer] - copies // 2, (layer, saved, recast)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])

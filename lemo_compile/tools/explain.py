@@ -34,7 +34,7 @@ import json
 import os
 import pathlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor import compile_fx as inductor_compile_fx
 
 from lemo_compile import ops
-from lemo_compile.backend import DEBUG_DIR_VARIABLE, set_debug_dumper
+from lemo_compile.backend import DEBUG_DIR_VARIABLE, joint_graph_passes, set_debug_dumper
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart, fake_mode_of, own_copy
 from lemo_compile.passes.fuse import fuse_row_movements
@@ -255,7 +255,9 @@ def _explanation(config: LemoConfig, report: CompileReport, dense: fx.GraphModul
         report.counters["nodes_inserted"] = sum(
             1 for node in gm.graph.nodes if role_of(node) is not None)
     fusions = {} if count_fusions and config.fuse and report.training else None
-    memory = activation_bytes(dense, gm, example_inputs, report.extra_inputs, fusions)
+    # the joint passes' own counts are left out: the real compile reports them
+    joint = joint_graph_passes(config, report, counters={})
+    memory = activation_bytes(dense, gm, example_inputs, report.extra_inputs, fusions, joint)
     report.counters.update(fusions or {})
     return Explanation(config, report, layer_diffs(dense, gm), {"attention": {}, "mlp": {}},
                        memory, _graph=gm, _inputs=[*example_inputs, *report.extra_inputs])
@@ -361,17 +363,18 @@ def _layer_of(node: fx.Node, paths: dict[str, int]) -> int | None:
 
 def activation_bytes(
     dense: fx.GraphModule, lemo: fx.GraphModule, example_inputs: list, extra_inputs: list,
-    fusion_counters: dict[str, int] | None = None,
+    fusion_counters: dict[str, int] | None = None, joint: Callable | None = None,
 ) -> dict[int, dict[str, int]]:
     """Per decoder layer, the bytes of forward values that AOTAutograd's partition (Inductor's
-    min-cut, as lemo compiles) keeps for the backward: {"dense": ..., "lemo": ...}. With
-    `fusion_counters`, the post-grad fusion pass then runs on lemo's two partitioned graphs and
-    adds its counts there."""
+    min-cut, as lemo compiles) keeps for the backward: {"dense": ..., "lemo": ...}. `joint`: what
+    lemo runs on its joint graph before the partitioner (`backend.joint_graph_passes`), run on
+    lemo's only. With `fusion_counters`, the post-grad fusion pass then runs on lemo's two
+    partitioned graphs and adds its counts there."""
     paths = {layer.path: layer.index for layer in find_regions(dense).layers}
     result = {index: {"dense": 0, "lemo": 0} for index in paths.values()}
-    for name, gm, inputs in (("dense", dense, example_inputs),
-                             ("lemo", lemo, example_inputs + extra_inputs)):
-        saved, graphs = _saved_for_backward(gm, inputs)
+    for name, gm, inputs, passes in (("dense", dense, example_inputs, None),
+                                     ("lemo", lemo, example_inputs + extra_inputs, joint)):
+        saved, graphs = _saved_for_backward(gm, inputs, passes)
         for node in saved:
             layer = _layer_of(node, paths)
             value = node.meta.get("val")
@@ -384,19 +387,21 @@ def activation_bytes(
 
 
 def _saved_for_backward(
-    gm: fx.GraphModule, inputs: list
+    gm: fx.GraphModule, inputs: list, joint: Callable | None = None
 ) -> tuple[list[fx.Node], tuple[fx.GraphModule, ...]]:
     """The forward-graph nodes whose values the partitioned backward reads, and the partitioned
-    (forward, backward) graphs."""
+    (forward, backward) graphs; `joint` runs on the joint graph before the partitioner."""
     captured: dict[str, fx.GraphModule] = {}
 
     def forward_compiler(graph: fx.GraphModule, _inputs):
         captured["forward"] = graph
         return graph
 
-    def partition(joint, joint_inputs, **kwargs):
+    def partition(joint_module, joint_inputs, **kwargs):
+        if joint is not None:
+            joint(joint_module.graph)
         forward, backward = min_cut_rematerialization_partition(
-            joint, joint_inputs, compiler="inductor", **kwargs)
+            joint_module, joint_inputs, compiler="inductor", **kwargs)
         captured["backward"] = backward
         return forward, backward
 
