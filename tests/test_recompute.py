@@ -16,6 +16,7 @@ import lemo_compile
 from conftest import compiled_step, grads, tiny_llama, token_batch
 from lemo_compile.passes.manager import InductorPasses
 from lemo_compile.passes.recompute import save_in_checkpoints
+from lemo_compile.tools.demo import saved_activation_bytes
 
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
            "loss_segment": None}
@@ -165,12 +166,6 @@ def _saved_float32_bytes(report, width: int) -> int:
                and not name.startswith("primals"))
 
 
-def _saved_bytes(report) -> int:
-    return sum(math.prod(shape) * dtype.itemsize
-               for name, (shape, dtype) in report.saved_for_backward.items()
-               if not name.startswith("primals"))
-
-
 def test_float32_copies_of_adapter_inputs_are_recomputed_not_saved():
     loss, reference, plain = _peft_bf16_step(recompute_casts=False)
     loss_recomputed, recomputed, report = _peft_bf16_step(recompute_casts=True)
@@ -185,7 +180,8 @@ def test_float32_copies_of_adapter_inputs_are_recomputed_not_saved():
     assert _saved_float32_bytes(plain, width) == (2 * SEQ_LEN + 3 * 2 * kept) * width * 4
     assert _saved_float32_bytes(report, width) == 0
     # the narrow sources saved in their place (where they were not saved already) take half
-    assert _saved_bytes(report) <= _saved_bytes(plain) - _saved_float32_bytes(plain, width) // 2
+    assert (saved_activation_bytes(report)
+            <= saved_activation_bytes(plain) - _saved_float32_bytes(plain, width) // 2)
     assert torch.equal(loss, loss_recomputed)
     assert reference.keys() == recomputed.keys() and len(reference) == 4 * 4 * 2
     for name, grad in reference.items():
