@@ -486,11 +486,14 @@ def linear_cross_entropy_with_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dh, dloss/dW, dloss/db), the gradients computed segment by segment in the
     forward (see `kernels.lm_loss`); each is an empty [0] tensor when not asked for (`h_grad`,
-    `weight_grad`; db also when there is no bias). Autograd multiplies them by the upstream grad."""
-    outputs = _loss.linear_cross_entropy_reference(
-        h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad,
-        weight_grad, kernel=_loss.kernel_supports(h, logits_dtype),
-    )
+    `weight_grad`; db also when there is no bias). Autograd multiplies them by the upstream grad.
+    The head runs in its operands' dtype whatever autocast is on (the segmented-loss pass casts them
+    as autocast cast the head it replaces): the gradients must have their operands' dtypes."""
+    with torch.autocast(h.device.type, enabled=False):
+        outputs = _loss.linear_cross_entropy_reference(
+            h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad,
+            weight_grad, kernel=_loss.kernel_supports(h, logits_dtype),
+        )
     return tuple(t if t is not None else h.new_empty((0,)) for t in outputs)
 
 

@@ -265,6 +265,26 @@ def test_linear_cross_entropy(path, device, rows, width, vocab, segment, dtype):
     assert not math.isnan(loss.item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_ignores_autocast(path, device):
+    """The op computes in its operands' dtypes under autocast too (the segmented-loss pass hands it
+    operands already cast as autocast cast the head): the same loss and gradients, in float32."""
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(65, 24, generator=generator).to(device)
+    weight = (0.3 * torch.randn(5000, 24, generator=generator)).to(device)
+    target = torch.randint(0, 5000, (65,), generator=generator).to(device)
+    results = []
+    for autocast in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (h, weight)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = ops.linear_cross_entropy(*leaves, None, target, -100, "mean", 16, torch.float32)
+        loss.backward()
+        results.append([loss, *(t.grad for t in leaves)])
+    for plain, autocast in zip(*results, strict=True):
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------ SwiGLU backward
 
 

@@ -242,6 +242,30 @@ def test_bf16_autocast_matches_the_reference_under_autocast():
         assert (got[name] - p.grad).abs().max() <= 0.02 * scale + 1e-6, name
 
 
+def test_segmented_loss_under_bf16_autocast_matches_the_unsegmented_loss():
+    """A float32 model under bf16 autocast with the segmented loss: the LM head runs in bf16 as
+    autocast runs it (the op gets the head's operands cast to bf16), so every gradient below the
+    head equals that of the same compile with the loss left unsegmented (measured when written: the
+    same bits; with the head in float32 they differed by 0.5% of their scale), and the head's own,
+    accumulated in bf16 segment by segment, is within bf16 rounding of it."""
+    ids = token_batch(2, 150)
+    results = []
+    for segment in (None, 64):
+        model = tiny_llama()
+        backend = lemo_compile.LemoBackend({**OPTIONS, "loss_segment": segment})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=ids, labels=ids)
+        out.loss.backward()
+        assert backend.reports[-1].counters.get("segmented_losses", 0) == (segment is not None)
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters()}))
+    (want_loss, want), (loss, got) = results
+    torch.testing.assert_close(loss, want_loss)
+    for name, grad in want.items():
+        assert got[name].dtype == torch.float32, name
+        tolerance = 0.01 if name == "lm_head.weight" else 1e-3
+        assert (got[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
+
+
 def _tiny_bank(mlp_layers=()):
     from lemo_compile.predictors import ModelSignature, PredictorBank
 

@@ -5,7 +5,8 @@ where `chain` only casts the dtype, flattens leading dims (`view(-1, V)`) or tak
 row r of the loss input is row r of `h.reshape(-1, D)`. Extra cross-entropy arguments (class weights,
 label smoothing) or any other op in the chain leave the graph unchanged.
 
-Rewrite: the cross-entropy becomes `ops.linear_cross_entropy(h.reshape(-1, D), W, b, target, ...)`,
+Rewrite: the cross-entropy becomes `ops.linear_cross_entropy(h.reshape(-1, D), W, b, target, ...)`
+(under autocast, with h, W and b cast to the dtype the head ran in, as autocast cast them),
 which never holds more than one segment's logits: each segment's gradients are computed in the
 forward, while its logits exist, and scaled by the upstream gradient in backward. The logits are
 then no longer computed; where the graph returned them (HF's `outputs.logits`), it returns a NaN
@@ -55,8 +56,19 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
         hidden, weight, bias = _linear_args(head)
         width = example_value(hidden).shape[-1]
         logits_dtype = example_value(loss.args[0]).dtype
+        head_dtype = example_value(head).dtype
         with graph.inserting_before(loss):
             rows = insert_call(graph, fake_mode, "reshape", (hidden, -1, width), method=True)
+            inserted = [rows]
+            # under autocast the head ran in a narrower dtype than its operands: the op runs
+            # with autocast off, so it gets them cast as autocast cast them
+            operands = []
+            for operand in (rows, weight, bias):
+                if operand is not None and example_value(operand).dtype != head_dtype:
+                    operand = insert_call(graph, fake_mode, "to", (operand, head_dtype), method=True)
+                    inserted.append(operand)
+                operands.append(operand)
+            rows, weight, bias = operands
             segmented = graph.call_function(
                 ops.linear_cross_entropy,
                 (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype),
@@ -64,7 +76,7 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
         # the loss's own value: the segmented loss stands in for it
         with fake_mode:
             segmented.meta["example_value"] = example_value(loss).new_empty(())
-        for node in (rows, segmented):
+        for node in (*inserted, segmented):
             tag(node, Role.SEGMENTED_LOSS)
         loss.replace_all_uses_with(segmented)
         graph.erase_node(loss)
