@@ -33,11 +33,11 @@ its own Inductor cache directory:
   lemo-swiglu-fused  lemo with swiglu_in_place=False (the SwiGLU backward left to Inductor's fused
                   kernel, which allocates one of its two outputs)
   lemo-tokens     lemo with mlp="tokens"
-  lemo-tokens-recast  lemo with mlp="tokens" and recompute_casts=True (the float32 copies of
-                  bf16 tensors that the backward reads, PEFT's adapters' inputs, recomputed in the
-                  backward instead of saved by the forward; off by default until measured here)
-  lemo-tokens-predictor-recast  the same with scorer="predictor" (randomly initialised attention
-                  and MLP predictors: their cost, not their accuracy)
+  lemo-tokens-savecasts  lemo with mlp="tokens" and recompute_casts=False (the forward saves
+                  the float32 copies of bf16 tensors that the backward reads, PEFT's adapters'
+                  inputs, as the partitioner chooses, instead of the backward recomputing them)
+  lemo-tokens-predictor  lemo with mlp="tokens" and scorer="predictor" (randomly initialised
+                  attention and MLP predictors: their cost, not their accuracy)
   lemo-channels   lemo with mlp="channels"
   lemo-predictor  lemo with scorer="predictor" (randomly initialised predictors: their cost,
                   not their quality)
@@ -83,9 +83,8 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-longcasts": {"shorten_casts": False},
     "lemo-swiglu-fused": {"swiglu_in_place": False},
     "lemo-tokens": {"mlp": "tokens"},
-    "lemo-tokens-recast": {"mlp": "tokens", "recompute_casts": True},
-    "lemo-tokens-predictor-recast": {"mlp": "tokens", "scorer": "predictor",
-                                     "recompute_casts": True},
+    "lemo-tokens-savecasts": {"mlp": "tokens", "recompute_casts": False},
+    "lemo-tokens-predictor": {"mlp": "tokens", "scorer": "predictor"},
     "lemo-channels": {"mlp": "channels"},
 }
 VARIANTS = ("hf", "liger", "compile", *LEMO_VARIANT_OPTIONS)
