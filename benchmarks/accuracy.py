@@ -29,6 +29,8 @@ Variants (`--variants`):
                 the same blocks dropped at every step and in every row
   random-fresh  random block selection drawn anew at every step (`scorer="random"`, no seed): the
                 random-token-drop baseline the selection must beat
+  explore       the oracle's best half of the kept blocks, the other half drawn anew at every
+                step (`explore=0.5`, no seed)
   predictor     lemo with trained predictors (`scorer="predictor"`): `lemo_compile.calibrate` on the
                 context-extended base model (frozen) over the fine-tuning batches, for
                 `--calibrate-steps` steps, then fine-tuning as oracle does with the predictors'
@@ -63,8 +65,8 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "random-fresh", "predictor", "tokens", "channels",
-            "keep06", "then-dense", "layerwise")
+VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "predictor", "tokens",
+            "channels", "keep06", "then-dense", "layerwise")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -195,6 +197,8 @@ def lemo_options(variant: str, args) -> dict:
         options.update(scorer="random", seed=args.seed)
     elif variant == "random-fresh":
         options.update(scorer="random", seed=None)
+    elif variant == "explore":
+        options.update(explore=0.5, seed=None)
     elif variant == "tokens":
         options["mlp"] = "tokens"
     elif variant == "channels":

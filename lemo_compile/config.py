@@ -85,8 +85,16 @@ class LemoConfig:
                   backward and the previous layer's recomputed MLP). True keeps Inductor's default
                   (a freed buffer stays allocated until its planned reuse). The forward graph
                   always keeps Inductor's default. Inductor only.
-    seed:         scorer "random" only: None draws from torch's global RNG on every call; an int
-                  gives each layer a fixed pattern.
+    seed:         scorer "random" and `explore` only: None draws from torch's global RNG on every
+                  call; an int gives each layer a fixed pattern.
+    explore:      in [0, 1]: the share of each sparse attention block's k kept blocks drawn at
+                  random (from the blocks the scorer did not pick) instead of by score; the
+                  scorer's best k - round(explore * k) blocks are kept as before. 0 (the default)
+                  keeps the scorer's choice; 1 is a random drop. Meant for fine-tuning: a fresh
+                  draw at every step shows each layer every part of the context over a run (the
+                  README's accuracy section says why). Not with scorer="random"; mlp="tokens"
+                  keeps choosing its blocks by score. A padded row keeps fewer blocks, but the
+                  scorer's share is counted on the full length, so such a row explores less.
     """
 
     block_size: int = 64
@@ -107,6 +115,7 @@ class LemoConfig:
     save_sparse_layers: bool = False
     backward_buffer_reuse: bool = False
     seed: int | None = None
+    explore: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -149,6 +158,12 @@ class LemoConfig:
                     "lemo option 'predictors' must be a PredictorBank or the path of one saved by "
                     f"`lemo calibrate`, got {type(self.predictors).__name__}"
                 )
+        if (isinstance(self.explore, bool) or not isinstance(self.explore, (int, float))
+                or not 0.0 <= self.explore <= 1.0):
+            raise ValueError(f"lemo option 'explore' must be a number in [0, 1], got {self.explore!r}")
+        if self.explore > 0 and self.scorer == "random":
+            raise ValueError("lemo option 'explore' draws part of a scorer's blocks at random; "
+                             "scorer='random' draws them all already: leave explore at 0")
         if self.mlp_keep_ratio is not None:
             _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
         _check_ratio(self.mlp_channel_ratio, "mlp_channel_ratio")

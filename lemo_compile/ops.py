@@ -90,6 +90,15 @@ def select_tokens(scores: torch.Tensor, kept_blocks: int, block_size: int, seq_l
     return torch.cat([tokens, tail.expand(batch, -1)], dim=1)
 
 
+def explore_scores(scores: torch.Tensor, noise: torch.Tensor, scored_blocks: int) -> torch.Tensor:
+    """Block scores [B, n] (float32) for option `explore`: ranked by them, each row's
+    `scored_blocks` best blocks of scores [B, n] (ties: the lower block first) come first, then
+    every other block by noise [B, n] (in [0, 1)). The top k >= scored_blocks of the result are
+    the scorer's best and k - scored_blocks blocks drawn by the noise."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return noise.float().scatter(1, order[:, :scored_blocks], 2.0)
+
+
 def activation_block_scores(
     intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -152,8 +152,22 @@ def causal_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return out
 
 
+def explored_block_scores(scores: torch.Tensor, k_blocks: int, explore: float, seed: int,
+                          layer: int) -> torch.Tensor:
+    """Option `explore` on one layer's block scores [B, n]: the k - round(explore * k) best blocks
+    of each row keep the top places (ties: lower block first), the random scorer's numbers rank
+    the others."""
+    batch, n_blocks = scores.shape
+    scored = k_blocks - round(explore * k_blocks)
+    ranked = random_block_scores(batch, n_blocks, seed, layer, scores.device).clone()
+    for b in range(batch):
+        best = sorted(range(n_blocks), key=lambda p: (-scores[b, p].item(), p))[:scored]
+        ranked[b, best] = 2.0
+    return ranked
+
+
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
-                 keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0,
+                 keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0, explore: float = 0.0,
                  mlp: str = "off", mlp_keep_ratio: float | None = None,
                  mlp_channel_ratio: float = 0.5, mlp_scorer=None,
                  position_ids: torch.Tensor | None = None, sliding_window=None):
@@ -170,7 +184,9 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     it is (train or eval mode) and not modified. Gradients flow through everything except the block
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
-    a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors).
+    a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors);
+    explore > 0 replaces a share of the attention's kept blocks by random ones
+    (`explored_block_scores`).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
     number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
     (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead); mlp_scorer, a
@@ -226,6 +242,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                     scores = oracle_block_scores(q, k, block_size)
                 else:
                     scores = random_block_scores(batch, seq_len // block_size, seed, layer_index, x.device)
+                if explore:
+                    scores = explored_block_scores(scores, k_blocks, explore, seed, layer_index)
                 idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [B, K]
             # Attention on the kept residual rows only, added back into those rows.
             rows = gather_rows(x, idx)                                         # [B, K, D]

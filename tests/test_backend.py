@@ -59,6 +59,33 @@ def test_random_scorer_with_seed_matches_reference():
                               keep_ratio=0.25, dense_layers=[0, 3])
 
 
+@pytest.mark.parametrize("explore", [0.5, 1.0])
+def test_explore_with_seed_matches_reference(explore):
+    """explore=0.5 keeps the oracle's 2 best of 4 blocks and 2 drawn at random; explore=1.0
+    keeps the random scorer's blocks."""
+    model = tiny_llama()
+    ids = token_batch(2, 160)
+    options = {"explore": explore, "seed": 7, "dense_layers": [0], "loss_segment": None}
+    assert_same_training_step(model, ids, options, explore=explore, seed=7, dense_layers=[0])
+    if explore == 1.0:
+        assert_same_training_step(model, ids, {**options, "explore": 0.0, "scorer": "random"},
+                                  scorer="random", seed=7, dense_layers=[0])
+
+
+def test_explore_without_seed_draws_again_at_every_call():
+    """With seed=None the random share is drawn anew at every step (the selection changes from
+    call to call); with a seed it is the same draw every call."""
+    ids = token_batch(1, 320)
+    losses = {}
+    for seed in (None, 3):
+        model = tiny_llama()
+        compiled, _ = compile_lemo(model, explore=0.5, seed=seed, dense_layers=[0],
+                                   loss_segment=None)
+        losses[seed] = {compiled(input_ids=ids, labels=ids).loss.item() for _ in range(4)}
+    assert len(losses[3]) == 1
+    assert len(losses[None]) > 1
+
+
 def test_per_layer_keep_ratios_match_reference():
     model = tiny_llama()
     ids = token_batch(1, 176)

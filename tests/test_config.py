@@ -40,6 +40,11 @@ def test_defaults():
         ({"mlp_channel_ratio": True}, "mlp_channel_ratio"),
         ({"mlp_channel_ratio": None}, "mlp_channel_ratio"),
         ({"mlp": "channels", "mlp_channel_ratio": 2}, "mlp_channel_ratio"),
+        ({"explore": -0.1}, "explore"),
+        ({"explore": 1.5}, "explore"),
+        ({"explore": "0.5"}, "explore"),
+        ({"explore": True}, "explore"),
+        ({"explore": 0.5, "scorer": "random"}, "explore"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

@@ -172,9 +172,12 @@ def _checkpointed_step(checkpointing: bool, lora: bool = False, fullgraph: bool 
 
 @pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3},
                                     {"scorer": "oracle", "mlp": "tokens"},
-                                    {"scorer": "oracle", "mlp": "channels"}])
+                                    {"scorer": "oracle", "mlp": "channels"},
+                                    {"scorer": "oracle", "explore": 0.5, "seed": None}])
 def test_gradient_checkpointing_gives_the_same_results(scorer):
-    """Layers inside activation-checkpoint regions are found and rewritten inside the region."""
+    """Layers inside activation-checkpoint regions are found and rewritten inside the region (a
+    fresh random draw, `explore` without a seed, included: each step starts from the same RNG
+    state, and the backward must not draw again)."""
     loss, grads, report = _checkpointed_step(True, **scorer)
     plain_loss, plain_grads, plain_report = _checkpointed_step(False, **scorer)
     assert report.counters["sparse_layers"] == plain_report.counters["sparse_layers"] == 3

@@ -209,9 +209,20 @@ def _sparse_attention(ctx: _Rewrite, layer: int, plan: LayerPlan,
 
     def scores(graph, residual, tag, real):
         if bank is not None:
-            return _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs,
+            node = _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs,
                                      real)
-        return _insert_scorer(graph, block, residual, plan, config, fake_mode, tag, real)
+        else:
+            node = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag, real)
+        if config.explore == 0:
+            return node
+        # draws from the random scorer's source, so `seed` fixes the draw as it fixes that one's
+        noise = insert_call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
+                            (residual, plan.n_blocks, block.layer, config.seed))
+        scored = plan.kept_blocks - round(config.explore * plan.kept_blocks)
+        explored = insert_call(graph, fake_mode, ops.explore_scores, (node, noise, scored))
+        for inserted in (noise, explored):
+            tag(inserted, Role.SCORE)
+        return explored
 
     try:
         merged = _sparse_block(ctx, layer, block, (plan.kept_blocks, plan.kept_tokens), scores,
