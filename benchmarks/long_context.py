@@ -104,10 +104,18 @@ def build_model(args):
     return model.train()
 
 
+def keep_ratio_of(variant: str, keep_ratio: float) -> float | None:
+    """The keep ratio a variant runs with: 1.0 for lemo-base, `keep_ratio` (--keep-ratio) for the
+    other lemo variants, None for the set-ups without lemo."""
+    if variant not in LEMO_VARIANT_OPTIONS:
+        return None
+    return 1.0 if variant == "lemo-base" else keep_ratio
+
+
 def lemo_options(args) -> dict:
     import lemo_compile
 
-    options: dict = {"keep_ratio": 1.0 if args.variant == "lemo-base" else args.keep_ratio,
+    options: dict = {"keep_ratio": keep_ratio_of(args.variant, args.keep_ratio),
                      **LEMO_VARIANT_OPTIONS[args.variant]}
     if options.get("save_attention") == "dense" and args.save_attention_layers:
         options["save_attention"] = args.save_attention_layers
@@ -166,7 +174,8 @@ def run_one(args) -> dict:
             peak = max(peak, torch.cuda.max_memory_allocated())
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-        "checkpointing": args.checkpointing, "padding": args.padding, "first_step_s": times[0],
+        "checkpointing": args.checkpointing, "padding": args.padding,
+        "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio), "first_step_s": times[0],
         "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
         "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
@@ -368,7 +377,9 @@ def main() -> int:
             if not isinstance(err, torch.OutOfMemoryError):
                 raise
             row = {"variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-                   "checkpointing": args.checkpointing, "error": "out of memory"}
+                   "checkpointing": args.checkpointing,
+                   "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio),
+                   "error": "out of memory"}
         print(json.dumps(row))
         return 0
 
@@ -386,7 +397,8 @@ def main() -> int:
             if args.memory:
                 command.append("--memory")
             row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
-                   "checkpointing": args.checkpointing}
+                   "checkpointing": args.checkpointing,
+                   "keep_ratio": keep_ratio_of(variant, args.keep_ratio)}
             rows.append(run_isolated(command, row, args.out, args.timeout, variant))
     print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<20} {'step s':>7} {'peak GB':>8} "
           f"{'1st step s':>10} {'GPU busy':>8} {'attention':>10} {'loss 0':>7}")

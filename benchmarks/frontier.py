@@ -1,0 +1,192 @@
+"""The accuracy/cost frontier: what each fine-tuning setting costs in accuracy (`accuracy.py`)
+against what it saves at the Llama-3-8B shape (`long_context.py`), to choose defaults on.
+
+Accuracy: per `accuracy.py` run (one file: one pretraining), each variant's held-out loss gap to
+that run's dense LoRA, in percent, and its mean passkey retrieval; a variant's point is the mean
+gap over the runs that have it (each run's gap is listed too).
+
+Cost: the step time and peak memory saved against HF + Liger-Kernel (what users run for dense
+LoRA) at one length and checkpointing setting (`--seq-len`, `--checkpointing`, `--layers`), read
+from the long-context row of the set-up that runs the variant (`COST_OF`) against the HF + Liger
+row of the same run; a schedule's from its phases: step time weighted by the phases' shares of
+the steps, peak the largest phase's. A
+variant whose set-up has no row there is listed with its cost missing, never estimated; a variant
+missing from `COST_OF` (random blocks: a baseline, not a setting to choose) has no cost.
+Long-context rows without a `keep_ratio` field ran with the script's default, 0.4.
+
+    python benchmarks/frontier.py --accuracy benchmarks/results/accuracy_8x512_*.jsonl \\
+        --long-context benchmarks/results/long_context_32layers_*.jsonl --seq-len 16384 \\
+        --markdown docs/frontier.md --plot docs/frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+# accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio (None
+# without lemo), gradient checkpointing or None for the --checkpointing setting). The dense phase of a schedule
+# runs with gradient checkpointing (`SparsitySchedule.sparse_then_dense`), on lemo's compiled base.
+COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
+    "dense": [(1.0, "liger", None, None)],
+    "oracle": [(1.0, "lemo", 0.4, None)],
+    "explore": [(1.0, "lemo", 0.4, None)],  # the oracle plus a [B, n] random draw per layer
+    "predictor": [(1.0, "lemo-predictor", 0.4, None)],
+    "tokens": [(1.0, "lemo-tokens", 0.4, None)],
+    "channels": [(1.0, "lemo-channels", 0.4, None)],
+    "keep06": [(1.0, "lemo", 0.6, None)],
+    "then-dense": [(0.75, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
+}
+BASELINE = "liger"
+# variants with no cost, and why
+UNPRICED = {"random": "a baseline, not a setting", "random-fresh": "a baseline, not a setting",
+            "layerwise": "per-layer keep ratios: not run by long_context.py"}
+
+
+def read(files: list[str]) -> list[tuple[str, dict]]:
+    return [(name, json.loads(line)) for name in files for line in open(name) if line.strip()]
+
+
+def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
+    """variant -> {"gaps": [(file, % gap to that file's dense LoRA)], "passkey": [mean per run]}."""
+    dense = {name: row["held_out_loss"] for name, row in rows if row["variant"] == "dense"}
+    points: dict[str, dict] = {}
+    for name, row in rows:
+        if name not in dense or row["variant"].startswith("base") or "held_out_loss" not in row:
+            continue
+        point = points.setdefault(row["variant"], {"gaps": [], "passkey": []})
+        point["gaps"].append((os.path.basename(name), 100 * (row["held_out_loss"] / dense[name] - 1)))
+        point["passkey"].append(statistics.mean(row["passkey"].values()))
+    return points
+
+
+def _keep_ratio(row: dict) -> float | None:
+    """A long-context row's keep ratio; rows from before the field ran with the defaults."""
+    if "keep_ratio" in row:
+        return row["keep_ratio"]
+    if not row["variant"].startswith("lemo"):
+        return None
+    return 1.0 if row["variant"] == "lemo-base" else 0.4
+
+
+def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None, str]:
+    """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
+    (None, what is missing). Each phase is compared with the HF + Liger row of its own run (file),
+    so that readings of different runs are not mixed; of several matching rows the last one read
+    counts."""
+    phases = COST_OF.get(variant)
+    if phases is None:
+        return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
+
+    def find(name: str, keep: float | None, checkpointing: bool,
+             file: str | None = None) -> tuple[str, dict] | None:
+        for where, row in reversed(rows):
+            if ((file is None or where == file) and row["variant"] == name
+                    and row["seq_len"] == args.seq_len and row["layers"] == args.layers
+                    and row["checkpointing"] == checkpointing and _keep_ratio(row) == keep
+                    and "error" not in row and not row.get("padding")):
+                return where, row
+        return None
+
+    step = peak = 0.0
+    missing, files = [], set()
+    for share, name, keep, checkpointing in phases:
+        with_checkpointing = args.checkpointing if checkpointing is None else checkpointing
+        found = find(name, keep, with_checkpointing)
+        baseline = found and find(BASELINE, None, with_checkpointing, found[0])
+        if not found or not baseline:
+            setting = f"{name}, keep {keep}{', checkpointing' if with_checkpointing else ''}"
+            missing.append(setting if not found else f"{BASELINE} in the run of {setting}")
+            continue
+        (file, row), (_, liger) = found, baseline
+        files.add(os.path.basename(file))
+        step += share * row["step_s"] / liger["step_s"]
+        peak = max(peak, row["peak_gb"] / liger["peak_gb"])
+    if missing:
+        return None, "no row for " + "; ".join(missing)
+    return {"step": 100 * (1 - step), "peak": 100 * (1 - peak), "files": sorted(files)}, ""
+
+
+def markdown(points: dict, costs: dict, args, plot_name: str | None) -> str:
+    setting = (f"{args.layers} layers, {args.seq_len:,} tokens, "
+               f"{'with' if args.checkpointing else 'without'} gradient checkpointing")
+    lines = ["# Accuracy against cost", "",
+             "Generated by `benchmarks/frontier.py` from " + ", ".join(
+                 f"`{os.path.basename(n)}`" for n in args.accuracy) + " (accuracy, "
+             "`benchmarks/results/`). Loss gap: held-out loss against dense LoRA in the same run; "
+             f"saved: against HF + Liger-Kernel at {setting}, from the long-context rows named in "
+             "the last column (the README gives machines, dates and commands).", "",
+             "| variant | loss gap (mean) | per run | passkey (mean per run) | step time saved | "
+             "peak saved | cost from |", "|---|---|---|---|---|---|---|"]
+    for variant, point in sorted(points.items(), key=lambda item: statistics.mean(
+            g for _, g in item[1]["gaps"])):
+        gaps = [g for _, g in point["gaps"]]
+        saved, why = costs[variant]
+        lines.append(
+            f"| {variant} | {statistics.mean(gaps):+.1f}% | "
+            + ", ".join(f"{g:+.1f}%" for g in gaps) + " | "
+            + ", ".join(f"{p:.2f}" for p in point["passkey"]) + " | "
+            + (f"{saved['step']:.0f}% | {saved['peak']:.0f}% | {', '.join(saved['files'])} |"
+               if saved else f" | | {why} |"))
+    if plot_name:
+        lines += ["", f"![loss gap against time and memory saved]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: dict, costs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, key, name in ((axes[0], "step", "step time saved (%)"),
+                            (axes[1], "peak", "peak memory saved (%)")):
+        for variant, point in points.items():
+            saved = costs[variant][0]
+            if saved is None:
+                continue
+            gaps = [g for _, g in point["gaps"]]
+            axis.scatter([saved[key]] * len(gaps), gaps, color="0.7", s=12)
+            axis.scatter(saved[key], statistics.mean(gaps), s=30)
+            axis.annotate(variant, (saved[key], statistics.mean(gaps)), fontsize=8,
+                          xytext=(4, 4), textcoords="offset points")
+        axis.set_xlabel(name)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loss gap to dense LoRA (%)")
+    figure.suptitle("accuracy against cost (grey: single runs; best: low and to the right)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accuracy", nargs="+", required=True, help="accuracy.py JSON lines")
+    parser.add_argument("--long-context", nargs="+", required=True,
+                        help="long_context.py JSON lines")
+    parser.add_argument("--seq-len", type=int, default=16384)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--markdown", help="write the table here (default: print it)")
+    parser.add_argument("--plot", help="write the plot (PNG) here")
+    args = parser.parse_args()
+    points = accuracy_points(read(args.accuracy))
+    rows = read(args.long_context)
+    costs = {variant: cost(variant, rows, args) for variant in points}
+    plot_name = os.path.relpath(args.plot, os.path.dirname(args.markdown or ".")) if args.plot else None
+    table = markdown(points, costs, args, plot_name)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    else:
+        print(table)
+    if args.plot:
+        plot(points, costs, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
