@@ -31,6 +31,9 @@ Variants (`--variants`):
                 random-token-drop baseline the selection must beat
   explore       the oracle's best half of the kept blocks, the other half drawn anew at every
                 step (`explore=0.5`, no seed)
+  edges         the oracle with each row's first and last blocks always kept
+                (`keep_first_blocks=1, keep_last_blocks=1`: the passkey's question and answer
+                sit in the last block)
   predictor     lemo with trained predictors (`scorer="predictor"`): `lemo_compile.calibrate` on the
                 context-extended base model (frozen) over the fine-tuning batches, for
                 `--calibrate-steps` steps, then fine-tuning as oracle does with the predictors'
@@ -65,8 +68,8 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "predictor", "tokens",
-            "channels", "keep06", "then-dense", "layerwise")
+VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "predictor",
+            "tokens", "channels", "keep06", "then-dense", "layerwise")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -199,6 +202,8 @@ def lemo_options(variant: str, args) -> dict:
         options.update(scorer="random", seed=None)
     elif variant == "explore":
         options.update(explore=0.5, seed=None)
+    elif variant == "edges":
+        options.update(keep_first_blocks=1, keep_last_blocks=1)
     elif variant == "tokens":
         options["mlp"] = "tokens"
     elif variant == "channels":
@@ -301,6 +306,8 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
 
     key_block_kept: per depth, the share of (sample, sparse layer) pairs whose selection on the
                     fine-tuned model keeps the block holding the key's first digit;
+    answer_block_kept: the same for the block where the answer's first digit is (the question's
+                    block: where retrieval happens), over all depths;
     same_as_base:   the share of the fine-tuned model's kept blocks that the base model's
                     selection keeps too (1 for a fixed pattern; about `chance` for one unrelated
                     to the input);
@@ -316,13 +323,15 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
         return None
     before, _ = attention_selections(base, options, ids, device)
     kept: dict[str, list[bool]] = {str(depth): [] for depth in DEPTHS}
-    shared = []
-    for row, (depth, _, _, key_start) in enumerate(samples):
+    answer_kept, shared = [], []
+    for row, (depth, _, answer_start, key_start) in enumerate(samples):
         for layer, blocks in selected.items():
             chosen = set(blocks[row].tolist())
             kept[str(depth)].append(key_start // args.block_size in chosen)
+            answer_kept.append(answer_start // args.block_size in chosen)
             shared.append(len(chosen & set(before[layer][row].tolist())) / len(chosen))
     return {"key_block_kept": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
+            "answer_block_kept": sum(answer_kept) / len(answer_kept),
             "same_as_base": sum(shared) / len(shared),
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
@@ -428,13 +437,14 @@ def main() -> int:
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
-          "  key block kept by depth, same as base (chance)")
+          "  key block kept by depth; answer block; same as base (chance)")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
         selection = row.get("selection")
         kept_text = "" if not selection else "  " + " ".join(
             f"{selection['key_block_kept'][str(d)]:.2f}" for d in DEPTHS) + (
-            f", {selection['same_as_base']:.2f} ({selection['chance']:.2f})")
+            f"; {selection['answer_block_kept']:.2f}; {selection['same_as_base']:.2f} "
+            f"({selection['chance']:.2f})")
         if row.get("predictor_recall"):
             layers = row["predictor_recall"].values()
             kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"

@@ -26,6 +26,8 @@ import json
 import os
 import statistics
 
+from harness import write_summary
+
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio (None
 # without lemo), gradient checkpointing or None for the --checkpointing setting). The dense phase of a schedule
 # runs with gradient checkpointing (`SparsitySchedule.sparse_then_dense`), on lemo's compiled base.
@@ -33,6 +35,7 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "dense": [(1.0, "liger", None, None)],
     "oracle": [(1.0, "lemo", 0.4, None)],
     "explore": [(1.0, "lemo", 0.4, None)],  # the oracle plus a [B, n] random draw per layer
+    "edges": [(1.0, "lemo", 0.4, None)],  # the oracle with two blocks' scores overwritten
     "predictor": [(1.0, "lemo-predictor", 0.4, None)],
     "tokens": [(1.0, "lemo-tokens", 0.4, None)],
     "channels": [(1.0, "lemo-channels", 0.4, None)],
@@ -176,15 +179,9 @@ def main() -> int:
     points = accuracy_points(read(args.accuracy))
     rows = read(args.long_context)
     costs = {variant: cost(variant, rows, args) for variant in points}
-    plot_name = os.path.relpath(args.plot, os.path.dirname(args.markdown or ".")) if args.plot else None
-    table = markdown(points, costs, args, plot_name)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    else:
-        print(table)
-    if args.plot:
-        plot(points, costs, args.plot)
+    write_summary(args.markdown, args.plot,
+                  lambda plot_name: markdown(points, costs, args, plot_name),
+                  lambda path: plot(points, costs, path))
     return 0
 
 

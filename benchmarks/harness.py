@@ -1,6 +1,6 @@
-"""What the GPU benchmark scripts share: the Llama shape's arguments, and running one configuration
-in its own process, with its own Inductor cache directory (so that no variant is served another's
-compiled code), recording its JSON line."""
+"""What the benchmark scripts share: the Llama shape's arguments, running one configuration in its
+own process, with its own Inductor cache directory (so that no variant is served another's
+compiled code), recording its JSON line, and writing a summary's table and plot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 
 def run_isolated(command: list[str], row: dict, out: str, timeout: float, cache_name: str) -> dict:
@@ -75,3 +76,18 @@ def lora_llama(args: argparse.Namespace, device: str, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def write_summary(markdown: str | None, plot: str | None, table_of: Callable[[str | None], str],
+                  draw: Callable[[str], None]) -> None:
+    """Write `table_of(the plot's path relative to the table)` to `markdown` (print it when None)
+    and `draw(plot)` when a plot path is given."""
+    plot_name = os.path.relpath(plot, os.path.dirname(markdown or ".")) if plot else None
+    table = table_of(plot_name)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(table)
+    else:
+        print(table)
+    if plot:
+        draw(plot)

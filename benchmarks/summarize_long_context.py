@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+
+from harness import write_summary
 
 SYSTEMS = {"hf": "HF eager", "liger": "HF + Liger", "compile": "dense torch.compile"}
 LEMO = "lemo"
@@ -105,15 +106,9 @@ def main() -> int:
     args = parser.parse_args()
     rows = [json.loads(line) for name in args.files for line in open(name) if line.strip()]
     best = best_rows(rows)
-    plot_name = os.path.relpath(args.plot, os.path.dirname(args.markdown or ".")) if args.plot else None
-    table = markdown(best, {r["layers"] for r in rows}, args.files, plot_name)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    else:
-        print(table)
-    if args.plot:
-        plot(best, args.plot)
+    write_summary(args.markdown, args.plot,
+                  lambda plot_name: markdown(best, {r["layers"] for r in rows}, args.files, plot_name),
+                  lambda path: plot(best, path))
     return 0
 
 

@@ -95,6 +95,11 @@ class LemoConfig:
                   README's accuracy section says why). Not with scorer="random"; mlp="tokens"
                   keeps choosing its blocks by score. A padded row keeps fewer blocks, but the
                   scorer's share is counted on the full length, so such a row explores less.
+    keep_first_blocks, keep_last_blocks: full blocks at the start and at the end of each row
+                  (a padded row's own) that every sparse block keeps whatever their scores, within
+                  its k (the lower blocks first when they are more than k); the rest of the k by
+                  score. For text whose end matters most (a question and its answer, the labelled
+                  tokens of instruction tuning, which sit last). Default 0 and 0.
     """
 
     block_size: int = 64
@@ -116,6 +121,8 @@ class LemoConfig:
     backward_buffer_reuse: bool = False
     seed: int | None = None
     explore: float = 0.0
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -146,6 +153,8 @@ class LemoConfig:
             _check_int("loss_segment", self.loss_segment, minimum=1)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        _check_int("keep_first_blocks", self.keep_first_blocks, minimum=0)
+        _check_int("keep_last_blocks", self.keep_last_blocks, minimum=0)
         if self.scorer == "predictor" and self.predictors is None:
             raise ValueError(
                 "lemo option 'scorer' is 'predictor' but no 'predictors' were given: pass "

@@ -99,6 +99,22 @@ def explore_scores(scores: torch.Tensor, noise: torch.Tensor, scored_blocks: int
     return noise.float().scatter(1, order[:, :scored_blocks], 2.0)
 
 
+def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: int,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
+    """Block scores [B, n] (float32) with each row's first `first` and last `last` full blocks set
+    to +inf, so that a top-k selection (ties: the lower block first) keeps them. A padded row's
+    blocks are its own (real [B, S]: the scores are in its own frame, `real_first`): its last
+    blocks end at its last full block."""
+    n_blocks = scores.shape[1]
+    block = torch.arange(n_blocks, device=scores.device)[None, :]
+    if real is None:
+        full = torch.full((1, 1), n_blocks, device=scores.device)
+    else:
+        full = (real.sum(dim=1) // block_size)[:, None]
+    forced = (block < first) | ((block >= full - last) & (block < full))
+    return scores.float().masked_fill(forced, float("inf"))
+
+
 def activation_block_scores(
     intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
 ) -> torch.Tensor:

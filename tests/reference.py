@@ -100,14 +100,26 @@ def sparse_layer_plan(num_layers: int, seq_len: int, *, block_size: int = 64, ke
     return plan
 
 
+def with_edges_kept(scores: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Block scores [B, n] where the first `first` and the last `last` blocks outrank every other."""
+    scores = scores.clone()
+    n = scores.shape[1]
+    scores[:, :first] = float("inf")
+    if last:
+        scores[:, n - last:] = float("inf")
+    return scores
+
+
 def mlp_token_selection(token_scores: torch.Tensor, k_blocks: int, mlp_keep_ratio: float | None,
-                        block_size: int) -> torch.Tensor:
+                        block_size: int, edges: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """mlp="tokens": the token indices [B, K] an MLP block runs on, from per-token scores [B, S]
     (the oracle: the L2 norm of the intermediate activation): max over each full block, the top k
-    blocks (the layer's k, or ceil(mlp_keep_ratio * n) clamped to [1, n]) plus the tail."""
+    blocks (the layer's k, or ceil(mlp_keep_ratio * n) clamped to [1, n]) plus the tail; `edges`
+    (first, last) blocks always among the k (`with_edges_kept`)."""
     batch, seq_len = token_scores.shape
     n = seq_len // block_size
     scores = token_scores.float()[:, : n * block_size].reshape(batch, n, block_size).amax(dim=-1)
+    scores = with_edges_kept(scores, *edges)
     if mlp_keep_ratio is not None:
         k_blocks = min(n, max(1, math.ceil(mlp_keep_ratio * n)))
     return select_token_indices(scores, k_blocks, block_size, seq_len)
@@ -168,6 +180,7 @@ def explored_block_scores(scores: torch.Tensor, k_blocks: int, explore: float, s
 
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0, explore: float = 0.0,
+                 keep_first_blocks: int = 0, keep_last_blocks: int = 0,
                  mlp: str = "off", mlp_keep_ratio: float | None = None,
                  mlp_channel_ratio: float = 0.5, mlp_scorer=None,
                  position_ids: torch.Tensor | None = None, sliding_window=None):
@@ -186,7 +199,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index), or
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors);
     explore > 0 replaces a share of the attention's kept blocks by random ones
-    (`explored_block_scores`).
+    (`explored_block_scores`); keep_first_blocks and keep_last_blocks blocks at the ends are kept
+    by every sparse block (`with_edges_kept`).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
     number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
     (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead); mlp_scorer, a
@@ -244,6 +258,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                     scores = random_block_scores(batch, seq_len // block_size, seed, layer_index, x.device)
                 if explore:
                     scores = explored_block_scores(scores, k_blocks, explore, seed, layer_index)
+                scores = with_edges_kept(scores, keep_first_blocks, keep_last_blocks)
                 idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [B, K]
             # Attention on the kept residual rows only, added back into those rows.
             rows = gather_rows(x, idx)                                         # [B, K, D]
@@ -262,7 +277,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                 else:
                     activation = layer.mlp.act_fn(layer.mlp.gate_proj(h2)) * layer.mlp.up_proj(h2)
                     token_scores = activation.float().norm(dim=-1)
-                idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size)
+                idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size,
+                                          (keep_first_blocks, keep_last_blocks))
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
         elif mlp == "channels" and not _listed_dense(layer_index, len(inner.layers), dense_layers):

@@ -86,6 +86,24 @@ def test_explore_without_seed_draws_again_at_every_call():
     assert len(losses[None]) > 1
 
 
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_edge_blocks_kept_match_reference(mlp):
+    """keep_first_blocks=1, keep_last_blocks=2: every sparse block keeps blocks 0, 8 and 9 of 10
+    and its best other one (k = 4)."""
+    model = tiny_llama()
+    ids = token_batch(2, 160)
+    options = {"keep_first_blocks": 1, "keep_last_blocks": 2, "mlp": mlp, "dense_layers": [0],
+               "loss_segment": None}
+    backend = lemo_compile.LemoBackend({**FAST, **options})
+    explanation = lemo_compile.explain(model, input_ids=ids, labels=ids, options={**FAST, **options})
+    selected = [blocks for per_block in explanation.selected.values() for blocks in per_block.values()]
+    assert len(selected) == (6 if mlp == "tokens" else 3)
+    for blocks in selected:
+        assert all({0, 8, 9} <= set(row.tolist()) for row in blocks), blocks
+    assert_matches_reference(model, ids, backend, block_size=FAST["block_size"], mlp=mlp,
+                             keep_first_blocks=1, keep_last_blocks=2, dense_layers=[0])
+
+
 def test_per_layer_keep_ratios_match_reference():
     model = tiny_llama()
     ids = token_batch(1, 176)

@@ -45,6 +45,8 @@ def test_defaults():
         ({"explore": "0.5"}, "explore"),
         ({"explore": True}, "explore"),
         ({"explore": 0.5, "scorer": "random"}, "explore"),
+        ({"keep_first_blocks": -1}, "keep_first_blocks"),
+        ({"keep_last_blocks": 1.0}, "keep_last_blocks"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

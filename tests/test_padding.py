@@ -59,14 +59,14 @@ def padded_batch(rows, side: str, seq_len: int = SEQ):
 
 
 @functools.lru_cache(maxsize=None)
-def _alone(lengths=LENGTHS):
-    """Each row compiled alone (its real tokens only, no mask): per row (logits [L, V], loss,
-    counted labels, grads)."""
+def _alone(lengths=LENGTHS, options: tuple = ()):
+    """Each row compiled alone (its real tokens only, no mask), with OPTIONS and `options` (the
+    items of a dict): per row (logits [L, V], loss, counted labels, grads)."""
     results = []
     for row in _rows(lengths):
         torch._dynamo.reset()
         model = tiny_llama()
-        backend = lemo_compile.LemoBackend(OPTIONS)
+        backend = lemo_compile.LemoBackend({**OPTIONS, **dict(options)})
         out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=row[None], labels=row[None])
         out.loss.backward()
         assert not any(p.padded for p in backend.reports[-1].plans)
@@ -74,13 +74,17 @@ def _alone(lengths=LENGTHS):
     return results
 
 
-@pytest.mark.parametrize("side, positions", [("right", True), ("left", True), ("left", False)])
-def test_padded_batch_equals_each_row_compiled_alone(side, positions):
+@pytest.mark.parametrize("side, positions, options", [
+    ("right", True, ()), ("left", True, ()), ("left", False, ()),
+    ("left", True, (("keep_first_blocks", 1), ("keep_last_blocks", 1))),
+])
+def test_padded_batch_equals_each_row_compiled_alone(side, positions, options):
     """positions=False: HF's default positions (0 .. S-1 for every row); a left-padded row's then
-    start at its padding count, which RoPE's relative form makes equal to rounding."""
+    start at its padding count, which RoPE's relative form makes equal to rounding. With
+    keep_first_blocks and keep_last_blocks each row keeps its own first and last blocks."""
     ids, mask, labels, position_ids = padded_batch(_rows(), side)
     model = tiny_llama()
-    backend = lemo_compile.LemoBackend(OPTIONS)
+    backend = lemo_compile.LemoBackend({**OPTIONS, **dict(options)})
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     extra = {"position_ids": position_ids} if positions else {}
     with warnings.catch_warnings():
@@ -93,7 +97,7 @@ def test_padded_batch_equals_each_row_compiled_alone(side, positions):
     assert [(p.padded, p.kept_blocks, p.kept_tokens) for p in report.plans] == [
         (True, 9, 150), (True, 4, 79), (True, 4, 79), (True, 4, 79)]
 
-    alone = _alone()
+    alone = _alone(options=options)
     total = sum(counted for _, _, counted, _ in alone)
     for r, (logits, _, _, _) in enumerate(alone):
         torch.testing.assert_close(out.logits[r][mask[r].bool()], logits, rtol=1e-5, atol=1e-5,

@@ -81,7 +81,7 @@ from lemo_compile.regions import (
     DROPOUT_TARGETS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, ModelRegions, ResidualBlock,
     attention_masks, model_signature,
 )
-from lemo_compile.tags import KEPT_OF, VALID_OF, Role
+from lemo_compile.tags import KEPT_OF, SCORE_OF, VALID_OF, Role
 
 
 @dataclasses.dataclass
@@ -404,6 +404,11 @@ def _sparse_block(ctx: _Rewrite, layer: int, block: ResidualBlock, keep: tuple[i
     with graph.inserting_before(block.nodes[0]):
         real = padding.real_tokens(graph, layer, batch, seq_len, tag) if padding else None
         scores = insert_scores(graph, residual, tag, real)
+        if config.keep_first_blocks or config.keep_last_blocks:
+            scores = insert_call(graph, fake_mode, ops.force_edge_blocks, (
+                scores, config.keep_first_blocks, config.keep_last_blocks, config.block_size,
+                real))
+            tag(scores, SCORE_OF[select_role])
         valid = None
         if real is None:
             idx = insert_call(graph, fake_mode, ops.select_tokens,
