@@ -95,8 +95,14 @@ def explore_scores(scores: torch.Tensor, noise: torch.Tensor, scored_blocks: int
     `scored_blocks` best blocks of scores [B, n] (ties: the lower block first) come first, then
     every other block by noise [B, n] (in [0, 1)). The top k >= scored_blocks of the result are
     the scorer's best and k - scored_blocks blocks drawn by the noise."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return noise.float().scatter(1, order[:, :scored_blocks], 2.0)
+    # a block's rank counts the blocks ahead of it (higher, or equal and lower): no sort, which
+    # ONNX export lacks; [B, n, n] booleans, 4 MB a row at n = 2048 (128K tokens)
+    ahead = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None])
+        & torch.ones(scores.shape[1], scores.shape[1], dtype=torch.bool,
+                     device=scores.device).tril(diagonal=-1))
+    rank = ahead.sum(dim=2)
+    return torch.where(rank < scored_blocks, 2.0, noise.float())
 
 
 def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: int,

@@ -309,6 +309,26 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     assert ort_logits.shape == logits.shape and torch.isnan(ort_logits).all()
 
 
+@pytest.mark.parametrize("options", [{"keep_first_blocks": 1, "keep_last_blocks": 1},
+                                     {"explore": 0.5, "seed": 3}])
+def test_selection_levers_export(tmp_path, options):
+    """The edge blocks kept and the explored share are standard ops in the exported model: with
+    the edges kept onnxruntime gives the graph's loss; `explore` draws its random share from the
+    random scorer's stand-in, so only the shapes are compared."""
+    options = {"block_size": 16, "dense_layers": [0], "loss_segment": None, **options}
+    gm, inputs = rewritten_graph(tiny_llama(), llama_call(2, 64), options)
+    exported = Exported(gm, inputs, tmp_path / "levers.onnx")
+    calls = [n.op_type for n in exported.lemo_nodes()]
+    assert calls.count("select_tokens") == 1  # one sparse layer of two
+    assert calls.count("random_block_scores") == ("explore" in options)
+    (loss, logits), (ort_loss, ort_logits) = exported.run()
+    if "explore" in options:
+        assert ort_logits.shape == logits.shape and torch.isfinite(ort_loss)
+    else:
+        torch.testing.assert_close(ort_loss, loss, **TOLERANCE)
+        torch.testing.assert_close(ort_logits, logits, **TOLERANCE)
+
+
 def test_toy_decoder_with_random_scores_export(tmp_path, caplog):
     """The random scorer's function is a stand-in (other random blocks than torch's), so the
     model is checked for structure and shapes only. The export prints nothing of torch's

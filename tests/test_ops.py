@@ -69,6 +69,33 @@ def test_select_tokens_breaks_ties_towards_lower_blocks():
     assert idx.tolist() == [[2, 3, 4, 5, 8]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), n_blocks=st.integers(1, 12), data=st.data())
+def test_explore_scores_rank_the_scorer_best_first_then_the_noise(batch, n_blocks, data):
+    """With ties common: the top k of explore_scores are the scorer's `scored` best blocks (ties:
+    lower first, as select_tokens breaks them) and then the blocks of highest noise."""
+    scored = data.draw(st.integers(0, n_blocks))
+    values = data.draw(st.lists(st.integers(0, 3), min_size=batch * n_blocks, max_size=batch * n_blocks))
+    scores = torch.tensor(values, dtype=torch.float32).reshape(batch, n_blocks)
+    noise = torch.rand(batch, n_blocks, generator=torch.Generator().manual_seed(n_blocks))
+    got = ops.explore_scores(scores, noise, scored)
+    for row in range(batch):
+        best = sorted(range(n_blocks), key=lambda p: (-values[row * n_blocks + p], p))[:scored]
+        assert sorted(p for p in range(n_blocks) if got[row, p] == 2.0) == sorted(best)
+        others = [p for p in range(n_blocks) if p not in best]
+        assert torch.equal(got[row, others], noise[row, others])
+
+
+def test_force_edge_blocks_keeps_each_row_own_edges():
+    scores = torch.arange(8.0).repeat(2, 1)  # the later blocks score higher
+    plain = ops.force_edge_blocks(scores, 2, 1, 4)
+    assert ops.select_tokens(plain, 4, 1, 8).tolist() == [[0, 1, 6, 7]] * 2
+    real = torch.zeros(2, 40, dtype=torch.bool)
+    real[0, :24], real[1, :40] = True, True  # row 0: 6 full blocks of 4 (its own frame), row 1: 10
+    padded = ops.force_edge_blocks(torch.zeros(2, 10), 1, 1, 4, real)
+    assert padded.isinf().nonzero().tolist() == [[0, 0], [0, 5], [1, 0], [1, 9]]
+
+
 def test_gather_tokens_rows_and_masks():
     torch.manual_seed(0)
     idx = torch.tensor([[0, 2, 5], [1, 3, 4]])
