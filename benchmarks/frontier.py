@@ -9,9 +9,9 @@ Cost: the step time and peak memory saved against HF + Liger-Kernel (what users 
 LoRA) at one length and checkpointing setting (`--seq-len`, `--checkpointing`, `--layers`), read
 from the long-context row of the set-up that runs the variant (`COST_OF`) against the HF + Liger
 row of the same run; a schedule's from its phases: step time weighted by the phases' shares of
-the steps, peak the largest phase's. A
-variant whose set-up has no row there is listed with its cost missing, never estimated; a variant
-missing from `COST_OF` (random blocks: a baseline, not a setting to choose) has no cost.
+the steps, peak the largest phase's. A variant whose set-up has no row there is listed with its
+cost missing, never estimated; a variant missing from `COST_OF` (random blocks: a baseline, not a
+setting to choose) has no cost.
 Long-context rows without a `keep_ratio` field ran with the script's default, 0.4.
 
     python benchmarks/frontier.py --accuracy benchmarks/results/accuracy_8x512_*.jsonl \\
@@ -28,9 +28,10 @@ import statistics
 
 from harness import write_summary
 
-# accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio (None
-# without lemo), gradient checkpointing or None for the --checkpointing setting). The dense phase of a schedule
-# runs with gradient checkpointing (`SparsitySchedule.sparse_then_dense`), on lemo's compiled base.
+# accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
+# (None without lemo), gradient checkpointing or None for the --checkpointing setting). The dense
+# phase of a schedule runs with gradient checkpointing (`SparsitySchedule.sparse_then_dense`), on
+# lemo's compiled base.
 COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "dense": [(1.0, "liger", None, None)],
     "oracle": [(1.0, "lemo", 0.4, None)],
