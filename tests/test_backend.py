@@ -100,6 +100,7 @@ def test_edge_blocks_kept_match_reference(mlp):
     assert len(selected) == (6 if mlp == "tokens" else 3)
     for blocks in selected:
         assert all({0, 8, 9} <= set(row.tolist()) for row in blocks), blocks
+    assert "first 1 and last 2 blocks always kept" in explanation.table().splitlines()[0]
     assert_matches_reference(model, ids, backend, block_size=FAST["block_size"], mlp=mlp,
                              keep_first_blocks=1, keep_last_blocks=2, dense_layers=[0])
 

@@ -142,8 +142,13 @@ class Explanation:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         saved = sum(m["dense"] - m["lemo"] for m in self.activation_bytes.values())
+        config = self.config
+        levers = "".join([
+            f", explore {config.explore}" if config.explore else "",
+            f", first {config.keep_first_blocks} and last {config.keep_last_blocks} blocks always "
+            "kept" if config.keep_first_blocks or config.keep_last_blocks else ""])
         summary = (f"{self.report.batch_size} x {self.report.seq_len} tokens, block size "
-                   f"{self.config.block_size}, scorer {self.config.scorer!r}, mlp {self.config.mlp!r}; "
+                   f"{config.block_size}, scorer {config.scorer!r}{levers}, mlp {config.mlp!r}; "
                    f"activations kept for backward: {_mib(saved)} less with lemo")
         return "\n".join([summary, *lines])
 
