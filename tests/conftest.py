@@ -113,6 +113,19 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def peft_bf16_llama(*, checkpointing: bool = False, float32_adapters: bool = True,
+                    layers: int = 4):
+    """A bf16 `tiny_llama` with LoRA adapters (r=4) on q/k/v/o, in float32 as PEFT makes them by
+    default (`float32_adapters`), and HF gradient checkpointing when `checkpointing`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(dtype=torch.bfloat16, layers=layers)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, adapters, autocast_adapter_dtype=float32_adapters)
+
+
 def compiled_step(model, options: dict, seq_len: int = 256):
     """One training step of `model` compiled by a LemoBackend with `options`, on one sequence of
     `seq_len` tokens: (loss, gradients, the training report of the graph with sparse layers)."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import lemo_compile
-from conftest import compiled_step, tiny_llama
+from conftest import compiled_step, peft_bf16_llama
 
 LAYERS = 4
 OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_layers": [0],
@@ -21,11 +20,8 @@ OPTIONS = {"compiler": "aot_eager", "block_size": 16, "keep_ratio": 0.5, "dense_
 def _lora_step(shorten: bool, adapter_dtype_float32: bool = True):
     """One compiled training step of a bf16 4-layer Llama (layer 0 dense) with LoRA on q/k/v/o and
     HF gradient checkpointing: (loss, gradients, training report)."""
-    model = tiny_llama(dtype=torch.bfloat16, layers=LAYERS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    adapters = LoraConfig(r=4, lora_alpha=8,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model = get_peft_model(model, adapters, autocast_adapter_dtype=adapter_dtype_float32)
+    model = peft_bf16_llama(checkpointing=True, float32_adapters=adapter_dtype_float32,
+                            layers=LAYERS)
     return compiled_step(model, {**OPTIONS, "shorten_casts": shorten})
 
 

@@ -10,10 +10,9 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import lemo_compile
-from conftest import compiled_step, grads, tiny_llama, token_batch
+from conftest import compiled_step, grads, peft_bf16_llama, tiny_llama, token_batch
 from lemo_compile.passes.manager import InductorPasses
 from lemo_compile.passes.recompute import save_in_checkpoints
 from lemo_compile.tools.demo import saved_activation_bytes
@@ -142,19 +141,10 @@ def test_save_options_must_be_bools(name):
         lemo_compile.LemoConfig(**{name: "yes"})
 
 
-def _peft_bf16_llama(checkpointing: bool = False):
-    """A bf16 4-layer Llama with float32 LoRA adapters on q/k/v/o, as PEFT makes them by default."""
-    model = tiny_llama(dtype=torch.bfloat16)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-
-
 def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False):
-    """One compiled step of `_peft_bf16_llama` (layer 0 dense): (loss, gradients, training
+    """One compiled step of `peft_bf16_llama` (layer 0 dense): (loss, gradients, training
     report)."""
-    return compiled_step(_peft_bf16_llama(checkpointing),
+    return compiled_step(peft_bf16_llama(checkpointing=checkpointing),
                          {**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts},
                          seq_len=SEQ_LEN)
 
@@ -204,7 +194,7 @@ def test_explain_partitions_with_the_joint_passes():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             explanation = lemo_compile.explain(
-                _peft_bf16_llama(), input_ids=ids, labels=ids,
+                peft_bf16_llama(), input_ids=ids, labels=ids,
                 options={**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts})
         return {layer: m["lemo"] for layer, m in explanation.activation_bytes.items()}
 
