@@ -14,8 +14,12 @@ cost missing, never estimated; a variant missing from `COST_OF` (random blocks: 
 setting to choose) has no cost.
 Long-context rows without a `keep_ratio` field ran with the script's default, 0.4.
 
+Of several matching long-context rows the last one read counts: give the files oldest first.
+
     python benchmarks/frontier.py --accuracy benchmarks/results/accuracy_8x512_*.jsonl \\
-        --long-context benchmarks/results/long_context_32layers_*.jsonl --seq-len 16384 \\
+        --long-context benchmarks/results/long_context_32layers_16k.jsonl \\
+        benchmarks/results/long_context_32layers_16k_recast.jsonl \\
+        benchmarks/results/long_context_32layers_16k_predictor.jsonl --seq-len 16384 \\
         --markdown docs/frontier.md --plot docs/frontier.png
 """
 

@@ -58,6 +58,7 @@ run to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -178,8 +179,14 @@ def run_one(args) -> dict:
         "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio), "first_step_s": times[0],
         "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
         "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+    if backend is not None:  # every option the variant ran with, defaults included
+        result["lemo_config"] = {
+            field.name: value if isinstance(value, (bool, int, float, str, list, tuple, type(None)))
+            else type(value).__name__
+            for field in dataclasses.fields(backend.config)
+            for value in [getattr(backend.config, field.name)]}
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
