@@ -177,20 +177,15 @@ def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str
     standard deviation over their mean), the recall between the oracle of the model in float32
     and in its own dtype, and the recall of the oracle against itself plus Gaussian noise of
     each of NOISE_LEVELS times its mean score (8 draws): what a predictor with that error reaches."""
-    from lemo_compile.config import LemoConfig
-    from lemo_compile.kernels.block_scores import scores_from_tiles
-    from lemo_compile.predictors.calibrate import _Capture, _recall_and_overlap, _run_frozen
+    from lemo_compile.predictors.calibrate import oracle_scores, recall_and_overlap
 
-    def oracle_scores(dtype):
+    def scores_in(dtype):
         model.to(dtype)
-        capture = _Capture(LemoConfig.from_options(options))
-        scores = [{layer: scores_from_tiles(s.tiles.float()) for layer, s in samples.items()}
-                  for samples in _run_frozen(model, capture, held)]
-        return scores, capture.kept_blocks
+        return oracle_scores(model, held, options=options)
 
     own_dtype = next(model.parameters()).dtype
-    exact, kept = oracle_scores(torch.float32)
-    rounded, _ = oracle_scores(own_dtype)
+    exact, kept = scores_in(torch.float32)
+    rounded, _ = scores_in(own_dtype)
     near, spread, recalls = [], [], []
     noisy: dict[float, list[float]] = {level: [] for level in NOISE_LEVELS}
     generator = torch.Generator().manual_seed(0)
@@ -199,12 +194,12 @@ def oracle_sharpness(model, held: list[torch.Tensor], options: dict) -> dict[str
             kth = sigma.sort(dim=1, descending=True).values[:, kept[layer] - 1 : kept[layer]]
             near.append(((sigma - kth).abs() <= 0.03 * kth).float().mean().item())
             spread.append((sigma.std(dim=1) / sigma.mean(dim=1)).mean().item())
-            recalls.append(_recall_and_overlap(other[layer], sigma, kept[layer])[0])
+            recalls.append(recall_and_overlap(other[layer], sigma, kept[layer])[0])
             for level, found in noisy.items():
                 for _ in range(8):
                     noise = torch.randn(sigma.shape, generator=generator).to(sigma.device)
                     scale = level * sigma.mean(dim=1, keepdim=True)
-                    found.append(_recall_and_overlap(sigma + scale * noise, sigma, kept[layer])[0])
+                    found.append(recall_and_overlap(sigma + scale * noise, sigma, kept[layer])[0])
     return {"near_threshold_share": sum(near) / len(near), "score_spread": sum(spread) / len(spread),
             "recall_bf16_vs_fp32_oracle": sum(recalls) / len(recalls),
             "recall_with_noise": {str(level): sum(found) / len(found) for level, found in noisy.items()}}

@@ -9,7 +9,7 @@ import lemo_compile
 from conftest import assert_matches_reference, tiny_llama, token_batch
 from lemo_compile.kernels.block_scores import scores_from_tiles
 from lemo_compile.predictors import ModelSignature, PredictorBank
-from lemo_compile.predictors.calibrate import _recall_and_overlap
+from lemo_compile.predictors.calibrate import recall_and_overlap
 
 BLOCK = 16
 TINY = ModelSignature(hidden_size=64, heads=4, head_dim=16, layers=4, block_size=BLOCK)
@@ -164,7 +164,7 @@ def test_calibration_learns_structured_attention_far_above_random():
     # The random scorer on the same held-out batches, through the same metric.
     generator = torch.Generator().manual_seed(0)
     oracle_like = torch.rand(16, 16, generator=generator)
-    random_recall = _recall_and_overlap(torch.rand(16, 16, generator=generator), oracle_like, 4)[0]
+    random_recall = recall_and_overlap(torch.rand(16, 16, generator=generator), oracle_like, 4)[0]
     per_layer = ", ".join(f"{m['recall']:.3f}" for m in metrics.values())
     print(f"\nplanted keys: held-out recall {recall:.3f} ({per_layer}), random {random_recall:.3f}")
     assert recall >= 0.7, metrics
@@ -449,3 +449,24 @@ def test_layer_keep_ratios_spend_the_budget_and_compile():
     backend = lemo_compile.LemoBackend({"keep_ratio": ratios, "compiler": "aot_eager",
                                         "loss_segment": None})
     assert_matches_reference(model, batches[0], backend, keep_ratio=ratios)
+
+
+def test_oracle_scores_select_what_the_backend_selects():
+    """`oracle_scores`' top k blocks of the first sparse layer are the blocks lemo's oracle keeps
+    there in the compiled step (read by `explain`); the next layer's are read in the dense
+    forward, so they differ from the step's, where the first sparse layer dropped tokens."""
+    from lemo_compile.predictors.calibrate import oracle_scores
+
+    model = tiny_llama(layers=6)
+    ids = token_batch(2, 512, seed=3)
+    options = {"keep_ratio": 0.4, "compiler": "aot_eager", "loss_segment": None}
+    scores, kept = oracle_scores(model, [ids], options=options)
+    assert kept == {3: 4, 4: 4} and len(scores) == 1
+    selected = lemo_compile.explain(model, input_ids=ids, labels=ids, options=options).selected
+    top = {}
+    for layer, sigma in scores[0].items():
+        assert sigma.shape == (2, 8) and sigma.dtype == torch.float32
+        best = torch.sort(sigma, dim=1, descending=True, stable=True).indices[:, :4]
+        top[layer] = best.sort(dim=1).values
+    assert torch.equal(top[3], selected["attention"][3])
+    assert not torch.equal(top[4], selected["attention"][4])

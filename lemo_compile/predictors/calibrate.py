@@ -1,5 +1,6 @@
-"""Training predictors against the oracle (`calibrate`), measuring them (`predictor_recall`), and
-per-layer keep ratios from the oracle's scores (`layer_keep_ratios`).
+"""Training predictors against the oracle (`calibrate`), measuring them (`predictor_recall`,
+`recall_and_overlap`), the oracle's block scores themselves (`oracle_scores`), and per-layer keep
+ratios from them (`layer_keep_ratios`).
 
 All three run the frozen model on the user's batches through a capturing torch.compile backend:
 lemo's region finder locates every sparse layer's attention input h and its queries and keys in the
@@ -147,8 +148,9 @@ def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[in
         model.train(was_training)
 
 
-def _recall_and_overlap(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> tuple[float, float]:
-    """Mean over the batch of recall and overlap (module docstring) for scores [B, n]."""
+def recall_and_overlap(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> tuple[float, float]:
+    """Mean over the batch of recall and overlap (module docstring) of the `kept` blocks that
+    block scores `predicted` [B, n] select against those `oracle` [B, n] selects."""
     chosen = _top_blocks(predicted, kept)
     wanted = _top_blocks(oracle, kept)
     hits = torch.zeros_like(oracle, dtype=torch.bool).scatter_(1, chosen, True)
@@ -160,6 +162,23 @@ def _recall_and_overlap(predicted: torch.Tensor, oracle: torch.Tensor, kept: int
 def _top_blocks(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """The kept block indices [B, k] of the selection rule (ties: lower index first)."""
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kept]
+
+
+def oracle_scores(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    options: LemoConfig | Mapping[str, Any] | None = None,
+) -> tuple[list[dict[int, torch.Tensor]], dict[int, int]]:
+    """The oracle's block scores (sigma, float32 [B, n]) of the frozen `model` on each of
+    `batches`, per sparse layer of the plan `options` give, and per such layer the number of
+    blocks it keeps; model, batches and options as for `calibrate`. As in calibration, every
+    layer is read in the dense forward: the first sparse layer's scores are those lemo's step
+    selects with, a later one's differ from the step's by what earlier sparse layers drop."""
+    capture = _Capture(LemoConfig.from_options(options))
+    scores = [{layer: scores_from_tiles(sample.tiles.float()) for layer, sample in samples.items()}
+              for samples in _run_frozen(model, capture, batches)]
+    return scores, capture.kept_blocks
 
 
 def calibrate(
@@ -223,12 +242,12 @@ def calibrate(
             oracle = scores_from_tiles(sample.tiles)
             if loss == "ranking":
                 total = total + _ranking_loss(predicted, oracle, capture.kept_blocks[layer])
-            recalls.append(_recall_and_overlap(predicted.detach(), oracle,
+            recalls.append(recall_and_overlap(predicted.detach(), oracle,
                                                capture.kept_blocks[layer])[0])
             if sample.mlp_h is not None:
                 token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
                 total = total + _fit_token_loss(token_scores, sample.mlp_scores)
-                mlp_recalls.append(_mlp_recall_and_overlap(
+                mlp_recalls.append(_mlprecall_and_overlap(
                     token_scores.detach(), sample.mlp_scores, config.block_size,
                     capture.mlp_kept_blocks[layer])[0])
         optimizer.zero_grad(set_to_none=True)
@@ -272,10 +291,10 @@ def _fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tens
     return F.smooth_l1_loss(predicted, target, beta=0.1)
 
 
-def _mlp_recall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block_size: int,
+def _mlprecall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block_size: int,
                             kept: int) -> tuple[float, float]:
     """Recall and overlap of MLP block selection from per-token scores [B, S] (predicted, oracle)."""
-    return _recall_and_overlap(token_block_scores(predicted, block_size),
+    return recall_and_overlap(token_block_scores(predicted, block_size),
                                token_block_scores(scores, block_size), kept)
 
 
@@ -299,10 +318,10 @@ def predictor_recall(
             values = totals.setdefault(layer, {})
             with torch.no_grad():
                 predicted = scores_from_tiles(torch.tril(bank.predictor(layer)(sample.h)))
-                pairs = [("", _recall_and_overlap(predicted, scores_from_tiles(sample.tiles),
+                pairs = [("", recall_and_overlap(predicted, scores_from_tiles(sample.tiles),
                                                   capture.kept_blocks[layer]))]
                 if sample.mlp_h is not None and layer in bank.mlp_layers:
-                    pairs.append(("mlp_", _mlp_recall_and_overlap(
+                    pairs.append(("mlp_", _mlprecall_and_overlap(
                         bank.mlp_predictor(layer)(sample.mlp_h), sample.mlp_scores,
                         config.block_size, capture.mlp_kept_blocks[layer])))
             for prefix, (recall, overlap) in pairs:
