@@ -20,7 +20,8 @@ One run, one process, same data and seeds for every variant:
    decoded, exact match) at depths 0, 0.25, 0.5, 0.75 and 1, `--passkey-trials` new keys each.
    For a sparse variant also its selection on a passkey probe (`selection_report`): per depth,
    how often the fine-tuned model's selection keeps the block holding the key, and how much of it
-   the base model's selection shares, against the share of blocks kept (chance).
+   the base model's selection shares, against the share of blocks kept (chance); and how much of
+   each fifth of the sequence it keeps (a selection blind to position keeps chance everywhere).
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
@@ -311,6 +312,9 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
     same_as_base:   the share of the fine-tuned model's kept blocks that the base model's
                     selection keeps too (1 for a fixed pattern; about `chance` for one unrelated
                     to the input);
+    kept_by_position: per fifth of the sequence (its blocks in order), the share of its blocks
+                    the fine-tuned model's selection keeps, over all probe rows and sparse layers
+                    (all about `chance` for a selection blind to position);
     chance:         the share of blocks a sparse layer keeps.
 
     `options`: those `finetune` selected with. None for the dense variant."""
@@ -324,15 +328,20 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
     before, _ = attention_selections(base, options, ids, device)
     kept: dict[str, list[bool]] = {str(depth): [] for depth in DEPTHS}
     answer_kept, shared = [], []
+    n_blocks = ids.shape[1] // args.block_size
+    by_position = torch.zeros(n_blocks)
     for row, (depth, _, answer_start, key_start) in enumerate(samples):
         for layer, blocks in selected.items():
             chosen = set(blocks[row].tolist())
             kept[str(depth)].append(key_start // args.block_size in chosen)
             answer_kept.append(answer_start // args.block_size in chosen)
             shared.append(len(chosen & set(before[layer][row].tolist())) / len(chosen))
+            by_position[blocks[row][blocks[row] < n_blocks]] += 1
+    by_position /= len(samples) * len(selected)
     return {"key_block_kept": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
             "answer_block_kept": sum(answer_kept) / len(answer_kept),
             "same_as_base": sum(shared) / len(shared),
+            "kept_by_position": [part.mean().item() for part in by_position.tensor_split(5)],
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
 
@@ -437,14 +446,16 @@ def main() -> int:
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
-          "  key block kept by depth; answer block; same as base (chance)")
+          "  key block kept by depth; answer block; same as base (chance);"
+          " kept by fifth of the sequence")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
         selection = row.get("selection")
         kept_text = "" if not selection else "  " + " ".join(
             f"{selection['key_block_kept'][str(d)]:.2f}" for d in DEPTHS) + (
             f"; {selection['answer_block_kept']:.2f}; {selection['same_as_base']:.2f} "
-            f"({selection['chance']:.2f})")
+            f"({selection['chance']:.2f}); by fifth "
+            + " ".join(f"{share:.2f}" for share in selection["kept_by_position"]))
         if row.get("predictor_recall"):
             layers = row["predictor_recall"].values()
             kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"
