@@ -94,7 +94,8 @@ def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None,
             if ((file is None or where == file) and row["variant"] == name
                     and row["seq_len"] == args.seq_len and row["layers"] == args.layers
                     and row["checkpointing"] == checkpointing and _keep_ratio(row) == keep
-                    and "error" not in row and not row.get("padding")):
+                    and "error" not in row and not row.get("padding")
+                    and not row.get("fit_only")):
                 return where, row
         return None
 

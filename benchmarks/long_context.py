@@ -48,8 +48,9 @@ all steps but the first, the loss of each step, and one more step under the prof
 run SDPA (flash, memory-efficient, cuDNN, or none for the math fallback), the 15 kernels of most
 time, the GPU's busy time (`kernels_s`, against the profiled step's wall time), its longest idle
 stretches and the CUDA runtime calls of most host time (`--trace-dir` also keeps Chrome traces). A
-run that runs out of memory is reported as such. Prints a table last and writes one JSON line per
-run to --out.
+run that runs out of memory is reported as such; `--fit-only` runs one step and no profile,
+for the longest length that fits (its peak is the first step's, compilation included). Prints a
+table last and writes one JSON line per run to --out.
 
     python benchmarks/long_context.py --layers 16 --seq-lens 16384 --variants liger lemo-base lemo
     python benchmarks/long_context.py --layers 16 --seq-lens 65536 --checkpointing --variants liger lemo
@@ -164,20 +165,22 @@ def run_one(args) -> dict:
         return loss.item()
 
     times, losses, peak = [], [], 0
-    for index in range(args.warmup + args.steps):
+    steps = 1 if args.fit_only else args.warmup + args.steps
+    for index in range(steps):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         begin = time.perf_counter()
         losses.append(step())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
-        if index >= 1:
+        if index >= 1 or args.fit_only:
             peak = max(peak, torch.cuda.max_memory_allocated())
     result = {
         "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
         "checkpointing": args.checkpointing, "padding": args.padding,
         "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio), "first_step_s": times[0],
-        "step_s": statistics.median(times[args.warmup:]), "step_times_s": times,
+        "step_s": None if args.fit_only else statistics.median(times[args.warmup:]),
+        "step_times_s": times, "fit_only": args.fit_only,
         "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
@@ -196,6 +199,8 @@ def run_one(args) -> dict:
             for where in {row[2].split(":")[0] for row in result["live_at_peak"]}:
                 for found in glob.glob(os.path.join(cache, "**", where), recursive=True):
                     shutil.copy(found, os.path.join(args.trace_dir, f"{args.variant}_{where}"))
+    if args.fit_only:
+        return result
     result.update(profile_step(step, args.trace_dir and os.path.join(
         args.trace_dir, f"{args.variant}_{args.seq_len}.json")))
     if backend is not None and backend.reports:
@@ -361,6 +366,9 @@ def main() -> int:
                         help="fraction of the row that is left padding (an attention_mask is passed)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (>= 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="one step and no profile: whether the set-up fits at each length, and "
+                             "its peak (of that first step, compilation included)")
     parser.add_argument("--memory", action="store_true",
                         help="one more step under the allocator's history: what is live at its peak")
     add_shape_arguments(parser, layers=32)
@@ -403,6 +411,8 @@ def main() -> int:
                 command += ["--save-attention-layers", *map(str, args.save_attention_layers)]
             if args.memory:
                 command.append("--memory")
+            if args.fit_only:
+                command.append("--fit-only")
             row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
                    "checkpointing": args.checkpointing,
                    "keep_ratio": keep_ratio_of(variant, args.keep_ratio)}
@@ -413,6 +423,9 @@ def main() -> int:
         head = f"{r['seq_len']:>7} {'yes' if r['checkpointing'] else 'no':>4} {r['variant']:<20}"
         if "error" in r:
             print(f"{head} {r['error']}")
+            continue
+        if r.get("fit_only"):
+            print(f"{head} {'fits':>7} {r['peak_gb']:>8.1f} {r['first_step_s']:>10.1f}")
             continue
         busy = r["kernels_s"] / r["profiled_step_s"]
         print(f"{head} {r['step_s']:>7.3f} {r['peak_gb']:>8.1f} {r['first_step_s']:>10.1f} "

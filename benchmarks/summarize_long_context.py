@@ -27,10 +27,11 @@ def system_of(variant: str) -> str:
 
 def best_rows(rows: list[dict]) -> dict[tuple[int, bool, str], dict]:
     """(length, checkpointing, system) -> the fastest run that fitted, or an out-of-memory row when
-    none did. Runs of a padded row (`--padding`) are left out: they answer another question."""
+    none did. Runs of a padded row (`--padding`) and fit checks (`--fit-only`, no step time) are
+    left out: they answer other questions."""
     best: dict[tuple[int, bool, str], dict] = {}
     for row in rows:
-        if row.get("padding"):
+        if row.get("padding") or row.get("fit_only"):
             continue
         key = (row["seq_len"], row["checkpointing"], system_of(row["variant"]))
         held = best.get(key)
