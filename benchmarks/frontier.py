@@ -8,8 +8,11 @@ gap over the runs that have it (each run's gap is listed too).
 Cost: the step time and peak memory saved against HF + Liger-Kernel (what users run for dense
 LoRA) at one length and checkpointing setting (`--seq-len`, `--checkpointing`, `--layers`), read
 from the long-context row of the set-up that runs the variant (`COST_OF`) against the HF + Liger
-row of the same run; a schedule's from its phases: step time weighted by the phases' shares of
-the steps, peak the largest phase's. A variant whose set-up has no row there is listed with its
+row of the same run (one `--out` file; that row at the setting's checkpointing, whatever a phase
+runs with); a schedule's from its phases: step time weighted by the phases' shares of the steps,
+peak the largest phase's. A schedule's dense phase with checkpointing at a setting without it
+needs both in one file: `long_context.py` run twice with the same `--out`, once with
+`--checkpointing`. A variant whose set-up has no row there is listed with its
 cost missing, never estimated; a variant missing from `COST_OF` (random blocks: a baseline, not a
 setting to choose) has no cost.
 Long-context rows without a `keep_ratio` field ran with the script's default, 0.4.
@@ -104,7 +107,8 @@ def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None,
     for share, name, keep, checkpointing in phases:
         with_checkpointing = args.checkpointing if checkpointing is None else checkpointing
         found = find(name, keep, with_checkpointing)
-        baseline = found and find(BASELINE, None, with_checkpointing, found[0])
+        # the baseline is dense LoRA as users run it at this setting, whatever the phase runs
+        baseline = found and find(BASELINE, None, args.checkpointing, found[0])
         if not found or not baseline:
             setting = f"{name}, keep {keep}{', checkpointing' if with_checkpointing else ''}"
             missing.append(setting if not found else f"{BASELINE} in the run of {setting}")
