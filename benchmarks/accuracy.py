@@ -45,6 +45,7 @@ Variants (`--variants`):
   keep06        lemo with keep_ratio=0.6
   then-dense    `SparsitySchedule.sparse_then_dense(0.75)`: oracle for 75% of the steps, then dense
                 with gradient checkpointing
+  then-dense-90 the same with 90% of the steps sparse (`sparse_then_dense(0.9)`)
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
@@ -70,7 +71,8 @@ import zlib
 import torch
 
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "predictor",
-            "tokens", "channels", "keep06", "then-dense", "layerwise")
+            "tokens", "channels", "keep06", "then-dense", "then-dense-90", "layerwise")
+SPARSE_SHARE = {"then-dense": 0.75, "then-dense-90": 0.9}  # the schedules' sparse shares
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -215,9 +217,9 @@ def lemo_options(variant: str, args) -> dict:
 
 
 def selection_variant(variant: str) -> str:
-    """The variant whose options a variant selects with: "then-dense" and "layerwise" select as
-    the oracle does (then-dense until its dense phase; layerwise with its own keep ratios)."""
-    return "oracle" if variant in ("then-dense", "layerwise") else variant
+    """The variant whose options a variant selects with: the schedules and "layerwise" select as
+    the oracle does (the schedules until their dense phase; layerwise with its own keep ratios)."""
+    return "oracle" if variant in SPARSE_SHARE or variant == "layerwise" else variant
 
 
 def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
@@ -246,8 +248,8 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    if variant == "then-dense":
-        schedule = lemo_compile.SparsitySchedule.sparse_then_dense(0.75, options)
+    if variant in SPARSE_SHARE:
+        schedule = lemo_compile.SparsitySchedule.sparse_then_dense(SPARSE_SHARE[variant], options)
     else:
         schedule = lemo_compile.SparsitySchedule([lemo_compile.Phase(options)])
     losses = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from transformers import TrainerCallback
 
 from lemo_compile.backend import LemoBackend
 from lemo_compile.config import LemoConfig
+from lemo_compile.passes.manager import LemoWarning
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class SparsitySchedule:
         self.total_steps = total_steps
         self.backends: list[LemoBackend | None] = [None] * len(phases)
         self._phase_of: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+        self._checked_totals: set[int | None] = set()
 
     @classmethod
     def sparse_then_dense(cls, sparse_fraction: float = 0.75,
@@ -130,6 +133,17 @@ class SparsitySchedule:
             starts.append(step)
         return starts
 
+    def empty_phases(self, total_steps: int | None = None) -> list[int]:
+        """The phases that get no step of a run of `total_steps` steps (or the schedule's own
+        total): a short run rounds a fraction to nothing, or the earlier phases fill it. [] when
+        the total is unknown and no phase is given as a fraction."""
+        total = total_steps if total_steps is not None else self.total_steps
+        if total is None and all(p.fraction is None for p in self.phases):
+            return []
+        starts = self.boundaries(total)
+        ends = starts[1:] + [total if total is not None else starts[-1] + 1]
+        return [index for index, (start, end) in enumerate(zip(starts, ends)) if end <= start]
+
     def phase_at(self, step: int, total_steps: int | None = None) -> int:
         """The index of the phase that optimizer step `step` (0-based) belongs to."""
         if step < 0:
@@ -147,6 +161,15 @@ class SparsitySchedule:
             raise TypeError("pass the model itself to the lemo schedule, not the result of "
                             "torch.compile: the schedule compiles it, once per phase")
         index = self.phase_at(step, total_steps)
+        total = total_steps if total_steps is not None else self.total_steps
+        if total not in self._checked_totals:
+            self._checked_totals.add(total)
+            if empty := self.empty_phases(total):
+                warnings.warn(
+                    f"lemo: schedule phase(s) {[i + 1 for i in empty]} of {len(self.phases)} get "
+                    f"no step of this {total}-step run (phase starts {self.boundaries(total)}): "
+                    "their options never apply; lengthen the run or give the phases in steps",
+                    LemoWarning, stacklevel=2)
         if self._phase_of.get(model) == index:
             return model
         phase = self.phases[index]

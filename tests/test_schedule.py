@@ -136,3 +136,19 @@ def test_hf_trainer_callback_runs_the_phases_at_their_steps(tmp_path):
     assert [r.counters["sparse_layers"] for r in _training_reports(dense)] == [0]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_phase_a_short_run_leaves_empty_is_reported():
+    schedule = SparsitySchedule.sparse_then_dense(0.9, OPTIONS)
+    assert schedule.empty_phases(total_steps=4) == [1]  # 3.6 rounds to 4: nothing left to be dense
+    assert schedule.empty_phases(total_steps=10) == []
+    filled = SparsitySchedule([Phase(steps=5), Phase(fraction=0.2), Phase()])
+    assert filled.empty_phases(total_steps=5) == [1, 2]
+    assert SparsitySchedule([Phase(steps=5), Phase()]).empty_phases() == []  # no total: unknown
+    model = tiny_llama()
+    with pytest.warns(lemo_compile.LemoWarning,
+                      match=r"phase\(s\) \[2\] of 2 get no step of this 4-step"):
+        schedule.apply(model, 0, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lemo_compile.LemoWarning)
+        schedule.apply(model, 1, 4)  # said once per run length
