@@ -303,7 +303,20 @@ def predictor_metrics(base, options: dict, args, device) -> dict | None:
     return metrics
 
 
-def selection_report(tuned, base, variant: str, options: dict, args, device) -> dict | None:
+def kept_by_fifth(selected: dict[int, torch.Tensor], n_blocks: int) -> list[float]:
+    """Per fifth of the sequence (its `n_blocks` full blocks in order), the share of its blocks
+    that the selections `selected` ({layer: kept block indices [B, k]}) keep, over all rows and
+    layers."""
+    counts = torch.zeros(n_blocks)
+    for blocks in selected.values():
+        full = blocks[blocks < n_blocks]  # a partial block's index is past the full ones
+        counts += torch.bincount(full.flatten(), minlength=n_blocks).float()
+    rows = sum(blocks.shape[0] for blocks in selected.values())
+    return [(part / rows).mean().item() for part in counts.tensor_split(5)]
+
+
+def selection_report(tuned, base, variant: str, options: dict, held_out: torch.Tensor, args,
+                     device) -> dict | None:
     """For a sparse variant, its attention selection on the passkey probe (`passkey_probe`), read
     on the fine-tuned model `tuned` and on the context-extended base model `base`:
 
@@ -317,6 +330,7 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
     kept_by_position: per fifth of the sequence (its blocks in order), the share of its blocks
                     the fine-tuned model's selection keeps, over all probe rows and sparse layers
                     (all about `chance` for a selection blind to position);
+    kept_by_position_text: the same on 4 held-out corpus windows (`held_out`), not passkey rows;
     chance:         the share of blocks a sparse layer keeps.
 
     `options`: those `finetune` selected with. None for the dense variant."""
@@ -328,22 +342,22 @@ def selection_report(tuned, base, variant: str, options: dict, args, device) -> 
     if not selected:
         return None
     before, _ = attention_selections(base, options, ids, device)
+    text = windows(held_out, args.long, 4, torch.Generator().manual_seed(args.seed + 6))
+    on_text, _ = attention_selections(tuned, options, text.to(device), device)
     kept: dict[str, list[bool]] = {str(depth): [] for depth in DEPTHS}
     answer_kept, shared = [], []
-    n_blocks = ids.shape[1] // args.block_size
-    by_position = torch.zeros(n_blocks)
     for row, (depth, _, answer_start, key_start) in enumerate(samples):
         for layer, blocks in selected.items():
             chosen = set(blocks[row].tolist())
             kept[str(depth)].append(key_start // args.block_size in chosen)
             answer_kept.append(answer_start // args.block_size in chosen)
             shared.append(len(chosen & set(before[layer][row].tolist())) / len(chosen))
-            by_position[blocks[row][blocks[row] < n_blocks]] += 1
-    by_position /= len(samples) * len(selected)
+    n_blocks = args.long // args.block_size
     return {"key_block_kept": {depth: sum(flags) / len(flags) for depth, flags in kept.items()},
             "answer_block_kept": sum(answer_kept) / len(answer_kept),
             "same_as_base": sum(shared) / len(shared),
-            "kept_by_position": [part.mean().item() for part in by_position.tensor_split(5)],
+            "kept_by_position": kept_by_fifth(selected, n_blocks),
+            "kept_by_position_text": kept_by_fifth(on_text, n_blocks),
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
 
@@ -440,7 +454,8 @@ def main() -> int:
                      "predictor_recall": predictor_metrics(base, options, args, device),
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
-                     "selection": selection_report(tuned, base, variant, options, args, device)})
+                     "selection": selection_report(tuned, base, variant, options, held_out, args,
+                                                   device)})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
@@ -457,7 +472,8 @@ def main() -> int:
             f"{selection['key_block_kept'][str(d)]:.2f}" for d in DEPTHS) + (
             f"; {selection['answer_block_kept']:.2f}; {selection['same_as_base']:.2f} "
             f"({selection['chance']:.2f}); by fifth "
-            + " ".join(f"{share:.2f}" for share in selection["kept_by_position"]))
+            + " ".join(f"{share:.2f}" for share in selection["kept_by_position"]) + " (text "
+            + " ".join(f"{share:.2f}" for share in selection["kept_by_position_text"]) + ")")
         if row.get("predictor_recall"):
             layers = row["predictor_recall"].values()
             kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"
