@@ -32,6 +32,8 @@ Variants (`--variants`):
                 random-token-drop baseline the selection must beat
   explore       the oracle's best half of the kept blocks, the other half drawn anew at every
                 step (`explore=0.5`, no seed)
+  distance      the oracle with its tiles normalized per block distance (`distance_normalized`:
+                the plain sums favour the middle of a row)
   edges         the oracle with each row's first and last blocks always kept
                 (`keep_first_blocks=1, keep_last_blocks=1`: the passkey's question and answer
                 sit in the last block)
@@ -70,8 +72,8 @@ import zlib
 
 import torch
 
-VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "predictor",
-            "tokens", "channels", "keep06", "then-dense", "then-dense-90", "layerwise")
+VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
+            "predictor", "tokens", "channels", "keep06", "then-dense", "then-dense-90", "layerwise")
 SPARSE_SHARE = {"then-dense": 0.75, "then-dense-90": 0.9}  # the schedules' sparse shares
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -207,6 +209,8 @@ def lemo_options(variant: str, args) -> dict:
         options.update(explore=0.5, seed=None)
     elif variant == "edges":
         options.update(keep_first_blocks=1, keep_last_blocks=1)
+    elif variant == "distance":
+        options["distance_normalized"] = True
     elif variant == "tokens":
         options["mlp"] = "tokens"
     elif variant == "channels":

@@ -44,6 +44,7 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "oracle": [(1.0, "lemo", 0.4, None)],
     "explore": [(1.0, "lemo", 0.4, None)],  # the oracle plus a [B, n] random draw per layer
     "edges": [(1.0, "lemo", 0.4, None)],  # the oracle with two blocks' scores overwritten
+    "distance": [(1.0, "lemo", 0.4, None)],  # the oracle plus O(n^2) work on its [B, n, n] tiles
     "predictor": [(1.0, "lemo-predictor", 0.4, None)],
     "tokens": [(1.0, "lemo-tokens", 0.4, None)],
     "channels": [(1.0, "lemo-channels", 0.4, None)],

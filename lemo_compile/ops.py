@@ -39,12 +39,17 @@ from lemo_compile.plan import kept_blocks
 
 
 @torch.library.triton_op("lemo::block_scores", mutates_args=())
-def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Oracle block scores sigma [B, n] (float32) from q [B, H, S, d] and k [B, Hk, S, d]; no grad."""
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, per_distance: bool = False,
+                 full_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Oracle block scores sigma [B, n] (float32) from q [B, H, S, d] and k [B, Hk, S, d]; no grad.
+    per_distance: the tiles divided by their distance's mean first (`tiles_per_distance`, whose
+    `full_blocks` [B] gives a padded row's own blocks)."""
     if use_triton(q, k) and _scores.triton_supports(block_size, q.shape[3]):
         tiles = _scores.block_tile_max_triton(q, k, block_size)
     else:
         tiles = _scores.block_tile_max_reference(q, k, block_size)
+    if per_distance:
+        tiles = _scores.tiles_per_distance(tiles, full_blocks)
     return _scores.scores_from_tiles(tiles)
 
 
@@ -105,6 +110,11 @@ def explore_scores(scores: torch.Tensor, noise: torch.Tensor, scored_blocks: int
     return torch.where(rank < scored_blocks, 2.0, noise.float())
 
 
+def full_blocks(real: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Each row's number of full blocks of real tokens [B] (int64), from real [B, S] (bool)."""
+    return real.sum(dim=1) // block_size
+
+
 def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: int,
                       real: torch.Tensor | None = None) -> torch.Tensor:
     """Block scores [B, n] (float32) with each row's first `first` and last `last` full blocks set
@@ -116,7 +126,7 @@ def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: i
     if real is None:
         full = torch.full((1, 1), n_blocks, device=scores.device)
     else:
-        full = (real.sum(dim=1) // block_size)[:, None]
+        full = full_blocks(real, block_size)[:, None]
     forced = (block < first) | ((block >= full - last) & (block < full))
     return scores.float().masked_fill(forced, float("inf"))
 
@@ -196,7 +206,7 @@ def kept_row_tokens(scores: torch.Tensor, real: torch.Tensor, keep_ratio: float,
     (ties: the lower block first) and its L % b tail. Padding is never kept."""
     batch, n_blocks = scores.shape
     device = scores.device
-    full = real.sum(dim=1) // block_size                                         # [B]
+    full = full_blocks(real, block_size)                                         # [B]
     table = torch.tensor([kept_blocks(keep_ratio, m) for m in range(n_blocks + 1)], device=device)
     keep = table[full]                                                           # [B]
     block = torch.arange(n_blocks, device=device)[None, :]

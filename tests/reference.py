@@ -27,13 +27,16 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
-def oracle_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+def oracle_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
+                        distance_normalized: bool = False) -> torch.Tensor:
     """The oracle block scores sigma [B, n] (float64) of queries q [B, H, S, d], keys k [B, H_kv, S, d].
 
     Per sample: A [S, S] with A[i, j] = sum_h relu(q_h[i] . k_h[j] / sqrt(d)) / H for j <= i, else 0
     (query head h reads kv head h // (H // H_kv)); M [n, n] = max of A over each b x b tile of full
     blocks; sigma[p] = sum_{m >= p} M[m, p] + sum_{p' < p} M[p, p'] (column p from the diagonal down,
     plus row p left of the diagonal). The partial tail block takes no part. Computed in float64.
+    distance_normalized: before sigma, each M[m, p] is divided by the mean of the sample's M[m', p']
+    with m' - p' = m - p (0 where that mean is 0).
     """
     batch, heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -50,6 +53,11 @@ def oracle_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> to
         # M [n, n]: the max of each b x b tile over the full blocks only.
         full = a[: n * block_size, : n * block_size]
         tiles = full.reshape(n, block_size, n, block_size).amax(dim=(1, 3))  # tiles[m, p] = M[m, p]
+        if distance_normalized:
+            for d in range(n):
+                diagonal = tiles.diagonal(offset=-d)                  # M[d, 0], M[d + 1, 1], ...
+                mean = diagonal.mean()
+                diagonal.copy_(diagonal / mean if mean > 0 else torch.zeros_like(diagonal))
         for p in range(n):
             sigma[b, p] = tiles[p:, p].sum() + tiles[p, :p].sum()
     return sigma
@@ -181,7 +189,7 @@ def explored_block_scores(scores: torch.Tensor, k_blocks: int, explore: float, s
 def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, block_size: int = 64,
                  keep_ratio=0.4, dense_layers="auto", scorer="oracle", seed: int = 0, explore: float = 0.0,
                  keep_first_blocks: int = 0, keep_last_blocks: int = 0,
-                 mlp: str = "off", mlp_keep_ratio: float | None = None,
+                 distance_normalized: bool = False, mlp: str = "off", mlp_keep_ratio: float | None = None,
                  mlp_channel_ratio: float = 0.5, mlp_scorer=None,
                  position_ids: torch.Tensor | None = None, sliding_window=None):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
@@ -200,7 +208,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors);
     explore > 0 replaces a share of the attention's kept blocks by random ones
     (`explored_block_scores`); keep_first_blocks and keep_last_blocks blocks at the ends are kept
-    by every sparse block (`with_edges_kept`).
+    by every sparse block (`with_edges_kept`); distance_normalized: the oracle's tiles divided
+    by their block distance's mean (`oracle_block_scores`).
     mlp: "off" (dense MLP blocks) or "tokens": in each sparse layer the MLP block runs on the same
     number of blocks, chosen by the largest per-token norm of act(gate) * up within each block
     (mlp_keep_ratio: k = min(n, max(1, ceil(mlp_keep_ratio * n))) blocks instead); mlp_scorer, a
@@ -253,7 +262,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                     scores = scorer(layer_index, layer.input_layernorm(x))
                 elif scorer == "oracle":
                     q, k = queries_and_keys(layer.self_attn, layer.input_layernorm(x), cos, sin)
-                    scores = oracle_block_scores(q, k, block_size)
+                    scores = oracle_block_scores(q, k, block_size, distance_normalized)
                 else:
                     scores = random_block_scores(batch, seq_len // block_size, seed, layer_index, x.device)
                 if explore:

@@ -104,6 +104,24 @@ def test_edge_blocks_kept_match_reference(mlp):
                              keep_first_blocks=1, keep_last_blocks=2, dense_layers=[0])
 
 
+def test_distance_normalized_oracle_matches_reference():
+    """The option changes which blocks the oracle keeps (here in at least one sparse layer) and
+    matches the reference's normalized oracle."""
+    model = tiny_llama()
+    ids = token_batch(2, 320)
+    options = {**FAST, "dense_layers": [0], "loss_segment": None}
+    plain = lemo_compile.explain(model, input_ids=ids, labels=ids, options=options).selected
+    explanation = lemo_compile.explain(model, input_ids=ids, labels=ids,
+                                       options={**options, "distance_normalized": True})
+    normalized = explanation.selected
+    assert "tiles normalized per block distance" in explanation.table().splitlines()[0]
+    assert any(not torch.equal(plain["attention"][layer], normalized["attention"][layer])
+               for layer in plain["attention"])
+    backend = lemo_compile.LemoBackend({**options, "distance_normalized": True})
+    assert_matches_reference(model, ids, backend, block_size=FAST["block_size"],
+                             distance_normalized=True, dense_layers=[0])
+
+
 def test_per_layer_keep_ratios_match_reference():
     model = tiny_llama()
     ids = token_batch(1, 176)

@@ -47,6 +47,8 @@ def test_defaults():
         ({"explore": 0.5, "scorer": "random"}, "explore"),
         ({"keep_first_blocks": -1}, "keep_first_blocks"),
         ({"keep_last_blocks": 1.0}, "keep_last_blocks"),
+        ({"distance_normalized": 1}, "distance_normalized"),
+        ({"distance_normalized": True, "scorer": "random"}, "distance_normalized"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

@@ -59,14 +59,17 @@ def test_inductor_uses_lemo_kernels_and_matches_the_torch_path(dtype):
     FileCheck().check("lemo.gather_rows").check("lemo.scatter_add_rows").run(backward)
 
 
-def test_selection_levers_under_inductor_match_the_torch_path():
-    """`explore` (a seeded draw, so that both runs draw the same) and the edge blocks kept, in
-    Inductor's code on CUDA: the same loss and gradients as the graphs run without code
-    generation."""
+@pytest.mark.parametrize("levers", [
+    {"explore": 0.5, "seed": 5, "keep_first_blocks": 1, "keep_last_blocks": 1},
+    {"distance_normalized": True},
+])
+def test_selection_levers_under_inductor_match_the_torch_path(levers):
+    """`explore` (a seeded draw, so that both runs draw the same), the edge blocks kept and the
+    tiles normalized per distance, in Inductor's code on CUDA: the same loss and gradients as the
+    graphs run without code generation."""
     model = tiny_llama(dtype=torch.float32).cuda()
     ids = token_batch(2, 300).cuda()
-    options = {"block_size": 32, "dense_layers": [0], "explore": 0.5, "seed": 5,
-               "keep_first_blocks": 1, "keep_last_blocks": 1}
+    options = {"block_size": 32, "dense_layers": [0], **levers}
     backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
     loss = _step(model, ids, backend)()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

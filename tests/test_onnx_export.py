@@ -309,6 +309,14 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     assert ort_logits.shape == logits.shape and torch.isnan(ort_logits).all()
 
 
+def test_distance_normalized_oracle_is_refused_clearly():
+    options = {"block_size": 16, "dense_layers": [0], "loss_segment": None,
+               "distance_normalized": True}
+    gm, inputs = rewritten_graph(tiny_llama(), llama_call(2, 64), options)
+    with pytest.raises(NotImplementedError, match="distance_normalized"):
+        ox.export_onnx(gm, inputs)
+
+
 @pytest.mark.parametrize("options", [{"keep_first_blocks": 1, "keep_last_blocks": 1},
                                      {"explore": 0.5, "seed": 3}])
 def test_selection_levers_export(tmp_path, options):

@@ -96,6 +96,40 @@ def test_force_edge_blocks_keeps_each_row_own_edges():
     assert padded.isinf().nonzero().tolist() == [[0, 0], [0, 5], [1, 0], [1, 9]]
 
 
+def test_tiles_per_distance_divides_by_each_distance_mean():
+    from lemo_compile.kernels.block_scores import scores_from_tiles, tiles_per_distance
+
+    torch.manual_seed(0)
+    tiles = torch.rand(2, 6, 6).tril()
+    tiles[1, 4, 0] = 0.0  # a zero tile stays zero; its distance's mean counts it
+    got = tiles_per_distance(tiles)
+    for b in range(2):
+        for d in range(6):
+            diagonal = tiles[b].diagonal(offset=-d)
+            torch.testing.assert_close(got[b].diagonal(offset=-d), diagonal / diagonal.mean())
+    assert torch.equal(got.triu(diagonal=1), torch.zeros_like(got))
+    # attention that only decays with distance: the plain sums favour the middle, normalized
+    # every block scores the same
+    index = torch.arange(8.0)
+    decaying = (1.0 / (1.0 + index[:, None] - index[None, :])).tril()[None]
+    plain = scores_from_tiles(decaying)[0]
+    assert plain[3] > plain[0] and plain[4] > plain[7]
+    torch.testing.assert_close(scores_from_tiles(tiles_per_distance(decaying))[0],
+                               torch.full((8,), 8.0))
+
+
+def test_tiles_per_distance_of_a_padded_row_is_that_of_its_own_blocks():
+    from lemo_compile.kernels.block_scores import tiles_per_distance
+
+    torch.manual_seed(1)
+    tiles = torch.rand(2, 6, 6).tril()
+    tiles[0, 4:], tiles[0, :, 4:] = 0.0, 0.0  # row 0: 4 blocks of its own, zero past them
+    got = tiles_per_distance(tiles, torch.tensor([4, 6]))
+    torch.testing.assert_close(got[0, :4, :4], tiles_per_distance(tiles[:1, :4, :4])[0])
+    assert torch.equal(got[0, 4:], torch.zeros(2, 6)) and torch.equal(got[0, :, 4:], torch.zeros(6, 2))
+    torch.testing.assert_close(got[1], tiles_per_distance(tiles[1:])[0])
+
+
 def test_gather_tokens_rows_and_masks():
     torch.manual_seed(0)
     idx = torch.tensor([[0, 2, 5], [1, 3, 4]])

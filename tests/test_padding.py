@@ -77,11 +77,13 @@ def _alone(lengths=LENGTHS, options: tuple = ()):
 @pytest.mark.parametrize("side, positions, options", [
     ("right", True, ()), ("left", True, ()), ("left", False, ()),
     ("left", True, (("keep_first_blocks", 1), ("keep_last_blocks", 1))),
+    ("left", True, (("distance_normalized", True),)),
 ])
 def test_padded_batch_equals_each_row_compiled_alone(side, positions, options):
     """positions=False: HF's default positions (0 .. S-1 for every row); a left-padded row's then
     start at its padding count, which RoPE's relative form makes equal to rounding. With
-    keep_first_blocks and keep_last_blocks each row keeps its own first and last blocks."""
+    keep_first_blocks and keep_last_blocks each row keeps its own first and last blocks; with
+    distance_normalized each row's tiles are divided by the means of its own blocks' tiles."""
     ids, mask, labels, position_ids = padded_batch(_rows(), side)
     model = tiny_llama()
     backend = lemo_compile.LemoBackend({**OPTIONS, **dict(options)})

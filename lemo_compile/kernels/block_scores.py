@@ -8,7 +8,9 @@ h // (H // Hk)), with n = S // b full blocks:
     M[m, p]  = max of A over the b x b tile (queries of block m, keys of block p)
     sigma[p] = sum_{m >= p} M[m, p] + sum_{p' < p} M[p, p']   (attended-by plus attends-to)
 
-The S % b tail is neither a query nor a key here. Scores carry no gradient.
+The S % b tail is neither a query nor a key here. Scores carry no gradient. With the option
+`distance_normalized`, each M[m, p] is first divided by the mean of M at its block distance m - p
+(`tiles_per_distance`).
 
 The Triton kernel computes M tile by tile, FlashAttention-style: each program owns a square of
 query x key tokens, accumulates the head sum of relu(q.k) in registers and keeps only the tile
@@ -66,6 +68,32 @@ def _relu_head_sum(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torc
 def scores_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """sigma [B, n] from tile maxima M [B, n, n] (zero above the diagonal)."""
     return tiles.sum(dim=1) + tiles.sum(dim=2) - tiles.diagonal(dim1=1, dim2=2)
+
+
+def tiles_per_distance(tiles: torch.Tensor, full_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Tile maxima M [B, n, n] (zero above the diagonal) with each M[m, p] divided by its row's
+    mean tile maximum at the same block distance m - p (option `distance_normalized`), float32.
+
+    Why: with attention's locality, near tiles are larger, and sigma sums a block's tiles on both
+    sides, so a block in the middle of a row (near neighbours on both sides) outscores the row's
+    first and last blocks (near neighbours on one side). Divided by their distance's mean, tiles
+    count how much more a block is attended than blocks as far apart usually are.
+
+    full_blocks [B] (int): row b's own tiles are those of its first full_blocks[b] blocks (a padded
+    row laid out by `ops.real_first`); all n without it. Other tiles, and tiles whose distance
+    mean is 0, become 0."""
+    batch, n, _ = tiles.shape
+    index = torch.arange(n, device=tiles.device)
+    distance = index[:, None] - index[None, :]
+    own = (distance >= 0).expand(batch, n, n)
+    if full_blocks is not None:
+        own = own & (index[None, :, None] < full_blocks[:, None, None])
+    at = distance.clamp_min(0).reshape(1, n * n).expand(batch, n * n)
+    values = torch.where(own, tiles.float(), 0.0)
+    sums = values.new_zeros(batch, n).scatter_add_(1, at, values.reshape(batch, n * n))
+    counts = values.new_zeros(batch, n).scatter_add_(1, at, own.reshape(batch, n * n).float())
+    mean = (sums / counts.clamp_min(1.0)).gather(1, at).reshape(batch, n, n)
+    return torch.where(own & (mean > 0), values / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 def block_tile_max(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -466,12 +466,19 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         if abs(factor - 1.0) > 1e-6:
             q = insert_call(graph, fake_mode, operator.mul, (q, factor))
             nodes.append(q)
+    full = None
     if real is not None:
         # Each row's real tokens first, zero past its full blocks: the tiles of its own blocks.
         q = insert_call(graph, fake_mode, ops.real_first, (q, real, 2, config.block_size, True))
         k = insert_call(graph, fake_mode, ops.real_first, (k, real, 2, config.block_size, True))
         nodes += [q, k]
-    scores = insert_call(graph, fake_mode, torch.ops.lemo.block_scores.default, (q, k, config.block_size))
+        if config.distance_normalized:
+            full = insert_call(graph, fake_mode, ops.full_blocks, (real, config.block_size))
+            nodes.append(full)
+    args = (q, k, config.block_size)
+    if config.distance_normalized:
+        args += (True, full)
+    scores = insert_call(graph, fake_mode, torch.ops.lemo.block_scores.default, args)
     for node in (*nodes, scores):
         tag(node, Role.SCORE)
     return scores

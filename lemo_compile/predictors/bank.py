@@ -186,7 +186,7 @@ def predicted_block_scores(
         h = ops.real_first(h, real, 1, block_size)
     tiles = block_score_matrix(h, q_side, k_side, distance_bias, block_size, heads)
     if real is not None:
-        full = real.sum(dim=1) // block_size
+        full = ops.full_blocks(real, block_size)
         own = torch.arange(tiles.shape[1], device=tiles.device)[None, :] < full[:, None]
         tiles = torch.where(own[:, :, None] & own[:, None, :], tiles, torch.zeros((), device=tiles.device))
     return scores_from_tiles(torch.tril(tiles))

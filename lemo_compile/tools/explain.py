@@ -146,7 +146,8 @@ class Explanation:
         levers = "".join([
             f", explore {config.explore}" if config.explore else "",
             f", first {config.keep_first_blocks} and last {config.keep_last_blocks} blocks always "
-            "kept" if config.keep_first_blocks or config.keep_last_blocks else ""])
+            "kept" if config.keep_first_blocks or config.keep_last_blocks else "",
+            ", tiles normalized per block distance" if config.distance_normalized else ""])
         summary = (f"{self.report.batch_size} x {self.report.seq_len} tokens, block size "
                    f"{config.block_size}, scorer {config.scorer!r}{levers}, mlp {config.mlp!r}; "
                    f"activations kept for backward: {_mib(saved)} less with lemo")
@@ -310,7 +311,7 @@ def _own_kept_blocks(kept: torch.Tensor, real: torch.Tensor,
     """For a padded batch's kept tokens [B, S] (`ops.kept_row_tokens`): each row's kept full
     blocks, counted from its first real token, [B, k] ascending and filled with -1 where a row
     keeps fewer than k, and each row's number of full blocks [B]."""
-    full = real.sum(dim=1) // block_size
+    full = ops.full_blocks(real, block_size)
     n = real.shape[1] // block_size
     own = ops.real_first(kept, real, 1, block_size)[:, : n * block_size : block_size]   # [B, n]
     own = own & (torch.arange(n, device=kept.device)[None, :] < full[:, None])

@@ -96,13 +96,18 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     (a near-tie of block scores could in principle select another block), except that the
     random scorer's scores are a stand-in (module docstring).
     Raises ValueError when example_inputs are not one per placeholder, TypeError for an input
-    that is not a tensor, NotImplementedError for the graph of a padded batch.
+    that is not a tensor, NotImplementedError for the graph of a padded batch or of the option
+    `distance_normalized`.
     """
-    if any(role_of(node) is Role.PADDING
-           for module in gm.modules() if isinstance(module, fx.GraphModule)
-           for node in module.graph.nodes):  # checkpointed bodies included
+    nodes = [node for module in gm.modules() if isinstance(module, fx.GraphModule)
+             for node in module.graph.nodes]  # checkpointed bodies included
+    if any(role_of(node) is Role.PADDING for node in nodes):
         raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
                                   "selection) are not supported yet")
+    if any(node.target is torch.ops.lemo.block_scores.default and len(node.args) > 3
+           for node in nodes):
+        raise NotImplementedError("export_onnx: the option distance_normalized (oracle tiles "
+                                  "divided per block distance) is not supported yet")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
@@ -283,8 +288,9 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         return None
     if name == "predicted_mlp_block_scores" and len(args[1]) != 6:
         return None
-    if node.target is not torch.ops.lemo.block_scores.default and "real" in inspect.signature(
-            node.target).parameters:
+    if node.target is torch.ops.lemo.block_scores.default:
+        args = args[:3]  # export_onnx refuses distance_normalized up front: the plain oracle
+    elif "real" in inspect.signature(node.target).parameters:
         # export_onnx refuses padded graphs up front, so `real` is None: the unpadded form
         args = args[:-1]
         if name == "gather_tokens":
