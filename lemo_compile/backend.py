@@ -53,6 +53,15 @@ from lemo_compile.plan import LayerGroup
 
 log = logging.getLogger(__name__)
 
+# transformers >= 5.25 requires `kernels`, whose wrapper around the attention modules' forward sets
+# and resets a context variable. Inside an activation checkpoint Dynamo refuses such a side effect
+# unless told not to replay it when the backward recomputes the forward, and otherwise breaks the
+# graph at every checkpointed layer: lemo would then see no whole model and leave those layers
+# dense. A set-and-reset pair needs no replay. Set when lemo is imported, which `torch.compile(...,
+# backend="lemo")` does before tracing (README: "Supported models and set-ups").
+if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
 DEBUG_DIR_VARIABLE = "LEMO_DEBUG_DIR"
 
 # (rewritten graph, the graph as Dynamo gave it, report, config, example inputs) -> a wrapper

@@ -100,12 +100,12 @@ class LemoConfig:
                   its k (the lower blocks first when they are more than k); the rest of the k by
                   score. For text whose end matters most (a question and its answer, the labelled
                   tokens of instruction tuning, which sit last). Default 0 and 0.
-    distance_normalized: scorer "oracle" only: each attention tile maximum is divided by the
-                  row's mean tile maximum at the same block distance before the blocks' sums
-                  (`kernels/block_scores.tiles_per_distance`). The plain sums favour the middle
-                  of a row, whose blocks have near neighbours on both sides; with this a block
-                  scores by how much more it is attended than blocks as far apart usually are.
-                  Default False (the semantics' oracle).
+    distance_normalized: scorers "oracle" and "predictor": each attention tile maximum (a
+                  predictor's P entry) is divided by the row's mean of them at the same block
+                  distance before the blocks' sums (`kernels/block_scores.tiles_per_distance`).
+                  The plain sums favour the middle of a row, whose blocks have near neighbours
+                  on both sides; with this a block scores by how much more it is attended than
+                  blocks as far apart usually are. Default False (the semantics' oracle).
     """
 
     block_size: int = 64
@@ -180,10 +180,9 @@ class LemoConfig:
         if self.explore > 0 and self.scorer == "random":
             raise ValueError("lemo option 'explore' draws part of a scorer's blocks at random; "
                              "scorer='random' draws them all already: leave explore at 0")
-        if self.distance_normalized and self.scorer != "oracle":
-            raise ValueError("lemo option 'distance_normalized' rescales the oracle's attention "
-                             "tiles; with scorer='random' there are none, and trained predictors "
-                             "do not support it yet: use scorer='oracle' or leave it False")
+        if self.distance_normalized and self.scorer == "random":
+            raise ValueError("lemo option 'distance_normalized' rescales the attention tiles of "
+                             "the oracle or of trained predictors; scorer='random' has none")
         if self.mlp_keep_ratio is not None:
             _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
         _check_ratio(self.mlp_channel_ratio, "mlp_channel_ratio")

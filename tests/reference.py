@@ -54,13 +54,21 @@ def oracle_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
         full = a[: n * block_size, : n * block_size]
         tiles = full.reshape(n, block_size, n, block_size).amax(dim=(1, 3))  # tiles[m, p] = M[m, p]
         if distance_normalized:
-            for d in range(n):
-                diagonal = tiles.diagonal(offset=-d)                  # M[d, 0], M[d + 1, 1], ...
-                mean = diagonal.mean()
-                diagonal.copy_(diagonal / mean if mean > 0 else torch.zeros_like(diagonal))
+            tiles = tiles_by_distance(tiles)
         for p in range(n):
             sigma[b, p] = tiles[p:, p].sum() + tiles[p, :p].sum()
     return sigma
+
+
+def tiles_by_distance(tiles: torch.Tensor) -> torch.Tensor:
+    """Tile maxima M [n, n] (zero above the diagonal) with each diagonal m - p = d divided by its
+    mean (0 where that mean is not positive): the option `distance_normalized`."""
+    tiles = tiles.clone()
+    for d in range(tiles.shape[0]):
+        diagonal = tiles.diagonal(offset=-d)                         # M[d, 0], M[d + 1, 1], ...
+        mean = diagonal.mean()
+        diagonal.copy_(diagonal / mean if mean > 0 else torch.zeros_like(diagonal))
+    return tiles
 
 
 def select_token_indices(scores: torch.Tensor, k_blocks: int, block_size: int, seq_len: int) -> torch.Tensor:

@@ -65,10 +65,10 @@ def test_predictors_option_must_be_a_bank_or_a_path():
         lemo_compile.LemoConfig.from_options({"scorer": "predictor", "predictors": 3})
 
 
-def _backend(bank) -> lemo_compile.LemoBackend:
+def _backend(bank, **options) -> lemo_compile.LemoBackend:
     return lemo_compile.LemoBackend({
         "compiler": "aot_eager", "block_size": BLOCK, "dense_layers": [0, 1], "loss_segment": None,
-        "scorer": "predictor", "predictors": bank,
+        "scorer": "predictor", "predictors": bank, **options,
     })
 
 
@@ -85,6 +85,20 @@ def test_predictor_scorer_matches_the_reference_and_is_one_graph():
     # a second step: same graph, no recompilation
     compiled(input_ids=ids, labels=ids).loss.backward()
     assert len(backend.reports) == 1
+
+
+def test_predictor_scores_normalized_per_distance_match_the_reference():
+    from reference import tiles_by_distance
+
+    def scores(layer, h):
+        tiles = torch.tril(bank.predictor(layer)(h)).double()
+        return scores_from_tiles(torch.stack([tiles_by_distance(t) for t in tiles]))
+
+    model = tiny_llama()
+    bank = _bank()
+    ids = token_batch(2, 150)
+    assert_matches_reference(model, ids, _backend(bank, distance_normalized=True), block_size=BLOCK,
+                             keep_ratio=0.4, dense_layers=[0, 1], scorer=scores)
 
 
 def test_predictor_weights_are_frozen_inputs_the_backend_passes_itself():

@@ -210,7 +210,7 @@ def _sparse_attention(ctx: _Rewrite, layer: int, plan: LayerPlan,
     def scores(graph, residual, tag, real):
         if bank is not None:
             node = _insert_predictor(gm, block, residual, bank, fake_mode, tag, result.extra_inputs,
-                                     real)
+                                     config.distance_normalized, real)
         else:
             node = _insert_scorer(graph, block, residual, plan, config, fake_mode, tag, real)
         if config.explore == 0:
@@ -520,7 +520,7 @@ def _predictor_bank(regions: ModelRegions, plans: list[LayerPlan], config: LemoC
 
 def _insert_predictor(
     gm: fx.GraphModule, block: ResidualBlock, residual, bank, fake_mode, tag, extra_inputs: list,
-    real=None,
+    per_distance: bool, real=None,
 ):
     h = block.attention_input()
     if h is None:
@@ -541,7 +541,10 @@ def _insert_predictor(
              for side in ("q", "k")]
     distance_bias = graph_input(predictor.distance_bias, "distance_bias")
     args = (h_all, *sides, distance_bias, predictor.block_size, predictor.heads)
-    node = graph.call_function(predicted_block_scores, args + ((real,) if real is not None else ()))
+    kwargs = {"per_distance": True} if per_distance else {}
+    if real is not None:
+        kwargs["real"] = real
+    node = graph.call_function(predicted_block_scores, args, kwargs)
     with fake_mode:
         node.meta["example_value"] = value.new_empty(
             (value.shape[0], value.shape[1] // predictor.block_size), dtype=torch.float32

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo_compile import ops
-from lemo_compile.kernels.block_scores import scores_from_tiles
+from lemo_compile.kernels.block_scores import scores_from_tiles, tiles_per_distance
 from lemo_compile.plan import ModelSignature
 
 FORMAT = "lemo-predictors-2"
@@ -173,9 +173,12 @@ def _side(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def predicted_block_scores(
     h: torch.Tensor, q_side: list[torch.Tensor], k_side: list[torch.Tensor],
-    distance_bias: torch.Tensor, block_size: int, heads: int, real: torch.Tensor | None = None,
+    distance_bias: torch.Tensor, block_size: int, heads: int, per_distance: bool = False,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sigma [B, n] (float32) from a predictor's P, with the oracle's rule (causal tiles only).
+    """sigma [B, n] (float32) from a predictor's P, with the oracle's rule (causal tiles only;
+    per_distance: divided by their distance's mean first, as the option `distance_normalized`
+    does to the oracle's tiles).
 
     With `real` [B, S] (a padded batch), each row's own blocks: its real tokens first
     (`ops.real_first`), and the tiles of blocks past its full ones (its tail, its padding) zeroed,
@@ -185,11 +188,15 @@ def predicted_block_scores(
     if real is not None:
         h = ops.real_first(h, real, 1, block_size)
     tiles = block_score_matrix(h, q_side, k_side, distance_bias, block_size, heads)
+    full = None
     if real is not None:
         full = ops.full_blocks(real, block_size)
         own = torch.arange(tiles.shape[1], device=tiles.device)[None, :] < full[:, None]
         tiles = torch.where(own[:, :, None] & own[:, None, :], tiles, torch.zeros((), device=tiles.device))
-    return scores_from_tiles(torch.tril(tiles))
+    tiles = torch.tril(tiles)
+    if per_distance:
+        tiles = tiles_per_distance(tiles, full)
+    return scores_from_tiles(tiles)
 
 
 def predicted_mlp_block_scores(

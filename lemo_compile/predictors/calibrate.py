@@ -31,7 +31,7 @@ from torch import fx
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart
-from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
+from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles, tiles_per_distance
 from lemo_compile.ops import token_block_scores
 from lemo_compile.passes.residual import canonical_residual_adds
 from lemo_compile.plan import ModelSignature, plan_layers
@@ -148,6 +148,15 @@ def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[in
         model.train(was_training)
 
 
+def _sigma(tiles: torch.Tensor, config: LemoConfig) -> torch.Tensor:
+    """Block scores [B, n] from tile maxima M or a predictor's P [B, n, n] (its lower triangle),
+    as the compiled step computes them with `config` (option `distance_normalized`)."""
+    tiles = torch.tril(tiles)
+    if config.distance_normalized:
+        tiles = tiles_per_distance(tiles)
+    return scores_from_tiles(tiles)
+
+
 def recall_and_overlap(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> tuple[float, float]:
     """Mean over the batch of recall and overlap (module docstring) of the `kept` blocks that
     block scores `predicted` [B, n] select against those `oracle` [B, n] selects."""
@@ -176,7 +185,7 @@ def oracle_scores(
     layer is read in the dense forward: the first sparse layer's scores are those lemo's step
     selects with, a later one's differ from the step's by what earlier sparse layers drop."""
     capture = _Capture(LemoConfig.from_options(options))
-    scores = [{layer: scores_from_tiles(sample.tiles.float()) for layer, sample in samples.items()}
+    scores = [{layer: _sigma(sample.tiles.float(), capture.config) for layer, sample in samples.items()}
               for samples in _run_frozen(model, capture, batches)]
     return scores, capture.kept_blocks
 
@@ -238,8 +247,8 @@ def calibrate(
                 activity[layer] = predictor.hidden_activity(sample.h, activity.get(layer))
             scores = predictor(sample.h)
             total = total + _fit_loss(scores, sample.tiles)
-            predicted = scores_from_tiles(torch.tril(scores))
-            oracle = scores_from_tiles(sample.tiles)
+            predicted = _sigma(scores, config)
+            oracle = _sigma(sample.tiles, config)
             if loss == "ranking":
                 total = total + _ranking_loss(predicted, oracle, capture.kept_blocks[layer])
             recalls.append(recall_and_overlap(predicted.detach(), oracle,
@@ -247,7 +256,7 @@ def calibrate(
             if sample.mlp_h is not None:
                 token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
                 total = total + _fit_token_loss(token_scores, sample.mlp_scores)
-                mlp_recalls.append(_mlprecall_and_overlap(
+                mlp_recalls.append(_mlp_recall_and_overlap(
                     token_scores.detach(), sample.mlp_scores, config.block_size,
                     capture.mlp_kept_blocks[layer])[0])
         optimizer.zero_grad(set_to_none=True)
@@ -291,7 +300,7 @@ def _fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tens
     return F.smooth_l1_loss(predicted, target, beta=0.1)
 
 
-def _mlprecall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block_size: int,
+def _mlp_recall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block_size: int,
                             kept: int) -> tuple[float, float]:
     """Recall and overlap of MLP block selection from per-token scores [B, S] (predicted, oracle)."""
     return recall_and_overlap(token_block_scores(predicted, block_size),
@@ -317,11 +326,11 @@ def predictor_recall(
         for layer, sample in samples.items():
             values = totals.setdefault(layer, {})
             with torch.no_grad():
-                predicted = scores_from_tiles(torch.tril(bank.predictor(layer)(sample.h)))
-                pairs = [("", recall_and_overlap(predicted, scores_from_tiles(sample.tiles),
+                predicted = _sigma(bank.predictor(layer)(sample.h), config)
+                pairs = [("", recall_and_overlap(predicted, _sigma(sample.tiles, config),
                                                   capture.kept_blocks[layer]))]
                 if sample.mlp_h is not None and layer in bank.mlp_layers:
-                    pairs.append(("mlp_", _mlprecall_and_overlap(
+                    pairs.append(("mlp_", _mlp_recall_and_overlap(
                         bank.mlp_predictor(layer)(sample.mlp_h), sample.mlp_scores,
                         config.block_size, capture.mlp_kept_blocks[layer])))
             for prefix, (recall, overlap) in pairs:
@@ -353,7 +362,7 @@ def layer_keep_ratios(
     shares: dict[int, list[torch.Tensor]] = {}
     for samples in _run_frozen(model, capture, batches):
         for layer, sample in samples.items():
-            ordered = scores_from_tiles(sample.tiles).float().sort(dim=1, descending=True).values
+            ordered = _sigma(sample.tiles.float(), config).sort(dim=1, descending=True).values
             total = ordered.sum(dim=1, keepdim=True).clamp_min(1e-30)
             shares.setdefault(layer, []).append((ordered.cumsum(dim=1) / total).cpu())
     if not shares:

@@ -104,10 +104,10 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     if any(role_of(node) is Role.PADDING for node in nodes):
         raise NotImplementedError("export_onnx: graphs of padded batches (lemo's per-row "
                                   "selection) are not supported yet")
-    if any(node.target is torch.ops.lemo.block_scores.default and len(node.args) > 3
-           for node in nodes):
-        raise NotImplementedError("export_onnx: the option distance_normalized (oracle tiles "
-                                  "divided per block distance) is not supported yet")
+    if any((node.target is torch.ops.lemo.block_scores.default and len(node.args) > 3)
+           or node.kwargs.get("per_distance") for node in nodes):
+        raise NotImplementedError("export_onnx: the option distance_normalized (tiles divided "
+                                  "per block distance) is not supported yet")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
@@ -288,8 +288,11 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         return None
     if name == "predicted_mlp_block_scores" and len(args[1]) != 6:
         return None
+    # export_onnx refuses distance_normalized and padded graphs up front: the plain scorers
     if node.target is torch.ops.lemo.block_scores.default:
-        args = args[:3]  # export_onnx refuses distance_normalized up front: the plain oracle
+        args = args[:3]
+    elif name == "predicted_block_scores":
+        args = args[:6]
     elif "real" in inspect.signature(node.target).parameters:
         # export_onnx refuses padded graphs up front, so `real` is None: the unpadded form
         args = args[:-1]
