@@ -93,7 +93,8 @@ def tiles_per_distance(tiles: torch.Tensor, full_blocks: torch.Tensor | None = N
     sums = values.new_zeros(batch, n).scatter_add_(1, at, values.reshape(batch, n * n))
     counts = values.new_zeros(batch, n).scatter_add_(1, at, own.reshape(batch, n * n).float())
     mean = (sums / counts.clamp_min(1.0)).gather(1, at).reshape(batch, n, n)
-    return torch.where(own & (mean > 0), values / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(own & (mean > 0), values / mean.clamp_min(tiny), 0.0)
 
 
 def block_tile_max(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -31,7 +31,9 @@ from torch import fx
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart
-from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles, tiles_per_distance
+from lemo_compile.kernels.block_scores import (
+    block_tile_max, scores_from_tiles, tiles_per_distance,
+)
 from lemo_compile.ops import token_block_scores
 from lemo_compile.passes.residual import canonical_residual_adds
 from lemo_compile.plan import ModelSignature, plan_layers
@@ -185,7 +187,8 @@ def oracle_scores(
     layer is read in the dense forward: the first sparse layer's scores are those lemo's step
     selects with, a later one's differ from the step's by what earlier sparse layers drop."""
     capture = _Capture(LemoConfig.from_options(options))
-    scores = [{layer: _sigma(sample.tiles.float(), capture.config) for layer, sample in samples.items()}
+    scores = [{layer: _sigma(sample.tiles.float(), capture.config)
+               for layer, sample in samples.items()}
               for samples in _run_frozen(model, capture, batches)]
     return scores, capture.kept_blocks
 
@@ -252,7 +255,7 @@ def calibrate(
             if loss == "ranking":
                 total = total + _ranking_loss(predicted, oracle, capture.kept_blocks[layer])
             recalls.append(recall_and_overlap(predicted.detach(), oracle,
-                                               capture.kept_blocks[layer])[0])
+                                              capture.kept_blocks[layer])[0])
             if sample.mlp_h is not None:
                 token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
                 total = total + _fit_token_loss(token_scores, sample.mlp_scores)
@@ -304,7 +307,7 @@ def _mlp_recall_and_overlap(predicted: torch.Tensor, scores: torch.Tensor, block
                             kept: int) -> tuple[float, float]:
     """Recall and overlap of MLP block selection from per-token scores [B, S] (predicted, oracle)."""
     return recall_and_overlap(token_block_scores(predicted, block_size),
-                               token_block_scores(scores, block_size), kept)
+                              token_block_scores(scores, block_size), kept)
 
 
 def predictor_recall(
@@ -328,7 +331,7 @@ def predictor_recall(
             with torch.no_grad():
                 predicted = _sigma(bank.predictor(layer)(sample.h), config)
                 pairs = [("", recall_and_overlap(predicted, _sigma(sample.tiles, config),
-                                                  capture.kept_blocks[layer]))]
+                                                 capture.kept_blocks[layer]))]
                 if sample.mlp_h is not None and layer in bank.mlp_layers:
                     pairs.append(("mlp_", _mlp_recall_and_overlap(
                         bank.mlp_predictor(layer)(sample.mlp_h), sample.mlp_scores,
