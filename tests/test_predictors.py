@@ -213,11 +213,12 @@ def test_lemo_calibrate_command(tmp_path, capsys, monkeypatch):
     code = main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--seq-len", "128", "--steps", "3", "--block-size", "16", "--out", str(out),
                  "--dtype", "float32", "--held-out", "0.25", "--mlp", "tokens",
-                 "--loss", "ranking", "--distances", "4"])
+                 "--loss", "ranking", "--distances", "4", "--distance-normalized"])
     assert code == 0
     bank = PredictorBank.load(out)
     assert bank.predictor(2).distance_bias.shape == (4,)
     assert given["loss"] == "ranking" and given["distances"] == 4 and given["steps"] == 3
+    assert given["options"]["distance_normalized"] is True
     assert bank.layers == [2] and bank.signature == ModelSignature(64, 4, 16, 4, 16)  # "auto"
     assert bank.mlp_layers == [2]
     printed = capsys.readouterr().out

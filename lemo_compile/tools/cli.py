@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="block distances with their own learned bias (1: no distance bias)")
     calibrate.add_argument("--held-out", type=float, default=0.1,
                            help="fraction of the files kept out of training, for the recall report")
+    calibrate.add_argument("--distance-normalized", action="store_true",
+                           help="score blocks as the option distance_normalized does (train "
+                                "with that option too): recall is then measured on those scores")
     calibrate.add_argument("--shrink", action="store_true",
                            help="elastic shrinking: drop predictor units that are never active")
     calibrate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -109,7 +112,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model.to(device)
     dense = "auto" if args.dense_layers == "auto" else [int(i) for i in args.dense_layers.split(",")]
     options = {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "dense_layers": dense,
-               "mlp": args.mlp, "mlp_keep_ratio": args.mlp_keep_ratio}
+               "mlp": args.mlp, "mlp_keep_ratio": args.mlp_keep_ratio,
+               "distance_normalized": args.distance_normalized}
     encode = _encoder(args.model, model.config.vocab_size)
     files = _text_files(pathlib.Path(args.data))
     held = max(1, round(len(files) * args.held_out)) if len(files) > 1 else 0
