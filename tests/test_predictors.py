@@ -97,6 +97,13 @@ def test_predictor_scores_normalized_per_distance_match_the_reference():
     model = tiny_llama()
     bank = _bank()
     ids = token_batch(2, 150)
+    options = {"block_size": BLOCK, "dense_layers": [0, 1], "loss_segment": None,
+               "scorer": "predictor", "predictors": bank, "compiler": "aot_eager"}
+    selected = [lemo_compile.explain(model, input_ids=ids, labels=ids,
+                                     options={**options, "distance_normalized": on}).selected
+                for on in (False, True)]
+    assert any(not torch.equal(selected[0]["attention"][layer], selected[1]["attention"][layer])
+               for layer in (2, 3))  # the option changes the predictors' choice here
     assert_matches_reference(model, ids, _backend(bank, distance_normalized=True), block_size=BLOCK,
                              keep_ratio=0.4, dense_layers=[0, 1], scorer=scores)
 
