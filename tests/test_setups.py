@@ -187,6 +187,23 @@ def test_gradient_checkpointing_gives_the_same_results(scorer):
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_importing_lemo_lets_dynamo_keep_checkpointed_layers_with_side_effects():
+    """transformers >= 5.25 (through the `kernels` package it requires) wraps attention forwards
+    in a context-variable set and reset, which Dynamo refuses inside an activation checkpoint
+    unless told not to replay forward side effects in the backward; without that every
+    checkpointed layer is a graph break and the checkpointing tests here fail (they did on a
+    fresh install of 5.25). Importing lemo sets it: checked here, whichever transformers is
+    installed (a stand-in for the wrapper outside transformers did not reproduce Dynamo's
+    refusal, so the behaviour itself is covered by the checkpointing tests on 5.25)."""
+    import subprocess
+    import sys
+
+    flag = "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint"
+    code = f"import torch; before = {flag}; import lemo_compile; print(before, {flag})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_gradient_checkpointing_with_peft_lora_gives_the_same_results():
     """With frozen embeddings, HF's gradient checkpointing makes the embedding output require grad
     through a hook that Dynamo cannot keep in one graph (fullgraph=True fails, whatever the
