@@ -33,7 +33,7 @@ import json
 import os
 import statistics
 
-from harness import write_summary
+from harness import add_summary_arguments, write_summary
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
 # (None without lemo), gradient checkpointing or None for the --checkpointing setting). The dense
@@ -185,8 +185,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--markdown", help="write the table here (default: print it)")
-    parser.add_argument("--plot", help="write the plot (PNG) here")
+    add_summary_arguments(parser)
     args = parser.parse_args()
     points = accuracy_points(read(args.accuracy))
     rows = read(args.long_context)

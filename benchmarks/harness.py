@@ -78,6 +78,12 @@ def lora_llama(args: argparse.Namespace, device: str, dtype):
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 
 
+def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
+    """--markdown and --plot, the destinations `write_summary` takes."""
+    parser.add_argument("--markdown", help="write the table here (default: print it)")
+    parser.add_argument("--plot", help="write the plot (PNG) here")
+
+
 def write_summary(markdown: str | None, plot: str | None, table_of: Callable[[str | None], str],
                   draw: Callable[[str], None]) -> None:
     """Write `table_of(the plot's path relative to the table)` to `markdown` (print it when None)

@@ -114,6 +114,12 @@ def keep_ratio_of(variant: str, keep_ratio: float) -> float | None:
     return 1.0 if variant == "lemo-base" else keep_ratio
 
 
+def row_head(variant: str, seq_len: int, args) -> dict:
+    """The fields that name a run in its JSON line, whatever its outcome."""
+    return {"variant": variant, "seq_len": seq_len, "layers": args.layers,
+            "checkpointing": args.checkpointing, "keep_ratio": keep_ratio_of(variant, args.keep_ratio)}
+
+
 def lemo_options(args) -> dict:
     import lemo_compile
 
@@ -176,9 +182,8 @@ def run_one(args) -> dict:
         if index >= 1 or args.fit_only:
             peak = max(peak, torch.cuda.max_memory_allocated())
     result = {
-        "variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-        "checkpointing": args.checkpointing, "padding": args.padding,
-        "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio), "first_step_s": times[0],
+        **row_head(args.variant, args.seq_len, args), "padding": args.padding,
+        "first_step_s": times[0],
         "step_s": None if args.fit_only else statistics.median(times[args.warmup:]),
         "step_times_s": times, "fit_only": args.fit_only,
         "peak_gb": peak / 1e9, "losses": losses, "torch": torch.__version__,
@@ -391,10 +396,7 @@ def main() -> int:
 
             if not isinstance(err, torch.OutOfMemoryError):
                 raise
-            row = {"variant": args.variant, "seq_len": args.seq_len, "layers": args.layers,
-                   "checkpointing": args.checkpointing,
-                   "keep_ratio": keep_ratio_of(args.variant, args.keep_ratio),
-                   "error": "out of memory"}
+            row = {**row_head(args.variant, args.seq_len, args), "error": "out of memory"}
         print(json.dumps(row))
         return 0
 
@@ -413,10 +415,8 @@ def main() -> int:
                 command.append("--memory")
             if args.fit_only:
                 command.append("--fit-only")
-            row = {"variant": variant, "seq_len": seq_len, "layers": args.layers,
-                   "checkpointing": args.checkpointing,
-                   "keep_ratio": keep_ratio_of(variant, args.keep_ratio)}
-            rows.append(run_isolated(command, row, args.out, args.timeout, variant))
+            rows.append(run_isolated(command, row_head(variant, seq_len, args), args.out,
+                                     args.timeout, variant))
     print(f"\n{'tokens':>7} {'ckpt':>4} {'variant':<20} {'step s':>7} {'peak GB':>8} "
           f"{'1st step s':>10} {'GPU busy':>8} {'attention':>10} {'loss 0':>7}")
     for r in rows:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import write_summary
+from harness import add_summary_arguments, write_summary
 
 SYSTEMS = {"hf": "HF eager", "liger": "HF + Liger", "compile": "dense torch.compile"}
 LEMO = "lemo"
@@ -102,8 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
-    parser.add_argument("--markdown", help="write the table here (default: print it)")
-    parser.add_argument("--plot", help="write the plot (PNG) here")
+    add_summary_arguments(parser)
     args = parser.parse_args()
     rows = [json.loads(line) for name in args.files for line in open(name) if line.strip()]
     best = best_rows(rows)

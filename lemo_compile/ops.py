@@ -48,9 +48,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, per_distance
         tiles = _scores.block_tile_max_triton(q, k, block_size)
     else:
         tiles = _scores.block_tile_max_reference(q, k, block_size)
-    if per_distance:
-        tiles = _scores.tiles_per_distance(tiles, full_blocks)
-    return _scores.scores_from_tiles(tiles)
+    return _scores.scores_from_tiles(tiles, per_distance, full_blocks)
 
 
 def random_seed_of(seed: int, layer: int) -> int:

@@ -65,8 +65,12 @@ def _relu_head_sum(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torc
     return logits.relu_().sum(dim=(1, 2))
 
 
-def scores_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """sigma [B, n] from tile maxima M [B, n, n] (zero above the diagonal)."""
+def scores_from_tiles(tiles: torch.Tensor, per_distance: bool = False,
+                      full_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """sigma [B, n] from tile maxima M [B, n, n] (zero above the diagonal); per_distance: of
+    `tiles_per_distance(tiles, full_blocks)` (the option `distance_normalized`)."""
+    if per_distance:
+        tiles = tiles_per_distance(tiles, full_blocks)
     return tiles.sum(dim=1) + tiles.sum(dim=2) - tiles.diagonal(dim1=1, dim2=2)
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo_compile import ops
-from lemo_compile.kernels.block_scores import scores_from_tiles, tiles_per_distance
+from lemo_compile.kernels.block_scores import scores_from_tiles
 from lemo_compile.plan import ModelSignature
 
 FORMAT = "lemo-predictors-2"
@@ -193,10 +193,7 @@ def predicted_block_scores(
         full = ops.full_blocks(real, block_size)
         own = torch.arange(tiles.shape[1], device=tiles.device)[None, :] < full[:, None]
         tiles = torch.where(own[:, :, None] & own[:, None, :], tiles, torch.zeros((), device=tiles.device))
-    tiles = torch.tril(tiles)
-    if per_distance:
-        tiles = tiles_per_distance(tiles, full)
-    return scores_from_tiles(tiles)
+    return scores_from_tiles(torch.tril(tiles), per_distance, full)
 
 
 def predicted_mlp_block_scores(

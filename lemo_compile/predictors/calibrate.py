@@ -31,9 +31,7 @@ from torch import fx
 
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import compile_apart
-from lemo_compile.kernels.block_scores import (
-    block_tile_max, scores_from_tiles, tiles_per_distance,
-)
+from lemo_compile.kernels.block_scores import block_tile_max, scores_from_tiles
 from lemo_compile.ops import token_block_scores
 from lemo_compile.passes.residual import canonical_residual_adds
 from lemo_compile.plan import ModelSignature, plan_layers
@@ -153,10 +151,7 @@ def _run_frozen(model, capture: _Capture, batches: Iterable) -> Iterable[dict[in
 def _sigma(tiles: torch.Tensor, config: LemoConfig) -> torch.Tensor:
     """Block scores [B, n] from tile maxima M or a predictor's P [B, n, n] (its lower triangle),
     as the compiled step computes them with `config` (option `distance_normalized`)."""
-    tiles = torch.tril(tiles)
-    if config.distance_normalized:
-        tiles = tiles_per_distance(tiles)
-    return scores_from_tiles(tiles)
+    return scores_from_tiles(torch.tril(tiles), config.distance_normalized)
 
 
 def recall_and_overlap(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> tuple[float, float]:
