@@ -22,6 +22,10 @@ One run, one process, same data and seeds for every variant:
    how often the fine-tuned model's selection keeps the block holding the key, and how much of it
    the base model's selection shares, against the share of blocks kept (chance); and how much of
    each fifth of the sequence it keeps (a selection blind to position keeps chance everywhere).
+   And its sparse evaluation (`sparse_eval`): on one batch of held-out windows, the loss of the
+   base model and of the fine-tuned one run as lemo trains them (the variant's selection), beside
+   their dense loss on the same windows: how much of the model the selection keeps, which tells a
+   selection that keeps what matters from one that does not before any fine-tuning.
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
@@ -365,6 +369,34 @@ def selection_report(tuned, base, variant: str, options: dict, held_out: torch.T
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
 
+def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> dict:
+    """How much of `model` lemo's selection with `options` keeps: {"dense": loss, "sparse": loss}
+    on the same `--batch` held-out windows of `--long` tokens (the first ones `evaluate` reads),
+    run dense and run as lemo trains it (gradients on, so the graph is rewritten; no backward).
+    At one keep ratio a lower sparse loss means a selection that keeps more of what the model
+    computes; the dense-eval loss after fine-tuning is what counts in the end."""
+    ids = windows(held_out, args.long, args.eval_windows,
+                  torch.Generator().manual_seed(args.seed + 3))[:args.batch].to(device)
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    losses = {}
+    try:
+        for name in ("dense", "sparse"):
+            model.train(name == "sparse")
+            for p in model.parameters():  # lemo rewrites a graph only when it is differentiated
+                p.requires_grad_(name == "sparse")
+            run = torch.compile(model, backend="lemo", options=options) if name == "sparse" else model
+            with torch.set_grad_enabled(name == "sparse"), torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                losses[name] = run(input_ids=ids, labels=ids).loss.float().item()
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+        torch._dynamo.reset()
+    return losses
+
+
 @torch.no_grad()
 def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     """Dense evaluation: held-out loss at --long tokens and passkey accuracy per depth."""
@@ -459,7 +491,10 @@ def main() -> int:
                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                      "seconds": time.perf_counter() - started, **evaluate(tuned, held_out, args, device),
                      "selection": selection_report(tuned, base, variant, options, held_out, args,
-                                                   device)})
+                                                   device),
+                     "sparse_eval": None if variant == "dense" else {
+                         "base": sparse_eval(base, options, held_out, args, device),
+                         "tuned": sparse_eval(tuned, options, held_out, args, device)}})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
@@ -468,7 +503,7 @@ def main() -> int:
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
           "  key block kept by depth; answer block; same as base (chance);"
-          " kept by fifth of the sequence")
+          " kept by fifth of the sequence; sparse against dense loss, base / fine-tuned")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
         selection = row.get("selection")
@@ -478,6 +513,10 @@ def main() -> int:
             f"({selection['chance']:.2f}); by fifth "
             + " ".join(f"{share:.2f}" for share in selection["kept_by_position"]) + " (text "
             + " ".join(f"{share:.2f}" for share in selection["kept_by_position_text"]) + ")")
+        if row.get("sparse_eval"):
+            kept_text += "; sparse eval base/tuned " + " / ".join(
+                f"{losses['sparse'] / losses['dense'] - 1:+.1%}"
+                for losses in row["sparse_eval"].values())
         if row.get("predictor_recall"):
             layers = row["predictor_recall"].values()
             kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"

@@ -16,7 +16,10 @@ Times are medians of `triton.testing.do_bench`; the row kernels, which take tens
 are timed as CUDA-graph replays (`do_bench_cudagraph`), so that the GPU's time is measured and not
 the host's launch overhead. Prints a table last; writes one JSON line per measurement to --out.
 
-    python benchmarks/kernels.py --seq-lens 4096 16384 --out kernels.jsonl
+    python benchmarks/kernel_speeds.py --seq-lens 4096 16384 --out kernels.jsonl
+
+(Not named kernels.py: a script's folder comes first on sys.path, and a kernels.py there would
+shadow the `kernels` package that transformers >= 5.25 imports, breaking every script beside it.)
 """
 
 from __future__ import annotations
