@@ -1,0 +1,17 @@
+"""The GPU scripts in benchmarks/ can at least be imported where they run (they are not run here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    # A script's folder comes first on sys.path, so a script named like an installed top-level
+    # module (transformers >= 5.25 imports `kernels`) replaces it for every script beside it.
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    assert scripts
+    shadowing = [p.name for p in scripts if importlib.util.find_spec(p.stem) is not None]
+    assert shadowing == []
