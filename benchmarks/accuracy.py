@@ -52,6 +52,10 @@ Variants (`--variants`):
   then-dense    `SparsitySchedule.sparse_then_dense(0.75)`: oracle for 75% of the steps, then dense
                 with gradient checkpointing
   then-dense-90 the same with 90% of the steps sparse (`sparse_then_dense(0.9)`)
+  warmup        a keep-ratio warm-up: keep 0.7 for the first 25% of the steps, then 0.4 (oracle;
+                every step sparse)
+  rising        keep 0.4 for 50% of the steps, 0.7 for 25%, then dense as then-dense ends (oracle;
+                75% of the steps sparse, as then-dense, with a milder way out)
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
@@ -76,9 +80,9 @@ import zlib
 
 import torch
 
+SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising")  # the variants that change phase
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
-            "predictor", "tokens", "channels", "keep06", "then-dense", "then-dense-90", "layerwise")
-SPARSE_SHARE = {"then-dense": 0.75, "then-dense-90": 0.9}  # the schedules' sparse shares
+            "predictor", "tokens", "channels", "keep06", "layerwise", *SCHEDULES)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -227,7 +231,25 @@ def lemo_options(variant: str, args) -> dict:
 def selection_variant(variant: str) -> str:
     """The variant whose options a variant selects with: the schedules and "layerwise" select as
     the oracle does (the schedules until their dense phase; layerwise with its own keep ratios)."""
-    return "oracle" if variant in SPARSE_SHARE or variant == "layerwise" else variant
+    return "oracle" if variant in SCHEDULES or variant == "layerwise" else variant
+
+
+def schedule_of(variant: str, options: dict):
+    """The `SparsitySchedule` a variant fine-tunes with, from the options it selects with (the
+    oracle's, for the schedules: see the module docstring); one phase for the other variants."""
+    from lemo_compile import Phase, SparsitySchedule
+
+    keep_07 = {**options, "keep_ratio": 0.7}
+    if variant == "then-dense":
+        return SparsitySchedule.sparse_then_dense(0.75, options)
+    if variant == "then-dense-90":
+        return SparsitySchedule.sparse_then_dense(0.9, options)
+    if variant == "warmup":
+        return SparsitySchedule([Phase(keep_07, fraction=0.25), Phase(options)])
+    if variant == "rising":  # its last phase is sparse_then_dense's dense one
+        return SparsitySchedule([Phase(options, fraction=0.5), Phase(keep_07, fraction=0.25),
+                                 Phase({**options, "keep_ratio": 1.0}, gradient_checkpointing=True)])
+    return SparsitySchedule([Phase(options)])
 
 
 def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, device):
@@ -256,10 +278,7 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    if variant in SPARSE_SHARE:
-        schedule = lemo_compile.SparsitySchedule.sparse_then_dense(SPARSE_SHARE[variant], options)
-    else:
-        schedule = lemo_compile.SparsitySchedule([lemo_compile.Phase(options)])
+    schedule = schedule_of(variant, options)
     losses = []
     for step, ids in enumerate(batches):
         schedule.apply(model, step, len(batches))
