@@ -15,6 +15,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 
+# pytest-xdist runs one worker per core (the README's `-n 2`): with torch's default of one
+# intra-op thread per core each, the workers oversubscribe the cores (on 2 cores, one thread each
+# ran test_padding.py and test_lifetimes.py in 169 s instead of 220 s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

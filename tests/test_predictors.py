@@ -178,7 +178,7 @@ def test_calibration_learns_structured_attention_far_above_random():
     options = {"block_size": 32, "dense_layers": [0], "keep_ratio": 0.25}  # keep 4 of 16 blocks
     train = [_planted_batch(seed) for seed in range(16)]
     held_out = [_planted_batch(1000 + seed) for seed in range(4)]
-    bank = lemo_compile.calibrate(model, train, options=options, steps=300, lr=3e-3, progress=False)
+    bank = lemo_compile.calibrate(model, train, options=options, steps=150, lr=3e-3, progress=False)
     assert bank.layers == [1, 2, 3]
     metrics = lemo_compile.predictor_recall(model, bank, held_out, options=options)
     recall = sum(m["recall"] for m in metrics.values()) / len(metrics)
