@@ -22,7 +22,8 @@ Of several matching long-context rows the last one read counts: give the files o
     python benchmarks/frontier.py --accuracy benchmarks/results/accuracy_8x512_*.jsonl \\
         --long-context benchmarks/results/long_context_32layers_16k.jsonl \\
         benchmarks/results/long_context_32layers_16k_recast.jsonl \\
-        benchmarks/results/long_context_32layers_16k_predictor.jsonl --seq-len 16384 \\
+        benchmarks/results/long_context_32layers_16k_predictor.jsonl \\
+        benchmarks/results/long_context_32layers_16k_keep06.jsonl --seq-len 16384 \\
         --markdown docs/frontier.md --plot docs/frontier.png
 """
 

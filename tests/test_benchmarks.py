@@ -1,4 +1,4 @@
-"""The GPU scripts in benchmarks/ can at least be imported where they run (they are not run here)."""
+"""The GPU scripts in benchmarks/ are not run here; what can be checked of them without a GPU."""
 
 from __future__ import annotations
 
