@@ -246,9 +246,9 @@ def schedule_of(variant: str, options: dict):
         return SparsitySchedule.sparse_then_dense(0.9, options)
     if variant == "warmup":
         return SparsitySchedule([Phase(keep_07, fraction=0.25), Phase(options)])
-    if variant == "rising":  # its last phase is sparse_then_dense's dense one
-        return SparsitySchedule([Phase(options, fraction=0.5), Phase(keep_07, fraction=0.25),
-                                 Phase({**options, "keep_ratio": 1.0}, gradient_checkpointing=True)])
+    if variant == "rising":  # keep 0.4, then sparse_then_dense's two phases from keep 0.7
+        return SparsitySchedule([Phase(options, fraction=0.5),
+                                 *SparsitySchedule.sparse_then_dense(0.25, keep_07).phases])
     return SparsitySchedule([Phase(options)])
 
 
@@ -388,14 +388,19 @@ def selection_report(tuned, base, variant: str, options: dict, held_out: torch.T
             "chance": sum(p.kept_blocks / p.n_blocks for p in plans) / len(plans)}
 
 
+def held_out_windows(held_out: torch.Tensor, args) -> torch.Tensor:
+    """The `--eval-windows` held-out windows [N, --long] the loss is evaluated on, the same for
+    every variant and every evaluation."""
+    return windows(held_out, args.long, args.eval_windows, torch.Generator().manual_seed(args.seed + 3))
+
+
 def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> dict:
     """How much of `model` lemo's selection with `options` keeps: {"dense": loss, "sparse": loss}
     on the same `--batch` held-out windows of `--long` tokens (the first ones `evaluate` reads),
     run dense and run as lemo trains it (gradients on, so the graph is rewritten; no backward).
     At one keep ratio a lower sparse loss means a selection that keeps more of what the model
     computes; the dense-eval loss after fine-tuning is what counts in the end."""
-    ids = windows(held_out, args.long, args.eval_windows,
-                  torch.Generator().manual_seed(args.seed + 3))[:args.batch].to(device)
+    ids = held_out_windows(held_out, args)[:args.batch].to(device)
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     losses = {}
@@ -420,9 +425,8 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
 def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     """Dense evaluation: held-out loss at --long tokens and passkey accuracy per depth."""
     model = model.eval()
-    generator = torch.Generator().manual_seed(args.seed + 3)
     losses = []
-    for ids in windows(held_out, args.long, args.eval_windows, generator).split(args.batch):
+    for ids in held_out_windows(held_out, args).split(args.batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses.append(model(input_ids=ids.to(device), labels=ids.to(device)).loss.float().item())
     rng = random.Random(args.seed + 4)
