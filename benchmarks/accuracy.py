@@ -400,6 +400,7 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
     run dense and run as lemo trains it (gradients on, so the graph is rewritten; no backward).
     At one keep ratio a lower sparse loss means a selection that keeps more of what the model
     computes; the dense-eval loss after fine-tuning is what counts in the end."""
+    import lemo_compile
     ids = held_out_windows(held_out, args)[:args.batch].to(device)
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -409,7 +410,7 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
             model.train(name == "sparse")
             for p in model.parameters():  # lemo rewrites a graph only when it is differentiated
                 p.requires_grad_(name == "sparse")
-            run = torch.compile(model, backend="lemo", options=options) if name == "sparse" else model
+            run = torch.compile(model, backend=lemo_compile.LemoBackend(options)) if name == "sparse" else model
             with torch.set_grad_enabled(name == "sparse"), torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 losses[name] = run(input_ids=ids, labels=ids).loss.float().item()
