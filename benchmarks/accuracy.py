@@ -23,9 +23,11 @@ One run, one process, same data and seeds for every variant:
    the base model's selection shares, against the share of blocks kept (chance); and how much of
    each fifth of the sequence it keeps (a selection blind to position keeps chance everywhere).
    And its sparse evaluation (`sparse_eval`): on one batch of held-out windows, the loss of the
-   base model and of the fine-tuned one run as lemo trains them (the variant's selection), beside
-   their dense loss on the same windows: how much of the model the selection keeps, which tells a
-   selection that keeps what matters from one that does not before any fine-tuning.
+   base model, of the fine-tuned one and (when `dense` ran before it) of dense LoRA's model, each
+   run as lemo trains it (the variant's selection), beside its dense loss on the same windows:
+   how much of the model the selection keeps. Read on one model for every variant (the base, or
+   dense LoRA, which uses its long context as the base does not), it tells a selection that keeps
+   what matters from one that does not, whatever the fine-tuning then makes of it.
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
@@ -506,6 +508,7 @@ def main() -> int:
     with open(args.out, "a") as f:  # row by row: a run cut short keeps what it finished
         f.write(json.dumps(rows[-1]) + "\n")
     batches = finetune_batches(train, args)
+    dense_lora = None  # the dense variant's model, once it ran: every selection is read on it too
     for variant in args.variants:
         started = time.perf_counter()
         tuned, losses, sparse, options = finetune(base_state, variant, batches, args, device)
@@ -518,16 +521,22 @@ def main() -> int:
                                                    device),
                      "sparse_eval": None if variant == "dense" else {
                          "base": sparse_eval(base, options, held_out, args, device),
-                         "tuned": sparse_eval(tuned, options, held_out, args, device)}})
+                         "tuned": sparse_eval(tuned, options, held_out, args, device),
+                         **({} if dense_lora is None else {
+                             "dense LoRA": sparse_eval(dense_lora, options, held_out, args,
+                                                       device)})}})
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
+        if variant == "dense":
+            dense_lora = tuned
         del tuned
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':<32} {'held-out loss':>13} {'vs dense':>8}  passkey by depth {DEPTHS}"
           "  key block kept by depth; answer block; same as base (chance);"
-          " kept by fifth of the sequence; sparse against dense loss, base / fine-tuned")
+          " kept by fifth of the sequence; sparse against dense loss, base / fine-tuned"
+          " / dense LoRA")
     for row in rows:
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
         selection = row.get("selection")
@@ -538,7 +547,7 @@ def main() -> int:
             + " ".join(f"{share:.2f}" for share in selection["kept_by_position"]) + " (text "
             + " ".join(f"{share:.2f}" for share in selection["kept_by_position_text"]) + ")")
         if row.get("sparse_eval"):
-            kept_text += "; sparse eval base/tuned " + " / ".join(
+            kept_text += "; sparse eval " + "/".join(row["sparse_eval"]) + " " + " / ".join(
                 f"{losses['sparse'] / losses['dense'] - 1:+.1%}"
                 for losses in row["sparse_eval"].values())
         if row.get("predictor_recall"):

@@ -58,14 +58,20 @@ def padded_batch(rows, side: str, seq_len: int = SEQ):
     return ids, mask, labels, position_ids
 
 
+# the row-by-row comparisons compile each row alone: 3 layers (two sparse, one feeding the
+# other) keep what 4 would test at three quarters of the tracing time
+ALONE_LAYERS = 3
+
+
 @functools.lru_cache(maxsize=None)
 def _alone(lengths=LENGTHS, options: tuple = ()):
     """Each row compiled alone (its real tokens only, no mask), with OPTIONS and `options` (the
-    items of a dict): per row (logits [L, V], loss, counted labels, grads)."""
+    items of a dict), on ALONE_LAYERS layers: per row (logits [L, V], loss, counted labels,
+    grads)."""
     results = []
     for row in _rows(lengths):
         torch._dynamo.reset()
-        model = tiny_llama()
+        model = tiny_llama(layers=ALONE_LAYERS)
         backend = lemo_compile.LemoBackend({**OPTIONS, **dict(options)})
         out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=row[None], labels=row[None])
         out.loss.backward()
@@ -85,7 +91,7 @@ def test_padded_batch_equals_each_row_compiled_alone(side, positions, options):
     keep_first_blocks and keep_last_blocks each row keeps its own first and last blocks; with
     distance_normalized each row's tiles are divided by the means of its own blocks' tiles."""
     ids, mask, labels, position_ids = padded_batch(_rows(), side)
-    model = tiny_llama()
+    model = tiny_llama(layers=ALONE_LAYERS)
     backend = lemo_compile.LemoBackend({**OPTIONS, **dict(options)})
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     extra = {"position_ids": position_ids} if positions else {}
@@ -95,9 +101,9 @@ def test_padded_batch_equals_each_row_compiled_alone(side, positions, options):
     out.loss.backward()
     got = grads(model)
     report = backend.reports[-1]
-    assert report.counters["sparse_layers"] == 3
+    assert report.counters["sparse_layers"] == 2
     assert [(p.padded, p.kept_blocks, p.kept_tokens) for p in report.plans] == [
-        (True, 9, 150), (True, 4, 79), (True, 4, 79), (True, 4, 79)]
+        (True, 9, 150), (True, 4, 79), (True, 4, 79)]
 
     alone = _alone(options=options)
     total = sum(counted for _, _, counted, _ in alone)

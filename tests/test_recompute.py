@@ -141,10 +141,10 @@ def test_save_options_must_be_bools(name):
         lemo_compile.LemoConfig(**{name: "yes"})
 
 
-def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False):
+def _peft_bf16_step(recompute_casts: bool, checkpointing: bool = False, layers: int = 4):
     """One compiled step of `peft_bf16_llama` (layer 0 dense): (loss, gradients, training
     report)."""
-    return compiled_step(peft_bf16_llama(checkpointing=checkpointing),
+    return compiled_step(peft_bf16_llama(checkpointing=checkpointing, layers=layers),
                          {**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts},
                          seq_len=SEQ_LEN)
 
@@ -179,7 +179,8 @@ def test_float32_copies_of_adapter_inputs_are_recomputed_not_saved():
 
 
 def test_checkpointed_layers_keep_their_own_recompute_tags():
-    _, _, report = _peft_bf16_step(recompute_casts=True, checkpointing=True)
+    # two layers (one dense, one sparse): PEFT under checkpointing traces slowly, layer by layer
+    _, _, report = _peft_bf16_step(recompute_casts=True, checkpointing=True, layers=2)
     # the layers' casts carry the checkpoint's tags already; the one left is the final norm's
     # float32 input, outside the layers
     assert report.counters["recomputed_casts"] == 1
@@ -194,14 +195,13 @@ def test_explain_partitions_with_the_joint_passes():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             explanation = lemo_compile.explain(
-                peft_bf16_llama(), input_ids=ids, labels=ids,
+                peft_bf16_llama(layers=2), input_ids=ids, labels=ids,
                 options={**OPTIONS, "mlp": "tokens", "recompute_casts": recompute_casts})
         return {layer: m["lemo"] for layer, m in explanation.activation_bytes.items()}
 
     saved, recast = lemo_bytes(False), lemo_bytes(True)
     copies = 2 * (SEQ_LEN // 2) * tiny_llama().config.hidden_size * 4
-    for layer in (1, 2, 3):
-        assert recast[layer] <= saved[layer] - copies // 2, (layer, saved, recast)
+    assert recast[1] <= saved[1] - copies // 2, (saved, recast)  # layer 1, the sparse one
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
