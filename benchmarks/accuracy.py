@@ -425,6 +425,85 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
 
 
 @torch.no_grad()
+def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3) -> dict:
+    """Which blocks are worth keeping, read on one model: the loss of `--batch` held-out windows
+    (those `sparse_eval` reads) with the attention blocks of the oracle's sparse layers run on the
+    kept blocks only, eagerly, with lemo's semantics (norm and attention on the kept rows with
+    their RoPE positions, causal over the kept sequence, nothing added to the other rows; the MLP
+    dense), under three selections of the same k blocks a layer, each from scores read in one
+    dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the blocks
+    whose attention outputs have the largest mean norm: what eliminating a row takes from it) and
+    "random" (the mean of `draws` uniform draws). Returns {"dense": loss, "oracle": loss,
+    "update": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
+    but for the later sparse layers, which lemo scores in the sparse forward."""
+    from lemo_compile.predictors.calibrate import oracle_scores
+
+    ids = held_out_windows(held_out, args)[:args.batch].to(device)
+    options = lemo_options("oracle", args)
+    (sigma,), kept = oracle_scores(model, [ids], options=options)
+    torch._dynamo.reset()
+    layers = model.model.layers
+    block = args.block_size
+    blocks = ids.shape[1] // block
+    outputs = {}
+    hooks = [layers[i].self_attn.register_forward_hook(
+        lambda module, inputs, output, i=i: outputs.__setitem__(i, output[0].float().norm(dim=-1)))
+        for i in sigma]
+
+    def loss_of(scores_of=None) -> float:
+        """The batch's loss with the attention of each sparse layer i on the top kept[i] blocks
+        of scores_of(i) [B, n] (every layer dense when None)."""
+        originals = {}
+        for i in (sigma if scores_of else ()):
+            top = scores_of(i).topk(kept[i], dim=1).indices.sort(dim=1).values
+            rows = (top[..., None] * block + torch.arange(block, device=device)).flatten(1)
+            rows = torch.cat([rows, torch.arange(blocks * block, ids.shape[1], device=device)
+                              .expand(len(ids), -1)], dim=1)  # the tail is always kept
+            originals[i] = layers[i].self_attn.forward
+            layers[i].self_attn.forward = _on_rows(originals[i], rows)
+        try:
+            model.eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return model(input_ids=ids, labels=ids).loss.float().item()
+        finally:
+            for i, forward in originals.items():
+                layers[i].self_attn.forward = forward
+
+    was_training = model.training
+    dense = loss_of()
+    for hook in hooks:
+        hook.remove()
+    update = {i: norms[:, :blocks * block].unflatten(1, (blocks, block)).mean(-1)
+              for i, norms in outputs.items()}
+    generator = torch.Generator(device).manual_seed(args.seed + 5)
+    losses = {"dense": dense,
+              "oracle": loss_of(lambda i: sigma[i].to(device)),
+              "update": loss_of(lambda i: update[i]),
+              "random": [loss_of(lambda i: torch.rand(len(ids), blocks, generator=generator,
+                                                      device=device))
+                         for _ in range(draws)]}
+    model.train(was_training)
+    return losses
+
+
+def _on_rows(attention_forward, rows: torch.Tensor):
+    """An attention forward that runs `attention_forward` on the rows [B, K] of its input only
+    (with their RoPE cos and sin, no mask: causal over the kept rows) and returns zeros at the
+    other rows."""
+    def forward(hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        def take(t):
+            t = t.expand(len(rows), -1, -1)
+            return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
+        cos, sin = position_embeddings
+        kwargs.pop("position_ids", None)
+        out, weights = attention_forward(take(hidden_states), position_embeddings=(take(cos), take(sin)),
+                                         attention_mask=None, **kwargs)
+        full = out.new_zeros(hidden_states.shape[:2] + out.shape[2:])
+        return full.scatter(1, rows[..., None].expand(-1, -1, out.shape[-1]), out), weights
+    return forward
+
+
+@torch.no_grad()
 def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     """Dense evaluation: held-out loss at --long tokens and passkey accuracy per depth."""
     model = model.eval()
@@ -530,6 +609,11 @@ def main() -> int:
             f.write(json.dumps(rows[-1]) + "\n")
         if variant == "dense":
             dense_lora = tuned
+            rows.append({"variant": "selection study", **common,
+                         "base": selection_study(base, held_out, args, device),
+                         "dense LoRA": selection_study(tuned, held_out, args, device)})
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         del tuned
         torch._dynamo.reset()
     dense = next((r["held_out_loss"] for r in rows if r["variant"] == "dense"), None)
@@ -538,6 +622,8 @@ def main() -> int:
           " kept by fifth of the sequence; sparse against dense loss, base / fine-tuned"
           " / dense LoRA")
     for row in rows:
+        if row["variant"] == "selection study":
+            continue
         versus = f"{row['held_out_loss'] / dense - 1:+.1%}" if dense else ""
         selection = row.get("selection")
         kept_text = "" if not selection else "  " + " ".join(
@@ -555,6 +641,14 @@ def main() -> int:
             kept_text += f"; predictor recall {sum(m['recall'] for m in layers) / len(layers):.2f}"
         print(f"{row['variant']:<32} {row['held_out_loss']:>13.4f} {versus:>8}  "
               + " ".join(f"{row['passkey'][str(d)]:.2f}" for d in DEPTHS) + kept_text)
+    for row in rows:
+        if row["variant"] == "selection study":
+            for model_name in ("base", "dense LoRA"):
+                study = row[model_name]
+                losses = {"oracle": study["oracle"], "update": study["update"],
+                          "random": sum(study["random"]) / len(study["random"])}
+                print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
+                    f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))
     print(f"total {time.perf_counter() - begin:.0f} s")
     return 0
 

@@ -147,8 +147,8 @@ def test_hf_trainer_with_torch_compile_backend_lemo(tmp_path, monkeypatch, throu
 
 
 def _checkpointed_step(checkpointing: bool, lora: bool = False, fullgraph: bool = True,
-                       **options):
-    model = tiny_llama()
+                       layers: int = 4, **options):
+    model = tiny_llama(layers=layers)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -208,9 +208,11 @@ def test_gradient_checkpointing_with_peft_lora_gives_the_same_results():
     """With frozen embeddings, HF's gradient checkpointing makes the embedding output require grad
     through a hook that Dynamo cannot keep in one graph (fullgraph=True fails, whatever the
     backend): the embedding is split off, and lemo rewrites the graph that holds the layers."""
-    loss, grads, report = _checkpointed_step(True, lora=True, fullgraph=False)
-    plain_loss, plain_grads, plain_report = _checkpointed_step(False, lora=True, fullgraph=False)
-    assert report.counters["sparse_layers"] == plain_report.counters["sparse_layers"] == 3
+    # two layers (layer 0 dense, layer 1 sparse): PEFT under checkpointing traces slowly
+    loss, grads, report = _checkpointed_step(True, lora=True, fullgraph=False, layers=2)
+    plain_loss, plain_grads, plain_report = _checkpointed_step(False, lora=True, fullgraph=False,
+                                                               layers=2)
+    assert report.counters["sparse_layers"] == plain_report.counters["sparse_layers"] == 1
     assert not report.warnings
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
     adapters = {name: grad for name, grad in grads.items() if grad is not None}
