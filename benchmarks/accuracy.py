@@ -412,7 +412,8 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
             model.train(name == "sparse")
             for p in model.parameters():  # lemo rewrites a graph only when it is differentiated
                 p.requires_grad_(name == "sparse")
-            run = torch.compile(model, backend=lemo_compile.LemoBackend(options)) if name == "sparse" else model
+            run = (torch.compile(model, backend=lemo_compile.LemoBackend(options))
+                   if name == "sparse" else model)
             with torch.set_grad_enabled(name == "sparse"), torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 losses[name] = run(input_ids=ids, labels=ids).loss.float().item()
@@ -431,8 +432,8 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     kept blocks only, eagerly, with lemo's semantics (norm and attention on the kept rows with
     their RoPE positions, causal over the kept sequence, nothing added to the other rows; the MLP
     dense), under three selections of the same k blocks a layer, each from scores read in one
-    dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the blocks
-    whose attention outputs have the largest mean norm: what eliminating a row takes from it) and
+    dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the
+    blocks whose attention outputs have the largest mean norm: what eliminating a row takes) and
     "random" (the mean of `draws` uniform draws). Returns {"dense": loss, "oracle": loss,
     "update": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
     but for the later sparse layers, which lemo scores in the sparse forward."""
@@ -496,8 +497,8 @@ def _on_rows(attention_forward, rows: torch.Tensor):
             return t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))
         cos, sin = position_embeddings
         kwargs.pop("position_ids", None)
-        out, weights = attention_forward(take(hidden_states), position_embeddings=(take(cos), take(sin)),
-                                         attention_mask=None, **kwargs)
+        out, weights = attention_forward(take(hidden_states), attention_mask=None,
+                                         position_embeddings=(take(cos), take(sin)), **kwargs)
         full = out.new_zeros(hidden_states.shape[:2] + out.shape[2:])
         return full.scatter(1, rows[..., None].expand(-1, -1, out.shape[-1]), out), weights
     return forward

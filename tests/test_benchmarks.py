@@ -20,7 +20,8 @@ def test_no_benchmark_script_shadows_an_installed_module():
 def _accuracy_script():
     """benchmarks/accuracy.py as a module (loaded from its file: putting benchmarks/ on sys.path
     would make the test above see the scripts as installed modules)."""
-    spec = importlib.util.spec_from_file_location("lemo_benchmarks_accuracy", BENCHMARKS / "accuracy.py")
+    spec = importlib.util.spec_from_file_location("lemo_benchmarks_accuracy",
+                                                  BENCHMARKS / "accuracy.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,11 +40,13 @@ def test_selection_study_emulates_lemo_oracle_selection():
     accuracy = _accuracy_script()
     args = types.SimpleNamespace(long=128, eval_windows=2, batch=2, seed=0, block_size=16,
                                  compiler="aot_eager")
-    held_out = torch.randint(0, 101, (4000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    held_out = torch.randint(0, 101, (4000,), generator=torch.Generator().manual_seed(0))
+    held_out = held_out.to(torch.uint8)  # a byte corpus, within the tiny model's vocabulary
     device = torch.device("cpu")
     model = tiny_llama(layers=4)
     study = accuracy.selection_study(model, held_out, args, device, draws=2)
-    lemo = accuracy.sparse_eval(model, accuracy.lemo_options("oracle", args), held_out, args, device)
+    lemo = accuracy.sparse_eval(model, accuracy.lemo_options("oracle", args), held_out, args,
+                                device)
     assert abs(study["dense"] - lemo["dense"]) <= 1e-5 * lemo["dense"]
     assert abs(study["oracle"] - lemo["sparse"]) <= 1e-5 * lemo["sparse"]
     assert abs(study["oracle"] - study["dense"]) > 1e-4 * study["dense"]  # the selection mattered
