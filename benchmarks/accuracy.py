@@ -61,6 +61,10 @@ Variants (`--variants`):
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
+  more-layers   the oracle with the sparse layers from a quarter of the depth to the
+                second-to-last (8 layers: 2-6), instead of from half (4-6)
+  fewer-layers  the same from 5/8 of the depth (8 layers: 5-6); `long_context.py --sparse-from`
+                prices both at any depth
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -83,8 +87,10 @@ import zlib
 import torch
 
 SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising")  # the variants that change phase
+# the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
+SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
-            "predictor", "tokens", "channels", "keep06", "layerwise", *SCHEDULES)
+            "predictor", "tokens", "channels", "keep06", "layerwise", *SCHEDULES, *SPARSE_FROM)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -227,6 +233,10 @@ def lemo_options(variant: str, args) -> dict:
         options["mlp"] = "channels"
     elif variant == "keep06":
         options["keep_ratio"] = 0.6
+    elif variant in SPARSE_FROM:
+        from harness import dense_layers_of
+
+        options["dense_layers"] = dense_layers_of(SPARSE_FROM[variant], args.layers)
     return options
 
 

@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 
+from accuracy import SPARSE_FROM
 from harness import add_summary_arguments, write_summary
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
@@ -54,6 +55,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
+    # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
+    **{variant: [(1.0, "lemo", 0.4, None)] for variant in SPARSE_FROM},
 }
 BASELINE = "liger"
 # variants with no cost, and why
@@ -87,6 +90,12 @@ def _keep_ratio(row: dict) -> float | None:
     return 1.0 if row["variant"] == "lemo-base" else 0.4
 
 
+def _sparse_from(row: dict) -> float:
+    """Where a long-context row's sparse layers start, as a share of the depth (lemo's default
+    plan, 0.5, for rows from before `--sparse-from`)."""
+    return row.get("sparse_from") or 0.5
+
+
 def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None, str]:
     """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
     (None, what is missing). Each phase is compared with the HF + Liger row of its own run (file),
@@ -95,6 +104,7 @@ def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None,
     phases = COST_OF.get(variant)
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
+    sparse_from = SPARSE_FROM.get(variant, 0.5)
 
     def find(name: str, keep: float | None, checkpointing: bool,
              file: str | None = None) -> tuple[str, dict] | None:
@@ -102,6 +112,7 @@ def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None,
             if ((file is None or where == file) and row["variant"] == name
                     and row["seq_len"] == args.seq_len and row["layers"] == args.layers
                     and row["checkpointing"] == checkpointing and _keep_ratio(row) == keep
+                    and (keep in (None, 1.0) or _sparse_from(row) == sparse_from)
                     and "error" not in row and not row.get("padding")
                     and not row.get("fit_only")):
                 return where, row
@@ -115,7 +126,8 @@ def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None,
         # the baseline is dense LoRA as users run it at this setting, whatever the phase runs
         baseline = found and find(BASELINE, None, args.checkpointing, found[0])
         if not found or not baseline:
-            setting = f"{name}, keep {keep}{', checkpointing' if with_checkpointing else ''}"
+            setting = (f"{name}, keep {keep}{', checkpointing' if with_checkpointing else ''}"
+                       + (f", sparse from {sparse_from}" if sparse_from != 0.5 else ""))
             missing.append(setting if not found else f"{BASELINE} in the run of {setting}")
             continue
         (file, row), (_, liger) = found, baseline

@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the Llama shape's arguments, running one configuration in its
 own process, with its own Inductor cache directory (so that no variant is served another's
-compiled code), recording its JSON line, and writing a summary's table and plot."""
+compiled code), recording its JSON line, writing a summary's table and plot, and the layer sweep's
+plans (the same shares of a model's layers sparse at any depth)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import subprocess
 import sys
 import tempfile
 from typing import Callable
+
+
+def dense_layers_of(sparse_from: float, layers: int) -> list[int]:
+    """The dense layers of a plan whose sparse layers run from layer round(sparse_from * layers)
+    to the second-to-last: the leading layers and the last. sparse_from=0.5 is lemo's default
+    plan; accuracy.py's 8-layer model and long_context.py's 32 layers share a sweep through it."""
+    return [*range(round(sparse_from * layers)), layers - 1]
 
 
 def run_isolated(command: list[str], row: dict, out: str, timeout: float, cache_name: str) -> dict:

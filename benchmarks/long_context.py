@@ -5,7 +5,9 @@ Model: a Llama built from a config with random bf16 weights (default the Llama-3
 on q/k/v/o (peft), batch 1, AdamW on the adapters; `--checkpointing` turns on HF's gradient
 checkpointing (`use_reentrant=False`); `--padding F` left-pads the row by a fraction F and passes
 the attention_mask (what a padded batch costs: transformers then builds a padding mask, and lemo
-takes its exact masked path instead of `is_causal=True`). Variants, each in its own process with
+takes its exact masked path instead of `is_causal=True`); `--sparse-from F` runs the lemo
+variants with their sparse layers from layer round(F * layers) to the second-to-last (the layer
+sweep of accuracy.py; lemo's default plan is F = 0.5). Variants, each in its own process with
 its own Inductor cache directory:
 
   hf              HF eager, SDPA attention, HF's loss
@@ -69,7 +71,7 @@ import statistics
 import sys
 import time
 
-from harness import add_shape_arguments, forwarded, lora_llama, run_isolated
+from harness import add_shape_arguments, dense_layers_of, forwarded, lora_llama, run_isolated
 
 # Each lemo variant's options on top of keep_ratio (1.0 for lemo-base, --keep-ratio for the rest).
 LEMO_VARIANT_OPTIONS: dict[str, dict] = {
@@ -117,7 +119,8 @@ def keep_ratio_of(variant: str, keep_ratio: float) -> float | None:
 def row_head(variant: str, seq_len: int, args) -> dict:
     """The fields that name a run in its JSON line, whatever its outcome."""
     return {"variant": variant, "seq_len": seq_len, "layers": args.layers,
-            "checkpointing": args.checkpointing, "keep_ratio": keep_ratio_of(variant, args.keep_ratio)}
+            "checkpointing": args.checkpointing, "keep_ratio": keep_ratio_of(variant, args.keep_ratio),
+            "sparse_from": args.sparse_from if variant in LEMO_VARIANT_OPTIONS else None}
 
 
 def lemo_options(args) -> dict:
@@ -125,6 +128,8 @@ def lemo_options(args) -> dict:
 
     options: dict = {"keep_ratio": keep_ratio_of(args.variant, args.keep_ratio),
                      **LEMO_VARIANT_OPTIONS[args.variant]}
+    if args.sparse_from is not None:
+        options["dense_layers"] = dense_layers_of(args.sparse_from, args.layers)
     if options.get("save_attention") == "dense" and args.save_attention_layers:
         options["save_attention"] = args.save_attention_layers
     if options.get("scorer") == "predictor":
@@ -367,6 +372,9 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["liger", "lemo-base", "lemo"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--keep-ratio", type=float, default=0.4)
+    parser.add_argument("--sparse-from", type=float,
+                        help="the lemo variants' sparse layers start at this share of the depth "
+                             "(default: lemo's plan, the first half and the last layer dense)")
     parser.add_argument("--padding", type=float, default=0.0,
                         help="fraction of the row that is left padding (an attention_mask is passed)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (>= 1)")
@@ -411,6 +419,8 @@ def main() -> int:
                 command += ["--trace-dir", args.trace_dir]
             if args.save_attention_layers:
                 command += ["--save-attention-layers", *map(str, args.save_attention_layers)]
+            if args.sparse_from is not None:
+                command += ["--sparse-from", str(args.sparse_from)]
             if args.memory:
                 command.append("--memory")
             if args.fit_only:
