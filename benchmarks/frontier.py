@@ -93,7 +93,7 @@ def _keep_ratio(row: dict) -> float | None:
 def _sparse_from(row: dict) -> float:
     """Where a long-context row's sparse layers start, as a share of the depth (lemo's default
     plan, 0.5, for rows from before `--sparse-from`)."""
-    return row.get("sparse_from") or 0.5
+    return 0.5 if row.get("sparse_from") is None else row["sparse_from"]
 
 
 def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None, str]:
