@@ -61,6 +61,9 @@ Variants (`--variants`):
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
+  output        `scorer="output"`: each sparse layer keeps the blocks whose dense attention
+                results have the largest norm (an oracle of what eliminating a row takes; it runs
+                the attention twice, so it is a measurement, not a setting)
   more-layers   the oracle with the sparse layers from a quarter of the depth to the
                 second-to-last (8 layers: 2-6), instead of from half (4-6)
   fewer-layers  the same from 5/8 of the depth (8 layers: 5-6); `long_context.py --sparse-from`
@@ -90,7 +93,8 @@ SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising")  # the variants 
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
-            "predictor", "tokens", "channels", "keep06", "layerwise", *SCHEDULES, *SPARSE_FROM)
+            "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
+            *SPARSE_FROM)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -233,6 +237,8 @@ def lemo_options(variant: str, args) -> dict:
         options["mlp"] = "channels"
     elif variant == "keep06":
         options["keep_ratio"] = 0.6
+    elif variant == "output":
+        options["scorer"] = "output"
     elif variant in SPARSE_FROM:
         from harness import dense_layers_of
 
@@ -443,9 +449,10 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     their RoPE positions, causal over the kept sequence, nothing added to the other rows; the MLP
     dense), under three selections of the same k blocks a layer, each from scores read in one
     dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the
-    blocks whose attention outputs have the largest mean norm: what eliminating a row takes) and
-    "random" (the mean of `draws` uniform draws). Returns {"dense": loss, "oracle": loss,
-    "update": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
+    blocks whose attention outputs have the largest mean norm: what eliminating a row takes),
+    "update-max" (the largest maximum norm, as `scorer="output"` ranks them) and "random" (the mean
+    of `draws` uniform draws). Returns {"dense": loss, "oracle": loss, "update": loss,
+    "update-max": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
     but for the later sparse layers, which lemo scores in the sparse forward."""
     from lemo_compile.predictors.calibrate import oracle_scores
 
@@ -484,12 +491,13 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     dense = loss_of()
     for hook in hooks:
         hook.remove()
-    update = {i: norms[:, :blocks * block].unflatten(1, (blocks, block)).mean(-1)
-              for i, norms in outputs.items()}
+    per_block = {i: norms[:, :blocks * block].unflatten(1, (blocks, block))
+                 for i, norms in outputs.items()}
     generator = torch.Generator(device).manual_seed(args.seed + 5)
     losses = {"dense": dense,
               "oracle": loss_of(lambda i: sigma[i].to(device)),
-              "update": loss_of(lambda i: update[i]),
+              "update": loss_of(lambda i: per_block[i].mean(-1)),
+              "update-max": loss_of(lambda i: per_block[i].amax(-1)),
               "random": [loss_of(lambda i: torch.rand(len(ids), blocks, generator=generator,
                                                       device=device))
                          for _ in range(draws)]}
@@ -657,6 +665,7 @@ def main() -> int:
             for model_name in ("base", "dense LoRA"):
                 study = row[model_name]
                 losses = {"oracle": study["oracle"], "update": study["update"],
+                          "update-max": study["update-max"],
                           "random": sum(study["random"]) / len(study["random"])}
                 print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
                     f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))

@@ -13,7 +13,7 @@ from typing import Any
 
 from lemo_compile.predictors.bank import PredictorBank
 
-SCORERS = ("oracle", "predictor", "random")
+SCORERS = ("oracle", "predictor", "random", "output")
 MLP_MODES = ("off", "tokens", "channels")
 COMPILERS = ("inductor", "aot_eager")
 
@@ -28,7 +28,12 @@ class LemoConfig:
     dense_layers: "auto" (the first L // 2 layers and the last one) or the indices of the layers that
                   run unchanged.
     scorer:       "oracle" (exact block scores from the layer's queries and keys), "predictor"
-                  (trained predictors, needs `predictors`) or "random" (a random-drop baseline).
+                  (trained predictors, needs `predictors`), "random" (a random-drop baseline) or
+                  "output" (per token the L2 norm of the attention block's output, what the
+                  block adds to the residual stream, computed densely on all tokens without
+                  gradient; max over each block: keeps the rows whose update is largest, for
+                  measuring what a selection can keep; it runs the layer's attention twice, so it
+                  saves memory, not time; not for padded batches, where the layer stays dense).
     predictors:   path or object holding trained predictors (scorer "predictor" only).
     mlp:          "off" keeps the MLP block dense; "tokens" runs the MLP block of every sparse layer
                   on its most active blocks only (oracle: the norm of the MLP's intermediate
@@ -180,9 +185,10 @@ class LemoConfig:
         if self.explore > 0 and self.scorer == "random":
             raise ValueError("lemo option 'explore' draws part of a scorer's blocks at random; "
                              "scorer='random' draws them all already: leave explore at 0")
-        if self.distance_normalized and self.scorer == "random":
+        if self.distance_normalized and self.scorer in ("random", "output"):
             raise ValueError("lemo option 'distance_normalized' rescales the attention tiles of "
-                             "the oracle or of trained predictors; scorer='random' has none")
+                             f"the oracle or of trained predictors; scorer={self.scorer!r} has "
+                             "none")
         if self.mlp_keep_ratio is not None:
             _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
         _check_ratio(self.mlp_channel_ratio, "mlp_channel_ratio")

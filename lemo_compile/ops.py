@@ -132,8 +132,9 @@ def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: i
 def activation_block_scores(
     intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """MLP block scores [B, n] (float32): per token the L2 norm of the MLP's intermediate activation
-    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then `token_block_scores`."""
+    """Block scores [B, n] (float32): per token the L2 norm of `intermediate` [B, S, F] (an MLP's
+    intermediate activation, act(gate) * up, OPT's relu(fc1); or, for scorer="output", an
+    attention block's result), then `token_block_scores`."""
     return token_block_scores(intermediate.float().norm(dim=-1), block_size, real)
 
 

@@ -122,6 +122,38 @@ def test_distance_normalized_oracle_matches_reference():
                              distance_normalized=True, dense_layers=[0])
 
 
+def test_output_scorer_matches_reference():
+    """scorer="output" keeps the blocks whose dense attention results have the largest per-token
+    norm; here it keeps other blocks than the oracle in some sparse layer."""
+    model = tiny_llama()
+    ids = token_batch(2, 160)
+    options = {**FAST, "dense_layers": [0], "loss_segment": None}
+    selected = [lemo_compile.explain(model, input_ids=ids, labels=ids,
+                                     options={**options, "scorer": scorer}).selected["attention"]
+                for scorer in ("oracle", "output")]
+    assert any(not torch.equal(selected[0][layer], selected[1][layer]) for layer in (1, 2, 3))
+    backend = lemo_compile.LemoBackend({**options, "scorer": "output"})
+    assert_matches_reference(model, ids, backend, block_size=FAST["block_size"], scorer="output",
+                             dense_layers=[0])
+    assert backend.reports[-1].counters["sparse_layers"] == 3
+
+
+def test_output_scorer_leaves_padded_batches_dense():
+    model = tiny_llama(layers=2)
+    ids = token_batch(2, 64)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    backend = lemo_compile.LemoBackend({**FAST, "dense_layers": [0], "loss_segment": None,
+                                        "scorer": "output"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        torch.compile(model, backend=backend, fullgraph=True)(
+            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    report = backend.reports[-1]
+    assert report.counters["sparse_layers"] == 0 and report.counters["dense_fallbacks"] == 1
+    assert any("does not take padded batches" in w for w in report.warnings)
+
+
 def test_per_layer_keep_ratios_match_reference():
     model = tiny_llama()
     ids = token_batch(1, 176)

@@ -49,6 +49,7 @@ def test_defaults():
         ({"keep_last_blocks": 1.0}, "keep_last_blocks"),
         ({"distance_normalized": 1}, "distance_normalized"),
         ({"distance_normalized": True, "scorer": "random"}, "distance_normalized"),
+        ({"distance_normalized": True, "scorer": "output"}, "distance_normalized"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

@@ -62,11 +62,12 @@ def test_inductor_uses_lemo_kernels_and_matches_the_torch_path(dtype):
 @pytest.mark.parametrize("levers", [
     {"explore": 0.5, "seed": 5, "keep_first_blocks": 1, "keep_last_blocks": 1},
     {"distance_normalized": True},
+    {"scorer": "output"},
 ])
 def test_selection_levers_under_inductor_match_the_torch_path(levers):
-    """`explore` (a seeded draw, so that both runs draw the same), the edge blocks kept and the
-    tiles normalized per distance, in Inductor's code on CUDA: the same loss and gradients as the
-    graphs run without code generation."""
+    """`explore` (a seeded draw, so that both runs draw the same), the edge blocks kept, the
+    tiles normalized per distance and the output scorer, in Inductor's code on CUDA: the same
+    loss and gradients as the graphs run without code generation."""
     model = tiny_llama(dtype=torch.float32).cuda()
     ids = token_batch(2, 300).cuda()
     options = {"block_size": 32, "dense_layers": [0], **levers}

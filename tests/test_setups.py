@@ -171,6 +171,7 @@ def _checkpointed_step(checkpointing: bool, lora: bool = False, fullgraph: bool 
 
 
 @pytest.mark.parametrize("scorer", [{"scorer": "oracle"}, {"scorer": "random", "seed": 3},
+                                    {"scorer": "output"},
                                     {"scorer": "oracle", "mlp": "tokens"},
                                     {"scorer": "oracle", "mlp": "channels"},
                                     {"scorer": "oracle", "explore": 0.5, "seed": None}])

@@ -19,7 +19,9 @@ The oracle scorer runs a copy of the block's query and key computation on all to
 (input detached, dropout removed) and feeds `lemo::block_scores`. The predictor scorer reads the
 block's attention input h = norm1(x) (a detached copy on all tokens) through the layer's trained
 `BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
-backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them.
+backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them. The
+output scorer runs a copy of the whole block on all tokens (no gradient) and scores each token by
+the norm of its result, max over each block (not on padded batches: such a layer stays dense).
 An MLP block is handled the same way, scored by the norm of its intermediate activation per token
 (a detached copy on all tokens), max over each block; with the predictor scorer and a bank that
 has MLP predictors, by the layer's `MlpPredictor` on a detached copy of the MLP's input instead
@@ -445,6 +447,18 @@ def _compact_and_merge(graph, block, residual, compaction, idx, fake_mode, tag, 
 
 def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mode, tag,
                    real=None) -> fx.Node:
+    if config.scorer == "output":
+        if real is not None:
+            raise CannotCompact("scorer 'output' does not take padded batches")
+        # the block's own result on all tokens, from a no-grad copy: per token its norm
+        value = _detached_copy(graph, block, residual, (block.output,), fake_mode, tag)[block.output]
+        batch, seq_len = node_shape(residual)[:2]
+        if example_value(value).dim() == 2:  # [B*S, D] -> [B, S, D]
+            value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
+            tag(value, Role.SCORE)
+        node = insert_call(graph, fake_mode, ops.activation_block_scores, (value, config.block_size))
+        tag(node, Role.SCORE)
+        return node
     if config.scorer == "random":
         # With padding, row r's scores are read in its own frame: entry p scores its block p.
         node = insert_call(graph, fake_mode, torch.ops.lemo.random_block_scores.default,
