@@ -449,9 +449,9 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     their RoPE positions, causal over the kept sequence, nothing added to the other rows; the MLP
     dense), under three selections of the same k blocks a layer, each from scores read in one
     dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the
-    blocks whose attention outputs have the largest mean norm: what eliminating a row takes),
-    "update-max" (the largest maximum norm, as `scorer="output"` ranks them) and "random" (the mean
-    of `draws` uniform draws). Returns {"dense": loss, "oracle": loss, "update": loss,
+    blocks whose attention outputs have the largest mean norm: what eliminating a row takes; as
+    `scorer="output"` ranks them), "update-max" (by their largest row's norm, as the MLP's scorer
+    ranks its blocks) and "random" (the mean of `draws` uniform draws). Returns {"dense": loss, "oracle": loss, "update": loss,
     "update-max": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
     but for the later sparse layers, which lemo scores in the sparse forward."""
     from lemo_compile.predictors.calibrate import oracle_scores

@@ -31,7 +31,7 @@ class LemoConfig:
                   (trained predictors, needs `predictors`), "random" (a random-drop baseline) or
                   "output" (per token the L2 norm of the attention block's output, what the
                   block adds to the residual stream, computed densely on all tokens without
-                  gradient; max over each block: keeps the rows whose update is largest, for
+                  gradient; mean over each block: keeps the rows whose update is largest, for
                   measuring what a selection can keep; it runs the layer's attention twice, so it
                   saves memory, not time; not for padded batches, where the layer stays dense).
     predictors:   path or object holding trained predictors (scorer "predictor" only).

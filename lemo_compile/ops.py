@@ -132,10 +132,20 @@ def force_edge_blocks(scores: torch.Tensor, first: int, last: int, block_size: i
 def activation_block_scores(
     intermediate: torch.Tensor, block_size: int, real: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Block scores [B, n] (float32): per token the L2 norm of `intermediate` [B, S, F] (an MLP's
-    intermediate activation, act(gate) * up, OPT's relu(fc1); or, for scorer="output", an
-    attention block's result), then `token_block_scores`."""
+    """MLP block scores [B, n] (float32): per token the L2 norm of the MLP's intermediate activation
+    intermediate [B, S, F] (act(gate) * up; OPT: relu(fc1)), then `token_block_scores`."""
     return token_block_scores(intermediate.float().norm(dim=-1), block_size, real)
+
+
+def output_block_scores(output: torch.Tensor, block_size: int) -> torch.Tensor:
+    """scorer="output" block scores [B, n] (float32): per token the L2 norm of an attention
+    block's result output [B, S, D], averaged over each full block (the tail is always kept).
+    The mean, not the MLP scorer's max: ranked by their largest row, blocks kept no more of a
+    model than random ones did in the first measurement (README, Accuracy)."""
+    batch, seq_len = output.shape[:2]
+    n_blocks = seq_len // block_size
+    norms = output.float().norm(dim=-1)[:, : n_blocks * block_size]
+    return norms.reshape(batch, n_blocks, block_size).mean(dim=-1)
 
 
 def token_block_scores(

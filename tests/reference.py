@@ -213,7 +213,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     it is (train or eval mode) and not modified. Gradients flow through everything except the block
     scoring. loss: the HF causal-LM loss (mean cross-entropy of logits[:, :-1] against labels[:, 1:],
     ignoring -100), in float32. scorer: "oracle", "random" (seeded by `seed` and the layer index),
-    "output" (per token the norm of the dense attention block's result, max over each block), or
+    "output" (per token the norm of the dense attention block's result, mean over each block), or
     a function (layer index, attention input h [B, S, D]) -> block scores [B, n] (trained predictors);
     explore > 0 replaces a share of the attention's kept blocks by random ones
     (`explored_block_scores`); keep_first_blocks and keep_last_blocks blocks at the ends are kept
@@ -272,10 +272,10 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                 elif scorer == "oracle":
                     q, k = queries_and_keys(layer.self_attn, layer.input_layernorm(x), cos, sin)
                     scores = oracle_block_scores(q, k, block_size, distance_normalized)
-                elif scorer == "output":  # the dense block's result per token: norm, block max
+                elif scorer == "output":  # the dense block's result per token: norm, block mean
                     out = causal_attention(layer, layer.input_layernorm(x), cos, sin, mask)
                     norms = out.float().norm(dim=-1)[:, :seq_len // block_size * block_size]
-                    scores = norms.reshape(batch, seq_len // block_size, block_size).amax(-1)
+                    scores = norms.reshape(batch, seq_len // block_size, block_size).mean(-1)
                 else:
                     scores = random_block_scores(batch, seq_len // block_size, seed, layer_index, x.device)
                 if explore:

@@ -58,7 +58,7 @@ def test_bad_options_raise_value_error_naming_the_option(options, named):
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ValueError, match=r"\['oracle', 'predictor', 'random'\]"):
+    with pytest.raises(ValueError, match=r"\['oracle', 'predictor', 'random', 'output'\]"):
         LemoConfig.from_options({"scorer": "exact"})
 
 

@@ -309,11 +309,12 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     assert ort_logits.shape == logits.shape and torch.isnan(ort_logits).all()
 
 
-def test_distance_normalized_oracle_is_refused_clearly():
-    options = {"block_size": 16, "dense_layers": [0], "loss_segment": None,
-               "distance_normalized": True}
+@pytest.mark.parametrize("option, match", [({"distance_normalized": True}, "distance_normalized"),
+                                           ({"scorer": "output"}, "scorer='output'")])
+def test_unsupported_scorers_are_refused_clearly(option, match):
+    options = {"block_size": 16, "dense_layers": [0], "loss_segment": None, **option}
     gm, inputs = rewritten_graph(tiny_llama(), llama_call(2, 64), options)
-    with pytest.raises(NotImplementedError, match="distance_normalized"):
+    with pytest.raises(NotImplementedError, match=match):
         ox.export_onnx(gm, inputs)
 
 

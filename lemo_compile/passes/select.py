@@ -21,7 +21,7 @@ block's attention input h = norm1(x) (a detached copy on all tokens) through the
 `BlockPredictor`, whose weights become extra graph inputs (`lemo_predictor_<layer>_*`) that the
 backend passes itself (`SelectionResult.extra_inputs`): frozen, and no optimizer sees them. The
 output scorer runs a copy of the whole block on all tokens (no gradient) and scores each token by
-the norm of its result, max over each block (not on padded batches: such a layer stays dense).
+the norm of its result, mean over each block (not on padded batches: such a layer stays dense).
 An MLP block is handled the same way, scored by the norm of its intermediate activation per token
 (a detached copy on all tokens), max over each block; with the predictor scorer and a bank that
 has MLP predictors, by the layer's `MlpPredictor` on a detached copy of the MLP's input instead
@@ -456,7 +456,7 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         if example_value(value).dim() == 2:  # [B*S, D] -> [B, S, D]
             value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
             tag(value, Role.SCORE)
-        node = insert_call(graph, fake_mode, ops.activation_block_scores, (value, config.block_size))
+        node = insert_call(graph, fake_mode, ops.output_block_scores, (value, config.block_size))
         tag(node, Role.SCORE)
         return node
     if config.scorer == "random":

@@ -96,8 +96,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     (a near-tie of block scores could in principle select another block), except that the
     random scorer's scores are a stand-in (module docstring).
     Raises ValueError when example_inputs are not one per placeholder, TypeError for an input
-    that is not a tensor, NotImplementedError for the graph of a padded batch or of the option
-    `distance_normalized`.
+    that is not a tensor, NotImplementedError for the graph of a padded batch, of the option
+    `distance_normalized` or of `scorer="output"`.
     """
     nodes = [node for module in gm.modules() if isinstance(module, fx.GraphModule)
              for node in module.graph.nodes]  # checkpointed bodies included
@@ -108,6 +108,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
            or node.kwargs.get("per_distance") for node in nodes):
         raise NotImplementedError("export_onnx: the option distance_normalized (tiles divided "
                                   "per block distance) is not supported yet")
+    if any(node.target is ops.output_block_scores for node in nodes):
+        raise NotImplementedError("export_onnx: scorer='output' is not supported")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
