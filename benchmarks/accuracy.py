@@ -447,13 +447,15 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     (those `sparse_eval` reads) with the attention blocks of the oracle's sparse layers run on the
     kept blocks only, eagerly, with lemo's semantics (norm and attention on the kept rows with
     their RoPE positions, causal over the kept sequence, nothing added to the other rows; the MLP
-    dense), under three selections of the same k blocks a layer, each from scores read in one
+    dense), under four selections of the same k blocks a layer, each from scores read in one
     dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the
     blocks whose attention outputs have the largest mean norm: what eliminating a row takes; as
     `scorer="output"` ranks them), "update-max" (by their largest row's norm, as the MLP's scorer
-    ranks its blocks) and "random" (the mean of `draws` uniform draws). Returns {"dense": loss, "oracle": loss, "update": loss,
-    "update-max": loss, "random": [losses]}. The emulated oracle's loss is lemo's own (`sparse_eval`)
-    but for the later sparse layers, which lemo scores in the sparse forward."""
+    ranks its blocks) and "random" (`draws` uniform draws). Returns {"dense": loss, "oracle":
+    loss, "update": loss, "update-max": loss, "random": [losses]}. The emulated oracle's loss is
+    lemo's own (`sparse_eval`) but for the later sparse layers, which lemo scores in the sparse
+    forward."""
+    from lemo_compile import ops
     from lemo_compile.predictors.calibrate import oracle_scores
 
     ids = held_out_windows(held_out, args)[:args.batch].to(device)
@@ -470,13 +472,11 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
 
     def loss_of(scores_of=None) -> float:
         """The batch's loss with the attention of each sparse layer i on the top kept[i] blocks
-        of scores_of(i) [B, n] (every layer dense when None)."""
+        of scores_of(i) [B, n] and the tail, chosen as lemo chooses (every layer dense when
+        None)."""
         originals = {}
         for i in (sigma if scores_of else ()):
-            top = scores_of(i).topk(kept[i], dim=1).indices.sort(dim=1).values
-            rows = (top[..., None] * block + torch.arange(block, device=device)).flatten(1)
-            rows = torch.cat([rows, torch.arange(blocks * block, ids.shape[1], device=device)
-                              .expand(len(ids), -1)], dim=1)  # the tail is always kept
+            rows = ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
             originals[i] = layers[i].self_attn.forward
             layers[i].self_attn.forward = _on_rows(originals[i], rows)
         try:
@@ -491,13 +491,11 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     dense = loss_of()
     for hook in hooks:
         hook.remove()
-    per_block = {i: norms[:, :blocks * block].unflatten(1, (blocks, block))
-                 for i, norms in outputs.items()}
     generator = torch.Generator(device).manual_seed(args.seed + 5)
     losses = {"dense": dense,
               "oracle": loss_of(lambda i: sigma[i].to(device)),
-              "update": loss_of(lambda i: per_block[i].mean(-1)),
-              "update-max": loss_of(lambda i: per_block[i].amax(-1)),
+              "update": loss_of(lambda i: ops.token_block_scores(outputs[i], block, mean=True)),
+              "update-max": loss_of(lambda i: ops.token_block_scores(outputs[i], block)),
               "random": [loss_of(lambda i: torch.rand(len(ids), blocks, generator=generator,
                                                       device=device))
                          for _ in range(draws)]}

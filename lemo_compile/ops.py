@@ -143,16 +143,14 @@ def output_block_scores(output: torch.Tensor, block_size: int) -> torch.Tensor:
     The mean, not the MLP scorer's max: in the first measurement (README, Accuracy) blocks ranked
     by their mean kept more of a model than random ones in six readings of six, ranked by their
     largest row in four."""
-    batch, seq_len = output.shape[:2]
-    n_blocks = seq_len // block_size
-    norms = output.float().norm(dim=-1)[:, : n_blocks * block_size]
-    return norms.reshape(batch, n_blocks, block_size).mean(dim=-1)
+    return token_block_scores(output.float().norm(dim=-1), block_size, mean=True)
 
 
 def token_block_scores(
-    scores: torch.Tensor, block_size: int, real: torch.Tensor | None = None
+    scores: torch.Tensor, block_size: int, real: torch.Tensor | None = None, mean: bool = False
 ) -> torch.Tensor:
-    """Block scores [B, n] from per-token scores [B, S]: the max over each full block.
+    """Block scores [B, n] from per-token scores [B, S]: the max over each full block (the mean
+    with `mean`).
 
     With `real` [B, S] (padding), the blocks are each row's own: its real tokens, in order, cut
     into blocks (`real_first`); entries past a row's full blocks are meaningless."""
@@ -160,8 +158,8 @@ def token_block_scores(
     n_blocks = seq_len // block_size
     if real is not None:
         scores = real_first(scores, real, 1, block_size)
-    scores = scores[:, : n_blocks * block_size]
-    return scores.reshape(batch, n_blocks, block_size).amax(dim=-1)
+    blocks = scores[:, : n_blocks * block_size].reshape(batch, n_blocks, block_size)
+    return blocks.mean(dim=-1) if mean else blocks.amax(dim=-1)
 
 
 # ------------------------------------------------------- padded batches (graph functions)

@@ -257,12 +257,10 @@ def _sparse_mlp(ctx: _Rewrite, layer: int, plan: LayerPlan, block: ResidualBlock
         if source is None:
             raise CannotCompact("the MLP's input (the tensor its first linear layers read) was "
                                 "not found, so its predictor has nothing to read")
-        value = _detached_copy(graph, block, residual, (source,), fake_mode, tag,
-                               Role.MLP_SCORE)[source]
+        value = _per_sample(graph, _detached_copy(graph, block, residual, (source,), fake_mode,
+                                                  tag, Role.MLP_SCORE)[source],
+                            residual, fake_mode, tag, Role.MLP_SCORE)
         batch, seq_len = node_shape(residual)[:2]
-        if example_value(value).dim() == 2:  # [B*S, F] (OPT's MLP) -> [B, S, F]
-            value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
-            tag(value, Role.MLP_SCORE)
         real_arg = (real,) if real is not None else ()
         if predictor is None:
             node = insert_call(graph, fake_mode, ops.activation_block_scores,
@@ -451,11 +449,8 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
         if real is not None:
             raise CannotCompact("scorer 'output' does not take padded batches")
         # the block's own result on all tokens, from a no-grad copy: per token its norm
-        value = _detached_copy(graph, block, residual, (block.output,), fake_mode, tag)[block.output]
-        batch, seq_len = node_shape(residual)[:2]
-        if example_value(value).dim() == 2:  # [B*S, D] -> [B, S, D]
-            value = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
-            tag(value, Role.SCORE)
+        copy = _detached_copy(graph, block, residual, (block.output,), fake_mode, tag)
+        value = _per_sample(graph, copy[block.output], residual, fake_mode, tag, Role.SCORE)
         node = insert_call(graph, fake_mode, ops.output_block_scores, (value, config.block_size))
         tag(node, Role.SCORE)
         return node
@@ -496,6 +491,17 @@ def _insert_scorer(graph, block: ResidualBlock, residual, plan, config, fake_mod
     for node in (*nodes, scores):
         tag(node, Role.SCORE)
     return scores
+
+
+def _per_sample(graph, value: fx.Node, residual, fake_mode, tag, role: Role) -> fx.Node:
+    """`value` as [B, S, F]: a block tensor that the model flattened to [B*S, F] (OPT's MLP) is
+    viewed back per sample (B, S from the residual stream); any other is returned as it is."""
+    if example_value(value).dim() != 2:
+        return value
+    batch, seq_len = node_shape(residual)[:2]
+    view = insert_call(graph, fake_mode, torch.Tensor.view, (value, (batch, seq_len, -1)))
+    tag(view, role)
+    return view
 
 
 def _detached_copy(graph, block: ResidualBlock, residual, roots, fake_mode, tag,
