@@ -68,6 +68,11 @@ Variants (`--variants`):
                 second-to-last (8 layers: 2-6), instead of from half (4-6)
   fewer-layers  the same from 5/8 of the depth (8 layers: 5-6); `long_context.py --sparse-from`
                 prices both at any depth
+  weighted      the oracle with `dropped_loss_weight=0.5`: a token's loss counts 0.5 + 0.5 x the
+                share of the sparse layers that kept it (the adapters tuned less to what the
+                thinner model does with the dropped tokens)
+  kept-loss     the same with `dropped_loss_weight=0.0`: a token's loss counts by that share
+                alone (a token every sparse layer dropped does not count)
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -92,9 +97,11 @@ import torch
 SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising")  # the variants that change phase
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
+# loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
+LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
             "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
-            *SPARSE_FROM)
+            *SPARSE_FROM, *LOSS_WEIGHTS)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -239,6 +246,8 @@ def lemo_options(variant: str, args) -> dict:
         options["keep_ratio"] = 0.6
     elif variant == "output":
         options["scorer"] = "output"
+    elif variant in LOSS_WEIGHTS:
+        options["dropped_loss_weight"] = LOSS_WEIGHTS[variant]
     elif variant in SPARSE_FROM:
         from harness import dense_layers_of
 
@@ -442,7 +451,8 @@ def sparse_eval(model, options: dict, held_out: torch.Tensor, args, device) -> d
 
 
 @torch.no_grad()
-def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3) -> dict:
+def selection_study(model, held_out: torch.Tensor, batches: list[torch.Tensor], args, device,
+                    draws: int = 3) -> dict:
     """Which blocks are worth keeping, read on one model: the loss of `--batch` held-out windows
     (those `sparse_eval` reads) with the attention blocks of the oracle's sparse layers run on the
     kept blocks only, eagerly, with lemo's semantics (norm and attention on the kept rows with
@@ -451,12 +461,15 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     dense forward: "oracle" (lemo's sigma, `predictors.calibrate.oracle_scores`), "update" (the
     blocks whose attention outputs have the largest mean norm: what eliminating a row takes; as
     `scorer="output"` ranks them), "update-max" (by their largest row's norm, as the MLP's scorer
-    ranks its blocks) and "random" (`draws` uniform draws). Returns {"dense": loss, "oracle":
-    loss, "update": loss, "update-max": loss, "random": [losses]}. The emulated oracle's loss is
-    lemo's own (`sparse_eval`) but for the later sparse layers, which lemo scores in the sparse
-    forward."""
+    ranks its blocks), "update-learned" (by the mean of a per-token network's guess of that norm
+    from the attention input alone: `fit_update_predictors` on the fine-tuning `batches`; what a
+    cheap predictor could carry of "update") and "random" (`draws` uniform draws). Returns
+    {"dense": loss, "oracle": loss, "update": loss, "update-max": loss, "update-learned": loss,
+    "update-learned recall": the share of "update"'s kept blocks it keeps, "random": [losses]}.
+    The emulated oracle's loss is lemo's own (`sparse_eval`) but for the later sparse layers,
+    which lemo scores in the sparse forward."""
     from lemo_compile import ops
-    from lemo_compile.predictors.calibrate import oracle_scores
+    from lemo_compile.predictors.calibrate import oracle_scores, recall_and_overlap
 
     ids = held_out_windows(held_out, args)[:args.batch].to(device)
     options = lemo_options("oracle", args)
@@ -465,9 +478,12 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
     layers = model.model.layers
     block = args.block_size
     blocks = ids.shape[1] // block
-    outputs = {}
+    predictors = fit_update_predictors(model, list(sigma), batches, device)
+    outputs, guesses = {}, {}
     hooks = [layers[i].self_attn.register_forward_hook(
         lambda module, inputs, output, i=i: outputs.__setitem__(i, output[0].float().norm(dim=-1)))
+        for i in sigma] + [layers[i].input_layernorm.register_forward_hook(
+        lambda module, inputs, output, i=i: guesses.__setitem__(i, predictors[i](output)))
         for i in sigma]
 
     def loss_of(scores_of=None) -> float:
@@ -496,11 +512,59 @@ def selection_study(model, held_out: torch.Tensor, args, device, draws: int = 3)
               "oracle": loss_of(lambda i: sigma[i].to(device)),
               "update": loss_of(lambda i: ops.token_block_scores(outputs[i], block, mean=True)),
               "update-max": loss_of(lambda i: ops.token_block_scores(outputs[i], block)),
+              "update-learned": loss_of(
+                  lambda i: ops.token_block_scores(guesses[i], block, mean=True)),
+              "update-learned recall": sum(recall_and_overlap(
+                  ops.token_block_scores(guesses[i], block, mean=True),
+                  ops.token_block_scores(outputs[i], block, mean=True), kept[i])[0]
+                  for i in sigma) / len(sigma),
               "random": [loss_of(lambda i: torch.rand(len(ids), blocks, generator=generator,
                                                       device=device))
                          for _ in range(draws)]}
     model.train(was_training)
     return losses
+
+
+def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor], device,
+                          epochs: int = 3, lr: float = 1e-3) -> dict:
+    """Per layer in `layers`, an `MlpPredictor` (h [B, S, D] -> [B, S]) fitted to the norm of the
+    layer's attention output per token from the attention's input h (the input norm's output),
+    on the frozen `model` run densely over `batches` for `epochs` passes: SmoothL1 against the
+    norms divided by their per-row maximum, as `calibrate` fits MLP predictors. Returns
+    {layer: predictor}, frozen, in eval mode."""
+    from lemo_compile.predictors.bank import MlpPredictor
+
+    blocks = model.model.layers
+    predictors = {i: MlpPredictor.new(model.config.hidden_size).to(device) for i in layers}
+    optimizer = torch.optim.Adam([p for net in predictors.values() for p in net.parameters()], lr=lr)
+    inputs, norms = {}, {}
+    hooks = [blocks[i].input_layernorm.register_forward_hook(
+        lambda module, args, output, i=i: inputs.__setitem__(i, output.detach().float()))
+        for i in layers] + [blocks[i].self_attn.register_forward_hook(
+        lambda module, args, output, i=i: norms.__setitem__(
+            i, output[0].detach().float().norm(dim=-1)))
+        for i in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(epochs):
+            for ids in batches:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=device.type == "cuda"):
+                    model(input_ids=ids.to(device))
+                with torch.enable_grad():
+                    loss = sum(torch.nn.functional.smooth_l1_loss(
+                        predictors[i](inputs[i]),
+                        norms[i] / norms[i].amax(dim=1, keepdim=True).clamp_min(1e-30), beta=0.1)
+                        for i in layers)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {i: net.requires_grad_(False).eval() for i, net in predictors.items()}
 
 
 def _on_rows(attention_forward, rows: torch.Tensor):
@@ -627,8 +691,8 @@ def main() -> int:
         if variant == "dense":
             dense_lora = tuned
             rows.append({"variant": "selection study", **common,
-                         "base": selection_study(base, held_out, args, device),
-                         "dense LoRA": selection_study(tuned, held_out, args, device)})
+                         "base": selection_study(base, held_out, batches, args, device),
+                         "dense LoRA": selection_study(tuned, held_out, batches, args, device)})
             with open(args.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
         del tuned
@@ -664,6 +728,7 @@ def main() -> int:
                 study = row[model_name]
                 losses = {"oracle": study["oracle"], "update": study["update"],
                           "update-max": study["update-max"],
+                          "update-learned": study["update-learned"],
                           "random": sum(study["random"]) / len(study["random"])}
                 print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
                     f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))

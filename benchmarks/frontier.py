@@ -34,7 +34,7 @@ import json
 import os
 import statistics
 
-from accuracy import SPARSE_FROM
+from accuracy import LOSS_WEIGHTS, SPARSE_FROM
 from harness import add_summary_arguments, write_summary
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
@@ -57,6 +57,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
     **{variant: [(1.0, "lemo", 0.4, None)] for variant in SPARSE_FROM},
+    # loss weighting: the oracle's set-up plus a [B, S] weight per token in the loss
+    **{variant: [(1.0, "lemo", 0.4, None)] for variant in LOSS_WEIGHTS},
 }
 BASELINE = "liger"
 # variants with no cost, and why

@@ -111,6 +111,16 @@ class LemoConfig:
                   The plain sums favour the middle of a row, whose blocks have near neighbours
                   on both sides; with this a block scores by how much more it is attended than
                   blocks as far apart usually are. Default False (the semantics' oracle).
+    dropped_loss_weight: in [0, 1]: in training, each token's term of the LM loss is weighted by
+                  w = d + (1 - d) * (the share of the graph's sparse blocks, attention and with
+                  mlp="tokens" MLP, that kept the token), d this value, and a "mean" loss becomes
+                  the weighted mean (sum of w * loss over sum of w). A token that skipped sparse
+                  blocks was computed by a thinner model, and its loss would tune the adapters
+                  to that model; this counts it less. 1.0 (the default): every token counts
+                  fully, the plain loss. Needs the segmented loss (`loss_segment`) and the loss
+                  and the sparse layers in one graph: not with gradient checkpointing, nor with
+                  `compile_decoder_layers` (a clear error). Not measured to help yet (README,
+                  "Accuracy").
     """
 
     block_size: int = 64
@@ -135,6 +145,7 @@ class LemoConfig:
     keep_first_blocks: int = 0
     keep_last_blocks: int = 0
     distance_normalized: bool = False
+    dropped_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -189,6 +200,14 @@ class LemoConfig:
             raise ValueError("lemo option 'distance_normalized' rescales the attention tiles of "
                              f"the oracle or of trained predictors; scorer={self.scorer!r} has "
                              "none")
+        if (isinstance(self.dropped_loss_weight, bool)
+                or not isinstance(self.dropped_loss_weight, (int, float))
+                or not 0.0 <= self.dropped_loss_weight <= 1.0):
+            raise ValueError("lemo option 'dropped_loss_weight' must be a number in [0, 1], got "
+                             f"{self.dropped_loss_weight!r}")
+        if self.dropped_loss_weight < 1 and self.loss_segment is None:
+            raise ValueError("lemo option 'dropped_loss_weight' weights the rows of lemo's "
+                             "segmented loss: it needs loss_segment (an integer), not None")
         if self.mlp_keep_ratio is not None:
             _check_ratio(self.mlp_keep_ratio, "mlp_keep_ratio")
         _check_ratio(self.mlp_channel_ratio, "mlp_channel_ratio")

@@ -78,9 +78,14 @@ def compile_decoder_layers(
     Returns the backends, one per `layer_groups` group; each keeps a `CompileReport` per graph it
     compiled (one, and one more in the group of layer 0 when that layer's input needs no
     gradient), with one plan per layer of its group. Raises ValueError when the graphs may
-    outnumber `torch._dynamo.config.recompile_limit` (raise it, or give fewer distinct ratios).
+    outnumber `torch._dynamo.config.recompile_limit` (raise it, or give fewer distinct ratios),
+    and for `dropped_loss_weight` below 1 (the loss is not in the layers' graphs).
     """
     config = LemoConfig.from_options(options)
+    if config.dropped_loss_weight < 1:
+        raise ValueError("lemo option 'dropped_loss_weight' weights the loss by what the sparse "
+                         "layers kept, but compile_decoder_layers compiles each layer apart from "
+                         "the loss: leave it at 1.0, or compile the whole model")
     layers = decoder_layers(model) if layers is None else layers
     groups = layer_groups(config, len(layers))
     # One graph per group, and one more for the first layer when its input needs no gradient

@@ -495,6 +495,23 @@ gather_layer_norm.register_autograd(_gather_layer_norm_grad, setup_context=_gath
 # -------------------------------------------------------------- segmented loss (custom op + grad)
 
 
+def kept_share_weights(selections: list[torch.Tensor], seq_len: int,
+                       dropped_weight: float) -> torch.Tensor:
+    """The loss's row weights [B * S] (float32) of option `dropped_loss_weight` = `dropped_weight`
+    (d): d + (1 - d) * the share of `selections` that kept each token, row b * S + s for token s
+    of row b. selections: one per sparse block, its kept token indices [B, K] (int64) or, in a
+    padded batch, its kept flags [B, S] (bool). A graph function."""
+    kept = []
+    for selection in selections:
+        if selection.dtype == torch.bool:
+            kept.append(selection.to(torch.float32))
+        else:
+            flags = selection.new_zeros((selection.shape[0], seq_len), dtype=torch.float32)
+            kept.append(flags.scatter(1, selection, 1.0))
+    share = torch.stack(kept).mean(dim=0)
+    return (dropped_weight + (1.0 - dropped_weight) * share).reshape(-1)
+
+
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -504,10 +521,13 @@ def linear_cross_entropy(
     reduction: str,
     segment: int,
     logits_dtype: torch.dtype,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.cross_entropy(F.linear(h, weight, bias).to(logits_dtype), target)` in row segments.
 
     h [N, D], weight [V, D], bias [V] or None, target [N] int64; returns a `logits_dtype` scalar.
+    row_weight: None, or [N] float32 weights of the rows' losses (no gradient), the mean then the
+    weighted mean (`kernels.lm_loss.linear_cross_entropy_reference`).
     A graph function: it asks `lemo::linear_cross_entropy_with_grads` for the gradients that
     autograd will need (decided from requires_grad while the graph is traced).
     """
@@ -515,7 +535,8 @@ def linear_cross_entropy(
     h_grad = grad_mode and h.requires_grad
     weight_grad = grad_mode and (weight.requires_grad or (bias is not None and bias.requires_grad))
     loss, _, _, _ = linear_cross_entropy_with_grads(
-        h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad, weight_grad
+        h, weight, bias, target, row_weight, ignore_index, reduction, segment, logits_dtype, h_grad,
+        weight_grad,
     )
     return loss
 
@@ -526,6 +547,7 @@ def linear_cross_entropy_with_grads(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target: torch.Tensor,
+    row_weight: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
     segment: int,
@@ -541,13 +563,14 @@ def linear_cross_entropy_with_grads(
     with torch.autocast(h.device.type, enabled=False):
         outputs = _loss.linear_cross_entropy_reference(
             h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad,
-            weight_grad, kernel=_loss.kernel_supports(h, logits_dtype),
+            weight_grad, kernel=_loss.kernel_supports(h, logits_dtype), row_weight=row_weight,
         )
     return tuple(t if t is not None else h.new_empty((0,)) for t in outputs)
 
 
 @linear_cross_entropy_with_grads.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h_grad, weight_grad):
+def _(h, weight, bias, target, row_weight, ignore_index, reduction, segment, logits_dtype, h_grad,
+      weight_grad):
     return (
         h.new_empty((), dtype=logits_dtype),
         torch.empty_like(h) if h_grad else h.new_empty((0,)),
@@ -557,7 +580,7 @@ def _(h, weight, bias, target, ignore_index, reduction, segment, logits_dtype, h
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
-    _, _, bias, _, _, _, _, _, h_grad, weight_grad = inputs
+    _, _, bias, _, _, _, _, _, _, h_grad, weight_grad = inputs
     _, grad_h, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(grad_h, grad_weight, grad_bias)
     ctx.save_for_backward(grad_h, grad_weight, grad_bias)
@@ -575,7 +598,7 @@ def _linear_cross_entropy_grad(ctx, grad, *_unused):
                 "told not to compute (requires_grad changed between tracing and running?)"
             )
         grads.append(unit * grad.to(unit.dtype) if need else None)
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy_with_grads.register_autograd(

@@ -199,7 +199,8 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                  keep_first_blocks: int = 0, keep_last_blocks: int = 0,
                  distance_normalized: bool = False, mlp: str = "off", mlp_keep_ratio: float | None = None,
                  mlp_channel_ratio: float = 0.5, mlp_scorer=None,
-                 position_ids: torch.Tensor | None = None, sliding_window=None):
+                 position_ids: torch.Tensor | None = None, sliding_window=None,
+                 dropped_loss_weight: float = 1.0):
     """(logits [B, S, V], loss or None) of a Llama-layout causal LM under LeMo token elimination.
 
     input_ids, labels: [B, S] (no padding, no cache; position_ids = arange(S)). position_ids
@@ -228,6 +229,10 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
     intermediate activation a = act(gate) * up [B, S, I]: per sample those of largest L2 norm over
     the tokens (ties: lower channel first). With m the 0/1 mask of kept channels, the down
     projection is  (m * a) @ W^T + b + ((1 - m) * a) @ W^T  with the last term detached.
+    dropped_loss_weight d < 1: token s of row b has weight w = d + (1 - d) * (the share of the
+    sparse blocks, attention and with mlp="tokens" MLP, that kept it; 1 when there are none), and
+    the loss is sum(w * cross-entropy) / sum(w) over the counted labels (the logits at s against
+    the label at s + 1).
     """
     if not callable(scorer) and scorer not in ("oracle", "random", "output"):
         raise ValueError(f"unknown scorer {scorer!r}")
@@ -257,6 +262,10 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
             mask = local if mask is None else mask & local
         masks.append(mask)
     cos, sin = inner.rotary_emb(x, position_ids)                               # [1 or B, S, d]
+    kept = []  # per sparse block: 1.0 where it kept the token [B, S]
+
+    def note_kept(idx: torch.Tensor) -> None:
+        kept.append(torch.zeros(batch, seq_len, device=x.device).scatter(1, idx, 1.0))
 
     for layer_index, layer in enumerate(inner.layers):
         k_blocks = plan[layer_index]
@@ -282,6 +291,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                     scores = explored_block_scores(scores, k_blocks, explore, seed, layer_index)
                 scores = with_edges_kept(scores, keep_first_blocks, keep_last_blocks)
                 idx = select_token_indices(scores, k_blocks, block_size, seq_len)  # [B, K]
+            note_kept(idx)
             # Attention on the kept residual rows only, added back into those rows.
             rows = gather_rows(x, idx)                                         # [B, K, D]
             kept_mask = None if mask is None else torch.stack(
@@ -301,6 +311,7 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
                     token_scores = activation.float().norm(dim=-1)
                 idx = mlp_token_selection(token_scores, k_blocks, mlp_keep_ratio, block_size,
                                           (keep_first_blocks, keep_last_blocks))
+            note_kept(idx)
             m = layer.mlp(layer.post_attention_layernorm(gather_rows(x, idx)))
             x = torch.stack([x[b].index_add(0, idx[b], m[b].to(x.dtype)) for b in range(batch)])
         elif mlp == "channels" and not _listed_dense(layer_index, len(inner.layers), dense_layers):
@@ -311,9 +322,16 @@ def lemo_forward(model, input_ids: torch.Tensor, labels: torch.Tensor | None = N
 
     logits = model.lm_head(inner.norm(x))                                      # [B, S, V]
     loss = None
-    if labels is not None:
+    if labels is not None and dropped_loss_weight == 1:
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)
+    elif labels is not None:
+        terms = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+        share = torch.stack(kept).mean(dim=0) if kept else torch.ones(batch, seq_len)
+        weight = dropped_loss_weight + (1 - dropped_loss_weight) * share[:, :-1].reshape(-1)
+        weight = weight * (labels[:, 1:].reshape(-1) != -100)
+        loss = (terms * weight).sum() / weight.sum()
     return logits, loss
 
 

@@ -193,6 +193,69 @@ def test_segmented_loss_equals_unsegmented():
     assert segmented.logits.stride() == (0, 0, 0) and torch.isnan(segmented.logits).all()
 
 
+def _loss_step(compiled, model, ids, **call):
+    """The compiled model's training loss on ids (its logits placeholders, unwarned) and the
+    parameters' gradients; leaves none behind."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lemo_compile.LemoWarning)
+        loss = compiled(input_ids=ids, labels=ids, **call).loss
+    loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss, got
+
+
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_dropped_loss_weight_matches_reference(mlp):
+    """dropped_loss_weight: each token's loss weighted by the share of the sparse blocks (and
+    with mlp="tokens" the MLP blocks) that kept it; loss and gradients as the reference's weighted
+    loss, which differs from the plain one."""
+    model = tiny_llama()
+    ids = token_batch(2, 160)
+    options = {"dense_layers": [0], "mlp": mlp, "dropped_loss_weight": 0.25, "loss_segment": 96}
+    compiled, backend = compile_lemo(model, **options)
+    loss, got = _loss_step(compiled, model, ids)
+    assert backend.reports[-1].counters["weighted_losses"] == 1
+    reference = {"block_size": FAST["block_size"], "dense_layers": [0], "mlp": mlp}
+    _, want_loss = lemo_forward(model, ids, ids, dropped_loss_weight=0.25, **reference)
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        _, plain = lemo_forward(model, ids, ids, **reference)
+    assert abs(plain - loss) > 1e-4 * plain  # 10x the tolerance the match above holds to
+
+
+def test_dropped_loss_weight_reads_a_padded_batchs_kept_flags():
+    """With an attention mask (the padded-batch path: per-row kept flags feed the weights) of
+    all ones, the weighted loss and gradients are those without one."""
+    model = tiny_llama(layers=3)
+    ids = token_batch(2, 128)
+    options = {"dense_layers": [0], "dropped_loss_weight": 0.0, "loss_segment": 96}
+    results = []
+    for call in ({}, {"attention_mask": torch.ones_like(ids)}):
+        compiled, backend = compile_lemo(model, **options)
+        results.append(_loss_step(compiled, model, ids, **call))
+        assert backend.reports[-1].counters["weighted_losses"] == 1
+        torch._dynamo.reset()
+    assert any("kept_row_tokens" in code for code in [backend.reports[-1].graphs["select"]])
+    (plain, plain_grads), (masked, masked_grads) = results
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(masked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropped_loss_weight_refuses_gradient_checkpointing():
+    model = tiny_llama(layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    compiled, _ = compile_lemo(model, dense_layers=[0], dropped_loss_weight=0.5)
+    with pytest.raises(Exception, match="checkpointed regions"):
+        compiled(input_ids=token_batch(1, 64), labels=token_batch(1, 64))
+
+
 def test_segmented_loss_warns_that_logits_are_placeholders():
     compiled, _ = compile_lemo(tiny_llama(), loss_segment=32)
     with pytest.warns(lemo_compile.LemoWarning, match="outputs.logits is a NaN placeholder"):

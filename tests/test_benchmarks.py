@@ -44,7 +44,8 @@ def test_selection_study_emulates_lemo_oracle_selection():
     held_out = held_out.to(torch.uint8)  # a byte corpus, within the tiny model's vocabulary
     device = torch.device("cpu")
     model = tiny_llama(layers=4)
-    study = accuracy.selection_study(model, held_out, args, device, draws=2)
+    batches = [accuracy.held_out_windows(held_out, args)[:2]]  # fitting windows for "update-learned"
+    study = accuracy.selection_study(model, held_out, batches, args, device, draws=2)
     lemo = accuracy.sparse_eval(model, accuracy.lemo_options("oracle", args), held_out, args,
                                 device)
     assert abs(study["dense"] - lemo["dense"]) <= 1e-5 * lemo["dense"]
@@ -52,3 +53,5 @@ def test_selection_study_emulates_lemo_oracle_selection():
     assert abs(study["oracle"] - study["dense"]) > 1e-4 * study["dense"]  # the selection mattered
     assert len(study["random"]) == 2 and study["random"][0] != study["random"][1]
     assert study["update"] != study["dense"]
+    assert study["update-learned"] != study["dense"]
+    assert 0.0 <= study["update-learned recall"] <= 1.0

@@ -50,6 +50,10 @@ def test_defaults():
         ({"distance_normalized": 1}, "distance_normalized"),
         ({"distance_normalized": True, "scorer": "random"}, "distance_normalized"),
         ({"distance_normalized": True, "scorer": "output"}, "distance_normalized"),
+        ({"dropped_loss_weight": -0.1}, "dropped_loss_weight"),
+        ({"dropped_loss_weight": 1.5}, "dropped_loss_weight"),
+        ({"dropped_loss_weight": True}, "dropped_loss_weight"),
+        ({"dropped_loss_weight": 0.5, "loss_segment": None}, "dropped_loss_weight"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

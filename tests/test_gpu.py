@@ -63,10 +63,12 @@ def test_inductor_uses_lemo_kernels_and_matches_the_torch_path(dtype):
     {"explore": 0.5, "seed": 5, "keep_first_blocks": 1, "keep_last_blocks": 1},
     {"distance_normalized": True},
     {"scorer": "output"},
+    {"dropped_loss_weight": 0.25, "mlp": "tokens"},
 ])
 def test_selection_levers_under_inductor_match_the_torch_path(levers):
     """`explore` (a seeded draw, so that both runs draw the same), the edge blocks kept, the
-    tiles normalized per distance and the output scorer, in Inductor's code on CUDA: the same
+    tiles normalized per distance, the output scorer and the loss weighted by what the sparse
+    blocks kept (the Triton loss kernel's row weights), in Inductor's code on CUDA: the same
     loss and gradients as the graphs run without code generation."""
     model = tiny_llama(dtype=torch.float32).cuda()
     ids = token_batch(2, 300).cuda()

@@ -266,6 +266,32 @@ def test_linear_cross_entropy(path, device, rows, width, vocab, segment, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_with_row_weights(path, device, reduction):
+    """Row weights scale each row's loss and gradient; "mean" is the weighted mean over the rows
+    with a target (a weight of 0 drops a row as an ignored target does)."""
+    generator = torch.Generator().manual_seed(11)
+    h = torch.randn(65, 24, generator=generator).to(device).requires_grad_(True)
+    weight = (0.3 * torch.randn(5000, 24, generator=generator)).to(device).requires_grad_(True)
+    target = torch.randint(0, 5000, (65,), generator=generator).to(device)
+    target[::7] = -100
+    row_weight = torch.rand(65, generator=generator).to(device)
+    row_weight[1::5] = 0.0
+    loss = ops.linear_cross_entropy(h, weight, None, target, -100, reduction, 16, torch.float32,
+                                    row_weight)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, weight)]
+    terms = F.cross_entropy(F.linear(*leaves), target, ignore_index=-100, reduction="none")
+    want = (terms * row_weight).sum()
+    if reduction == "mean":
+        want = want / (row_weight * (target != -100)).sum()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    want.backward()
+    for got, expected in zip((h, weight), leaves, strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linear_cross_entropy_ignores_autocast(path, device):
     """The op computes in its operands' dtypes under autocast too (the segmented-loss pass hands it
     operands already cast as autocast cast the head): the same loss and gradients, in float32."""

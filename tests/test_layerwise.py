@@ -118,6 +118,8 @@ def test_errors():
         lemo_compile.compile_decoder_layers(model, {"scorer": "random", "seed": 0})
     with pytest.raises(ValueError, match="not within"):
         lemo_compile.LayerGroup((4,), 4)
+    with pytest.raises(ValueError, match="dropped_loss_weight"):
+        lemo_compile.compile_decoder_layers(tiny_llama(), {"dropped_loss_weight": 0.5})
 
 
 def test_a_whole_model_graph_of_one_layer_says_what_to_use():

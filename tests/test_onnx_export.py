@@ -309,9 +309,12 @@ def test_predictor_scorer_and_segmented_loss_export(tmp_path):
     assert ort_logits.shape == logits.shape and torch.isnan(ort_logits).all()
 
 
-@pytest.mark.parametrize("option, match", [({"distance_normalized": True}, "distance_normalized"),
-                                           ({"scorer": "output"}, "scorer='output'")])
-def test_unsupported_scorers_are_refused_clearly(option, match):
+@pytest.mark.parametrize("option, match", [
+    ({"distance_normalized": True}, "distance_normalized"),
+    ({"scorer": "output"}, "scorer='output'"),
+    ({"dropped_loss_weight": 0.5, "loss_segment": 64}, "dropped_loss_weight"),
+])
+def test_unsupported_options_are_refused_clearly(option, match):
     options = {"block_size": 16, "dense_layers": [0], "loss_segment": None, **option}
     gm, inputs = rewritten_graph(tiny_llama(), llama_call(2, 64), options)
     with pytest.raises(NotImplementedError, match=match):

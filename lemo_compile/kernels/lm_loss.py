@@ -11,7 +11,8 @@ Numerics follow the unsegmented chain
 `F.cross_entropy(F.linear(h, W, b).to(logits_dtype), target, ignore_index=...)`: the matmul runs in
 h's dtype, the softmax in `logits_dtype`, and the logits' gradient is cast to h's dtype before the
 gradient matmuls, as autograd does for that chain. (With an upstream gradient other than 1 the
-product is rounded once more, in h's dtype.)
+product is rounded once more, in h's dtype.) Optional per-row weights (lemo's
+`dropped_loss_weight`) scale each row's loss and gradient; the mean is then the weighted mean.
 
 Two implementations of the softmax part, selected by `kernel`:
 
@@ -47,20 +48,27 @@ def linear_cross_entropy_reference(
     h_grad: bool = False,
     weight_grad: bool = False,
     kernel: bool = False,
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(loss, dloss/dh, dloss/dW, dloss/db) of rows h [N, D] against target [N].
 
+    row_weight: None, or [N] float32 weights >= 0: row r's loss (and gradient) counts row_weight[r]
+    times, and "mean" divides by the sum of the weights of the rows with a target instead of
+    their number.
     reduction "mean" divides by the number of targets != ignore_index (NaN when there are none, like
     torch, whose gradients are then zero, also like torch) or "sum". The loss is a `logits_dtype`
     scalar. dh [N, D] is computed when `h_grad`; dW [V, D] and db [V] (when there is a bias) when
     `weight_grad`; the others are None.
     `kernel`: the Triton softmax (see `kernel_supports`).
     """
-    valid_count = (target != ignore_index).sum()
+    weights = (target != ignore_index).to(torch.float32)
+    if row_weight is not None:
+        weights = weights * row_weight.to(torch.float32)
+    total_weight = weights.sum()
     if reduction == "mean":
         # With no label to count the loss is NaN (0 / 0, like torch) but the gradients are zero:
         # every row's gradient is masked out, and 1 / 0 would turn that 0 into NaN.
-        scale = valid_count.clamp(min=1).to(logits_dtype).reciprocal()
+        scale = torch.where(total_weight > 0, total_weight, 1.0).to(logits_dtype).reciprocal()
     else:
         scale = torch.ones((), dtype=logits_dtype, device=h.device)
     wants_grad = h_grad or weight_grad
@@ -70,14 +78,15 @@ def linear_cross_entropy_reference(
     total = torch.zeros((), dtype=logits_dtype, device=h.device)
     for start in range(0, h.shape[0], segment):
         rows = h[start : start + segment]
-        valid, classes = _valid_targets(target[start : start + segment], ignore_index)
+        classes = _safe_classes(target[start : start + segment], ignore_index)
+        row_weights = weights[start : start + segment]
         logits = F.linear(rows, weight, bias)
         if kernel:
-            losses = _loss_and_grad_triton_(logits, classes, valid, scale, wants_grad)
+            losses = _loss_and_grad_triton_(logits, classes, row_weights, scale, wants_grad)
             grad_logits = logits  # overwritten in place when wants_grad
         else:
-            losses, grad_logits = _loss_and_grad_torch(logits, classes, valid, scale, logits_dtype,
-                                                       wants_grad)
+            losses, grad_logits = _loss_and_grad_torch(logits, classes, row_weights, scale,
+                                                       logits_dtype, wants_grad)
         total = total + losses.sum()
         if grad_h is not None:
             torch.mm(grad_logits, weight, out=grad_h[start : start + segment])
@@ -86,26 +95,27 @@ def linear_cross_entropy_reference(
         if grad_bias is not None:
             grad_bias += grad_logits.sum(dim=0)
         del logits, grad_logits
-    loss = total / valid_count if reduction == "mean" else total
+    loss = total / total_weight.to(logits_dtype) if reduction == "mean" else total
     return loss, grad_h, grad_weight, grad_bias
 
 
-def _valid_targets(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid [R] bool, labels with ignored rows set to class 0, safe to index with)."""
-    valid = labels != ignore_index
-    return valid, torch.where(valid, labels, 0)
+def _safe_classes(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """labels with ignored rows set to class 0, safe to index with (their weight is 0)."""
+    return torch.where(labels != ignore_index, labels, 0)
 
 
-def _loss_and_grad_torch(logits, classes, valid, scale, logits_dtype, wants_grad):
-    """Per-row losses [R] and, when wanted, the logits' gradient in logits' dtype (else None)."""
+def _loss_and_grad_torch(logits, classes, weights, scale, logits_dtype, wants_grad):
+    """Per-row weighted losses [R] and, when wanted, the logits' gradient in logits' dtype (else
+    None); weights [R] float32, 0 for ignored rows."""
     z = logits.to(logits_dtype)
     lse = z.logsumexp(dim=1)
-    losses = (lse - z.gather(1, classes[:, None])[:, 0]) * valid
+    weights = weights.to(logits_dtype)
+    losses = (lse - z.gather(1, classes[:, None])[:, 0]) * weights
     if not wants_grad:
         return losses, None
     probs = z.sub_(lse[:, None]).exp_()  # softmax in place (z may be logits, not needed after)
-    probs[torch.arange(z.shape[0], device=z.device), classes] -= valid.to(probs.dtype)
-    return losses, probs.mul_(valid[:, None] * scale).to(logits.dtype)
+    probs[torch.arange(z.shape[0], device=z.device), classes] -= 1
+    return losses, probs.mul_(weights[:, None] * scale).to(logits.dtype)
 
 
 # ------------------------------------------------------------------------------------ Triton path
@@ -114,16 +124,16 @@ _BLOCK_V = 4096
 
 
 def _loss_and_grad_triton_(
-    logits: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
+    logits: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor,
     wants_grad: bool,
 ) -> torch.Tensor:
-    """Per-row losses [R] (float32); with `wants_grad`, logits [R, V] is overwritten with
-    (softmax - onehot(classes)) * valid * scale, in its own dtype."""
+    """Per-row weighted losses [R] (float32); with `wants_grad`, logits [R, V] is overwritten with
+    (softmax - onehot(classes)) * weights * scale, in its own dtype (weights [R] float32)."""
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         launch(_loss_and_grad_kernel)[(rows,)](
-            logits, classes, valid, scale, losses, logits.stride(0),
+            logits, classes, weights, scale, losses, logits.stride(0),
             VOCAB=vocab, BLOCK_V=_BLOCK_V, GRAD=wants_grad, num_warps=8,
         )
     return losses
@@ -133,7 +143,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _loss_and_grad_kernel(
-        logits_ptr, classes_ptr, valid_ptr, scale_ptr, losses_ptr, stride,
+        logits_ptr, classes_ptr, weight_ptr, scale_ptr, losses_ptr, stride,
         VOCAB: tl.constexpr, BLOCK_V: tl.constexpr, GRAD: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -150,11 +160,11 @@ if HAS_TRITON:
         top = tl.max(lane_max, axis=0)
         lse = top + tl.log(tl.sum(lane_sum * tl.exp(lane_max - top), axis=0))
         target = tl.load(classes_ptr + row)
-        valid = tl.load(valid_ptr + row)
+        row_weight = tl.load(weight_ptr + row)
         picked = tl.load(row_ptr + target).to(tl.float32)
-        tl.store(losses_ptr + row, tl.where(valid, lse - picked, 0.0))
+        tl.store(losses_ptr + row, tl.where(row_weight != 0, row_weight * (lse - picked), 0.0))
         if GRAD:
-            factor = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
+            factor = row_weight * tl.load(scale_ptr).to(tl.float32)
             for start in range(0, VOCAB, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < VOCAB

@@ -12,7 +12,16 @@ forward, while its logits exist, and scaled by the upstream gradient in backward
 then no longer computed; where the graph returned them (HF's `outputs.logits`), it returns a NaN
 placeholder of the same shape, dtype and device that holds no memory.
 
-Promise: the loss and all gradients equal the unsegmented ones up to float rounding.
+Loss weighting (option `dropped_loss_weight` = d < 1): the rewritten loss also gets row weights
+`ops.kept_share_weights(selections, S, d)`, from every sparse block's selection in the graph (its
+kept indices, or a padded batch's kept flags, as the selection pass tagged them), so that token s
+of row b counts d + (1 - d) x the share of the sparse blocks that kept it. Selections inside
+activation-checkpoint bodies cannot reach the loss: the pass refuses them (ValueError). A loss
+whose rows are not the [B, S] tokens of the selections, or left unsegmented, is not weighted (the
+manager warns).
+
+Promise: the loss and all gradients equal the unsegmented ones up to float rounding (with loss
+weighting: the weighted loss's).
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from torch import fx
 
 from lemo_compile import ops
 from lemo_compile.fx_utils import example_value, insert_call
-from lemo_compile.regions import is_linear
-from lemo_compile.tags import Role, tag
+from lemo_compile.regions import checkpoint_bodies, is_linear
+from lemo_compile.tags import BLOCK_OF_SELECTION, KEPT_OF, Role, layer_of, role_of, tag
 
 _CROSS_ENTROPY = (F.cross_entropy,)
 _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16", "half", "double")
@@ -35,18 +44,28 @@ _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16"
 
 @dataclasses.dataclass
 class LossResult:
-    """How many cross-entropy calls were segmented and how many returned logits became placeholders;
-    `skipped`: why each other cross-entropy of the graph was left as it was (the manager warns)."""
+    """How many cross-entropy calls were segmented, how many of those weighted (`dropped_weight`
+    < 1) from how many sparse blocks' `selections`, and how many returned logits became
+    placeholders; `skipped`: why each other cross-entropy
+    of the graph was left as it was, `unweighted`: why a segmented one was not weighted (the
+    manager warns about both)."""
 
     segmented: int = 0
+    weighted: int = 0
+    selections: int = 0
     placeholder_outputs: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)
+    unweighted: list[str] = dataclasses.field(default_factory=list)
 
 
-def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult:
-    """Rewrite every LM-head cross-entropy of the graph into the segmented op (module docstring)."""
+def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode,
+                      dropped_weight: float = 1.0) -> LossResult:
+    """Rewrite every LM-head cross-entropy of the graph into the segmented op, its rows weighted by
+    what the sparse blocks kept when `dropped_weight` < 1 (module docstring)."""
     result = LossResult()
     graph = gm.graph
+    selections = kept_selections(gm) if dropped_weight < 1 else []
+    result.selections = len(selections)
     for loss in [n for n in graph.nodes if n.op == "call_function" and n.target in _CROSS_ENTROPY]:
         match = _match(loss)
         if isinstance(match, str):
@@ -69,10 +88,14 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
                     inserted.append(operand)
                 operands.append(operand)
             rows, weight, bias = operands
-            segmented = graph.call_function(
-                ops.linear_cross_entropy,
-                (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype),
-            )
+            arguments = (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype)
+            if selections:
+                row_weight = _row_weights(graph, fake_mode, hidden, selections, dropped_weight,
+                                          loss.name, result)
+                if row_weight is not None:
+                    inserted.append(row_weight)
+                    arguments += (row_weight,)
+            segmented = graph.call_function(ops.linear_cross_entropy, arguments)
         # the loss's own value: the segmented loss stands in for it
         with fake_mode:
             segmented.meta["example_value"] = example_value(loss).new_empty(())
@@ -90,8 +113,44 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode) -> LossResult
                 output.replace_input_with(returned, filler)
                 result.placeholder_outputs += 1
         result.segmented += 1
+        if len(arguments) > 8:
+            result.weighted += 1
     graph.eliminate_dead_code()
     return result
+
+
+def kept_selections(gm: fx.GraphModule) -> list[fx.Node]:
+    """Per sparse block of gm's graph (attention, MLP), the node that says which tokens it kept:
+    a padded batch's kept flags [B, S] where they exist, else its kept indices [B, K]. Raises
+    ValueError when an activation-checkpoint body holds selections (the loss cannot read them)."""
+    for body in checkpoint_bodies(gm):
+        if any(role_of(node) in BLOCK_OF_SELECTION for node in body.graph.nodes):
+            raise ValueError(
+                "lemo option 'dropped_loss_weight': the sparse layers run inside gradient-"
+                "checkpointed regions, whose token selections the loss cannot read: not "
+                "supported; turn gradient checkpointing off or leave dropped_loss_weight at 1.0")
+    kept_roles = set(KEPT_OF.values())
+    chosen: dict[tuple, fx.Node] = {}
+    for node in gm.graph.nodes:
+        role = role_of(node)
+        if role in KEPT_OF or role in kept_roles:
+            key = (layer_of(node), BLOCK_OF_SELECTION[role])
+            if role in kept_roles or key not in chosen:
+                chosen[key] = node
+    return list(chosen.values())
+
+
+def _row_weights(graph, fake_mode, hidden: fx.Node, selections: list[fx.Node],
+                 dropped_weight: float, name: str, result: LossResult) -> fx.Node | None:
+    """The row-weights node of a loss over `hidden` [B, S, D], or None (the reason in `result`)
+    when its rows are not the selections' tokens."""
+    shape = tuple(example_value(hidden).shape)
+    batch = example_value(selections[0]).shape[0]
+    if len(shape) != 3 or shape[0] != batch:
+        result.unweighted.append(f"{name}: its rows are not the [batch, tokens] of the sparse layers")
+        return None
+    return insert_call(graph, fake_mode, ops.kept_share_weights,
+                       (selections, shape[1], dropped_weight))
 
 
 def _match(loss: fx.Node):

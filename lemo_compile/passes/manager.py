@@ -265,8 +265,17 @@ def _as_built(plan: LayerPlan, fallback: dict[int, str], mlp_fallback: dict[int,
 
 def _segment_loss(gm: fx.GraphModule, config: LemoConfig, fake_mode, report: CompileReport) -> None:
     """The segmented-loss pass, its counters and warnings recorded in `report`."""
-    loss = segment_loss_pass(gm, config.loss_segment, fake_mode)
+    loss = segment_loss_pass(gm, config.loss_segment, fake_mode, config.dropped_loss_weight)
     report.counters["segmented_losses"] = loss.segmented
+    if config.dropped_loss_weight < 1:
+        report.counters["weighted_losses"] = loss.weighted
+        for reason in loss.unweighted:
+            report.warn(f"lemo: dropped_loss_weight does not apply to a loss ({reason}): every "
+                        "token of it counts fully")
+        if loss.selections and not loss.segmented:
+            report.warn("lemo: dropped_loss_weight does not apply: the graph with the sparse "
+                        "layers computes no LM loss that lemo segments (labels not passed to "
+                        "the model, or a graph break before the loss?)")
     if loss.placeholder_outputs:
         report.counters["placeholder_outputs"] = (
             report.counters.get("placeholder_outputs", 0) + loss.placeholder_outputs

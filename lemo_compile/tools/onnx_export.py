@@ -96,8 +96,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     (a near-tie of block scores could in principle select another block), except that the
     random scorer's scores are a stand-in (module docstring).
     Raises ValueError when example_inputs are not one per placeholder, TypeError for an input
-    that is not a tensor, NotImplementedError for the graph of a padded batch, of the option
-    `distance_normalized` or of `scorer="output"`.
+    that is not a tensor, NotImplementedError for the graph of a padded batch, of the options
+    `distance_normalized` or `dropped_loss_weight`, or of `scorer="output"`.
     """
     nodes = [node for module in gm.modules() if isinstance(module, fx.GraphModule)
              for node in module.graph.nodes]  # checkpointed bodies included
@@ -110,6 +110,9 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                                   "per block distance) is not supported yet")
     if any(node.target is ops.output_block_scores for node in nodes):
         raise NotImplementedError("export_onnx: scorer='output' is not supported")
+    if any(node.target is ops.kept_share_weights for node in nodes):
+        raise NotImplementedError("export_onnx: the option dropped_loss_weight (the loss's rows "
+                                  "weighted) is not supported")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
@@ -295,6 +298,8 @@ def _replacement(node: fx.Node) -> tuple[Callable, tuple] | None:
         args = args[:3]
     elif name == "predicted_block_scores":
         args = args[:6]
+    elif name == "linear_cross_entropy":  # export_onnx refuses row weights up front
+        args = args[:8]
     elif "real" in inspect.signature(node.target).parameters:
         # export_onnx refuses padded graphs up front, so `real` is None: the unpadded form
         args = args[:-1]
