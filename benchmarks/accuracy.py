@@ -73,6 +73,8 @@ Variants (`--variants`):
                 thinner model does with the dropped tokens)
   kept-loss     the same with `dropped_loss_weight=0.0`: a token's loss counts by that share
                 alone (a token every sparse layer dropped does not count)
+  random-kept-loss  random-fresh with `dropped_loss_weight=0.0`: the weighting without the
+                oracle's selection
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -101,7 +103,7 @@ SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
             "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
-            *SPARSE_FROM, *LOSS_WEIGHTS)
+            *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -232,6 +234,8 @@ def lemo_options(variant: str, args) -> dict:
         options.update(scorer="random", seed=args.seed)
     elif variant == "random-fresh":
         options.update(scorer="random", seed=None)
+    elif variant == "random-kept-loss":
+        options.update(scorer="random", seed=None, dropped_loss_weight=0.0)
     elif variant == "explore":
         options.update(explore=0.5, seed=None)
     elif variant == "edges":

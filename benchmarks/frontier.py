@@ -63,6 +63,7 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
 BASELINE = "liger"
 # variants with no cost, and why
 UNPRICED = {"random": "a baseline, not a setting", "random-fresh": "a baseline, not a setting",
+            "random-kept-loss": "a baseline, not a setting",
             "layerwise": "per-layer keep ratios: not run by long_context.py",
             "output": "an oracle for measuring (each sparse layer's attention runs twice)"}
 

@@ -118,9 +118,9 @@ class LemoConfig:
                   blocks was computed by a thinner model, and its loss would tune the adapters
                   to that model; this counts it less. 1.0 (the default): every token counts
                   fully, the plain loss. Needs the segmented loss (`loss_segment`) and the loss
-                  and the sparse layers in one graph: not with gradient checkpointing, nor with
-                  `compile_decoder_layers` (a clear error). Not measured to help yet (README,
-                  "Accuracy").
+                  and the sparse layers in one graph: not with `compile_decoder_layers` (a clear
+                  error); with gradient checkpointing the selections leave the checkpointed
+                  regions as extra outputs.
     """
 
     block_size: int = 64

@@ -32,6 +32,7 @@ class Role(str, enum.Enum):
     PADDING = "padding"                     # the real-token mask a padded batch's selection reads
     MLP_CHANNELS = "mlp_channels"           # mlp="channels": the channel-sparse down projection
     SEGMENTED_LOSS = "segmented_loss"       # the segmented LM head + cross-entropy
+    LOSS_SELECTION = "loss_selection"       # a checkpointed block's selection, passed out for the loss
     PLACEHOLDER = "placeholder"             # a NaN placeholder for an output lemo no longer computes
 
 

@@ -247,13 +247,27 @@ def test_dropped_loss_weight_reads_a_padded_batchs_kept_flags():
         torch.testing.assert_close(masked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_dropped_loss_weight_refuses_gradient_checkpointing():
-    model = tiny_llama(layers=2)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    compiled, _ = compile_lemo(model, dense_layers=[0], dropped_loss_weight=0.5)
-    with pytest.raises(Exception, match="checkpointed regions"):
-        compiled(input_ids=token_batch(1, 64), labels=token_batch(1, 64))
+@pytest.mark.parametrize("mlp", ["off", "tokens"])
+def test_dropped_loss_weight_under_gradient_checkpointing(mlp):
+    """Under HF gradient checkpointing the sparse layers' selections leave their checkpointed
+    regions for the loss: loss and gradients as without checkpointing."""
+    ids = token_batch(2, 128)
+    options = {"dense_layers": [0], "mlp": mlp, "dropped_loss_weight": 0.0, "loss_segment": 96}
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama(layers=3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        compiled, backend = compile_lemo(model, **options)
+        results.append(_loss_step(compiled, model, ids))
+        report = backend.reports[-1]
+        assert report.counters["weighted_losses"] == 1 and report.counters["sparse_layers"] == 2
+        torch._dynamo.reset()
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = results
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_segmented_loss_warns_that_logits_are_placeholders():

@@ -84,6 +84,27 @@ def test_selection_levers_under_inductor_match_the_torch_path(levers):
     assert backend.reports[-1].counters["sparse_layers"] == 3
 
 
+def test_dropped_loss_weight_under_checkpointing_and_inductor():
+    """The loss weighted by what the sparse blocks kept, their selections passed out of HF's
+    checkpointed regions, in Inductor's code on CUDA: the loss and gradients of the same graphs
+    run without code generation."""
+    model = tiny_llama(dtype=torch.float32).cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_batch(2, 300).cuda()
+    options = {"block_size": 32, "dense_layers": [0], "dropped_loss_weight": 0.0,
+               "loss_segment": 256}
+    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
+    loss = _step(model, ids, backend)()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+    want_loss = _step(model, ids, lemo_compile.LemoBackend({**options, "compiler": "aot_eager"}))()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=1e-3)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-3, msg=name)
+    report = backend.reports[-1]
+    assert report.counters["weighted_losses"] == 1 and report.counters["sparse_layers"] == 3
+
+
 def test_no_graph_breaks_and_no_recompiles_over_steps():
     from torch._dynamo.utils import counters
 

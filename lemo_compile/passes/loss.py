@@ -15,9 +15,10 @@ placeholder of the same shape, dtype and device that holds no memory.
 Loss weighting (option `dropped_loss_weight` = d < 1): the rewritten loss also gets row weights
 `ops.kept_share_weights(selections, S, d)`, from every sparse block's selection in the graph (its
 kept indices, or a padded batch's kept flags, as the selection pass tagged them), so that token s
-of row b counts d + (1 - d) x the share of the sparse blocks that kept it. Selections inside
-activation-checkpoint bodies cannot reach the loss: the pass refuses them (ValueError). A loss
-whose rows are not the [B, S] tokens of the selections, or left unsegmented, is not weighted (the
+of row b counts d + (1 - d) x the share of the sparse blocks that kept it. A selection inside an
+activation-checkpoint body reaches the loss as an extra output of the body
+(`expose_body_selections`, run by the manager after the body's selection pass). A loss whose
+rows are not the [B, S] tokens of the selections, or left unsegmented, is not weighted (the
 manager warns).
 
 Promise: the loss and all gradients equal the unsegmented ones up to float rounding (with loss
@@ -35,7 +36,7 @@ from torch import fx
 
 from lemo_compile import ops
 from lemo_compile.fx_utils import example_value, insert_call
-from lemo_compile.regions import checkpoint_bodies, is_linear
+from lemo_compile.regions import is_linear
 from lemo_compile.tags import BLOCK_OF_SELECTION, KEPT_OF, Role, layer_of, role_of, tag
 
 _CROSS_ENTROPY = (F.cross_entropy,)
@@ -120,24 +121,50 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode,
 
 
 def kept_selections(gm: fx.GraphModule) -> list[fx.Node]:
-    """Per sparse block of gm's graph (attention, MLP), the node that says which tokens it kept:
-    a padded batch's kept flags [B, S] where they exist, else its kept indices [B, K]. Raises
-    ValueError when an activation-checkpoint body holds selections (the loss cannot read them)."""
-    for body in checkpoint_bodies(gm):
-        if any(role_of(node) in BLOCK_OF_SELECTION for node in body.graph.nodes):
-            raise ValueError(
-                "lemo option 'dropped_loss_weight': the sparse layers run inside gradient-"
-                "checkpointed regions, whose token selections the loss cannot read: not "
-                "supported; turn gradient checkpointing off or leave dropped_loss_weight at 1.0")
+    """Every sparse block's selection that gm's graph holds: its own blocks' (`block_selections`)
+    and those its activation-checkpoint bodies pass out (`expose_body_selections`)."""
+    exposed = [n for n in gm.graph.nodes if role_of(n) is Role.LOSS_SELECTION]
+    return block_selections(gm.graph) + exposed
+
+
+def block_selections(graph: fx.Graph) -> list[fx.Node]:
+    """Per sparse block of `graph` (attention, MLP), the node that says which tokens it kept: a
+    padded batch's kept flags [B, S] where they exist, else its kept indices [B, K]."""
     kept_roles = set(KEPT_OF.values())
     chosen: dict[tuple, fx.Node] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         role = role_of(node)
         if role in KEPT_OF or role in kept_roles:
             key = (layer_of(node), BLOCK_OF_SELECTION[role])
             if role in kept_roles or key not in chosen:
                 chosen[key] = node
     return list(chosen.values())
+
+
+def expose_body_selections(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Node]) -> None:
+    """Make the block selections of the activation-checkpoint body `body` of `gm` extra outputs of
+    the body, read after each of its `calls` by a getitem tagged `Role.LOSS_SELECTION` (and the
+    selection's layer), which `kept_selections` finds. Raises ValueError for a body whose output
+    is not a tuple (Dynamo's form)."""
+    selections = block_selections(body.graph)
+    if not selections:
+        return
+    output = next(iter(body.graph.find_nodes(op="output")))
+    if len(output.args) != 1 or not isinstance(output.args[0], (tuple, list)):
+        raise ValueError("lemo option 'dropped_loss_weight': a checkpointed region's graph does not "
+                         "return a tuple, so its token selection cannot reach the loss; leave the "
+                         "option at 1.0 or turn gradient checkpointing off")
+    first = len(output.args[0])
+    output.args = ((*output.args[0], *selections),)
+    body.recompile()
+    for call in calls:
+        call.meta["example_value"] = (*call.meta["example_value"],
+                                      *(example_value(node) for node in selections))
+        with gm.graph.inserting_after(call):
+            for i, node in reversed(list(enumerate(selections))):
+                item = gm.graph.call_function(operator.getitem, (call, first + i))
+                item.meta["example_value"] = example_value(node)
+                tag(item, Role.LOSS_SELECTION, layer_of(node))
 
 
 def _row_weights(graph, fake_mode, hidden: fx.Node, selections: list[fx.Node],

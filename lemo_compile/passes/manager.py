@@ -32,7 +32,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from lemo_compile.config import LemoConfig
 from lemo_compile.fx_utils import example_value, node_shape
 from lemo_compile.passes.attention import causal_attention_pass
-from lemo_compile.passes.loss import segment_loss_pass
+from lemo_compile.passes.loss import expose_body_selections, segment_loss_pass
 from lemo_compile.passes.select import SelectionResult, pass_body_inputs, select_pass
 from lemo_compile.plan import LayerGroup, LayerPlan, plan_layers
 from lemo_compile.passes.residual import canonical_residual_adds
@@ -220,7 +220,7 @@ def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Nod
                     selection: SelectionResult) -> None:
     """The selection pass over one activation-checkpoint body of `gm` (run by `calls`), its result
     merged into `selection`; the predictors' weights it reads become inputs of `gm` passed on to
-    the body. A scorer that cannot run in a recomputed region leaves the body's layers dense, with
+    the body, and with `dropped_loss_weight` its selections outputs that the loss reads. A scorer that cannot run in a recomputed region leaves the body's layers dense, with
     the reason."""
     inside = [l.index for l in body_regions.layers if l.attention is not None]
     if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
@@ -237,6 +237,8 @@ def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Nod
         return
     inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
     pass_body_inputs(gm, body, calls, inner.extra_inputs, fake_mode, selection.extra_inputs)
+    if config.dropped_loss_weight < 1:
+        expose_body_selections(gm, body, calls)
     selection.sparse += inner.sparse
     selection.dense.update(inner.dense)
     selection.placeholder_outputs += inner.placeholder_outputs
