@@ -47,9 +47,8 @@ _SAME_ROWS_METHODS = ("float", "to", "contiguous", "view", "reshape", "bfloat16"
 class LossResult:
     """How many cross-entropy calls were segmented, how many of those weighted (`dropped_weight`
     < 1) from how many sparse blocks' `selections`, and how many returned logits became
-    placeholders; `skipped`: why each other cross-entropy
-    of the graph was left as it was, `unweighted`: why a segmented one was not weighted (the
-    manager warns about both)."""
+    placeholders; `skipped`: why each other cross-entropy of the graph was left as it was,
+    `unweighted`: why a segmented one was not weighted (the manager warns about both)."""
 
     segmented: int = 0
     weighted: int = 0
@@ -90,12 +89,14 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode,
                 operands.append(operand)
             rows, weight, bias = operands
             arguments = (rows, weight, bias, target, ignore_index, reduction, segment, logits_dtype)
+            row_weight = None
             if selections:
                 row_weight = _row_weights(graph, fake_mode, hidden, selections, dropped_weight,
                                           loss.name, result)
-                if row_weight is not None:
-                    inserted.append(row_weight)
-                    arguments += (row_weight,)
+            if row_weight is not None:
+                inserted.append(row_weight)
+                arguments += (row_weight,)
+                result.weighted += 1
             segmented = graph.call_function(ops.linear_cross_entropy, arguments)
         # the loss's own value: the segmented loss stands in for it
         with fake_mode:
@@ -114,8 +115,6 @@ def segment_loss_pass(gm: fx.GraphModule, segment: int, fake_mode,
                 output.replace_input_with(returned, filler)
                 result.placeholder_outputs += 1
         result.segmented += 1
-        if len(arguments) > 8:
-            result.weighted += 1
     graph.eliminate_dead_code()
     return result
 

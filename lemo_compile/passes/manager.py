@@ -220,8 +220,9 @@ def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Nod
                     selection: SelectionResult) -> None:
     """The selection pass over one activation-checkpoint body of `gm` (run by `calls`), its result
     merged into `selection`; the predictors' weights it reads become inputs of `gm` passed on to
-    the body, and with `dropped_loss_weight` its selections outputs that the loss reads. A scorer that cannot run in a recomputed region leaves the body's layers dense, with
-    the reason."""
+    the body, and with `dropped_loss_weight` its selections become outputs that the loss reads.
+    A scorer that cannot run in a recomputed region leaves the body's layers dense, with the
+    reason."""
     inside = [l.index for l in body_regions.layers if l.attention is not None]
     if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
         return
