@@ -530,12 +530,12 @@ def selection_study(model, held_out: torch.Tensor, batches: list[torch.Tensor], 
 
 
 def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor], device,
-                          epochs: int = 3, lr: float = 1e-3) -> dict:
+                          steps: int = 120, lr: float = 1e-3) -> dict:
     """Per layer in `layers`, an `MlpPredictor` (h [B, S, D] -> [B, S]) fitted to the norm of the
     layer's attention output per token from the attention's input h (the input norm's output),
-    on the frozen `model` run densely over `batches` for `epochs` passes: SmoothL1 against the
-    norms divided by their per-row maximum, as `calibrate` fits MLP predictors. Returns
-    {layer: predictor}, frozen, in eval mode."""
+    on the frozen `model` run densely over `batches` (cycled) for `steps` Adam steps: SmoothL1
+    against the norms divided by their per-row maximum, as `calibrate` fits MLP predictors.
+    Returns {layer: predictor}, frozen, in eval mode."""
     from lemo_compile.predictors.bank import MlpPredictor
 
     blocks = model.model.layers
@@ -551,19 +551,18 @@ def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor],
     was_training = model.training
     model.eval()
     try:
-        for _ in range(epochs):
-            for ids in batches:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                     enabled=device.type == "cuda"):
-                    model(input_ids=ids.to(device))
-                with torch.enable_grad():
-                    loss = sum(torch.nn.functional.smooth_l1_loss(
-                        predictors[i](inputs[i]),
-                        norms[i] / norms[i].amax(dim=1, keepdim=True).clamp_min(1e-30), beta=0.1)
-                        for i in layers)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+        for step in range(steps):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                 enabled=device.type == "cuda"):
+                model(input_ids=batches[step % len(batches)].to(device))
+            with torch.enable_grad():
+                loss = sum(torch.nn.functional.smooth_l1_loss(
+                    predictors[i](inputs[i]),
+                    norms[i] / norms[i].amax(dim=1, keepdim=True).clamp_min(1e-30), beta=0.1)
+                    for i in layers)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     finally:
         for hook in hooks:
             hook.remove()
