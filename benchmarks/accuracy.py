@@ -75,6 +75,7 @@ Variants (`--variants`):
                 alone (a token every sparse layer dropped does not count)
   random-kept-loss  random-fresh with `dropped_loss_weight=0.0`: the weighting without the
                 oracle's selection
+  then-dense-kept-loss  then-dense with its sparse phase weighted as kept-loss's
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -96,7 +97,8 @@ import zlib
 
 import torch
 
-SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising")  # the variants that change phase
+# the variants that change phase
+SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept-loss")
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 # loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
@@ -273,6 +275,8 @@ def schedule_of(variant: str, options: dict):
     keep_07 = {**options, "keep_ratio": 0.7}
     if variant == "then-dense":
         return SparsitySchedule.sparse_then_dense(0.75, options)
+    if variant == "then-dense-kept-loss":
+        return SparsitySchedule.sparse_then_dense(0.75, {**options, "dropped_loss_weight": 0.0})
     if variant == "then-dense-90":
         return SparsitySchedule.sparse_then_dense(0.9, options)
     if variant == "warmup":
