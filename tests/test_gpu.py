@@ -71,8 +71,14 @@ def test_selection_levers_under_inductor_match_the_torch_path(levers):
     blocks kept (the Triton loss kernel's row weights), in Inductor's code on CUDA: the same
     loss and gradients as the graphs run without code generation."""
     model = tiny_llama(dtype=torch.float32).cuda()
+    report = _inductor_against_aot_eager(model, {"block_size": 32, "dense_layers": [0], **levers})
+    assert report.counters["sparse_layers"] == 3
+
+
+def _inductor_against_aot_eager(model, options: dict):
+    """One training step of `model` on a [2, 300] batch compiled with `options` by Inductor and
+    by aot_eager: loss and gradients within 1e-3. Returns the Inductor compile's report."""
     ids = token_batch(2, 300).cuda()
-    options = {"block_size": 32, "dense_layers": [0], **levers}
     backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
     loss = _step(model, ids, backend)()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -81,7 +87,7 @@ def test_selection_levers_under_inductor_match_the_torch_path(levers):
     torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=1e-3)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-3, msg=name)
-    assert backend.reports[-1].counters["sparse_layers"] == 3
+    return backend.reports[-1]
 
 
 def test_dropped_loss_weight_under_checkpointing_and_inductor():
@@ -90,18 +96,8 @@ def test_dropped_loss_weight_under_checkpointing_and_inductor():
     run without code generation."""
     model = tiny_llama(dtype=torch.float32).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = token_batch(2, 300).cuda()
-    options = {"block_size": 32, "dense_layers": [0], "dropped_loss_weight": 0.0,
-               "loss_segment": 256}
-    backend = lemo_compile.LemoBackend({**options, "compiler": "inductor"})
-    loss = _step(model, ids, backend)()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    torch._dynamo.reset()
-    want_loss = _step(model, ids, lemo_compile.LemoBackend({**options, "compiler": "aot_eager"}))()
-    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=1e-3)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-3, msg=name)
-    report = backend.reports[-1]
+    report = _inductor_against_aot_eager(model, {
+        "block_size": 32, "dense_layers": [0], "dropped_loss_weight": 0.0, "loss_segment": 256})
     assert report.counters["weighted_losses"] == 1 and report.counters["sparse_layers"] == 3
 
 
