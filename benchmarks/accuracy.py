@@ -537,10 +537,11 @@ def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor],
                           steps: int = 120, lr: float = 1e-3) -> dict:
     """Per layer in `layers`, an `MlpPredictor` (h [B, S, D] -> [B, S]) fitted to the norm of the
     layer's attention output per token from the attention's input h (the input norm's output),
-    on the frozen `model` run densely over `batches` (cycled) for `steps` Adam steps: SmoothL1
-    against the norms divided by their per-row maximum, as `calibrate` fits MLP predictors.
+    on the frozen `model` run densely over `batches` (cycled) for `steps` Adam steps, fitted as
+    `calibrate` fits MLP predictors (`fit_token_loss`).
     Returns {layer: predictor}, frozen, in eval mode."""
     from lemo_compile.predictors.bank import MlpPredictor
+    from lemo_compile.predictors.calibrate import fit_token_loss
 
     blocks = model.model.layers
     predictors = {i: MlpPredictor.new(model.config.hidden_size).to(device) for i in layers}
@@ -560,10 +561,7 @@ def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor],
                                                  enabled=device.type == "cuda"):
                 model(input_ids=batches[step % len(batches)].to(device))
             with torch.enable_grad():
-                loss = sum(torch.nn.functional.smooth_l1_loss(
-                    predictors[i](inputs[i]),
-                    norms[i] / norms[i].amax(dim=1, keepdim=True).clamp_min(1e-30), beta=0.1)
-                    for i in layers)
+                loss = sum(fit_token_loss(predictors[i](inputs[i]), norms[i]) for i in layers)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -253,7 +253,7 @@ def calibrate(
                                               capture.kept_blocks[layer])[0])
             if sample.mlp_h is not None:
                 token_scores = bank.mlp_predictor(layer)(sample.mlp_h)
-                total = total + _fit_token_loss(token_scores, sample.mlp_scores)
+                total = total + fit_token_loss(token_scores, sample.mlp_scores)
                 mlp_recalls.append(_mlp_recall_and_overlap(
                     token_scores.detach(), sample.mlp_scores, config.block_size,
                     capture.mlp_kept_blocks[layer])[0])
@@ -292,8 +292,9 @@ def _ranking_loss(predicted: torch.Tensor, oracle: torch.Tensor, kept: int) -> t
     return F.softplus(-4 * (keep[:, :, None] - drop[:, None, :])).mean()
 
 
-def _fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """SmoothL1 between per-token MLP scores [B, S] and the oracle's divided by their per-sample max."""
+def fit_token_loss(predicted: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """SmoothL1 between predicted per-token scores [B, S] and target ones (the MLP oracle's, or any
+    per-token measure) divided by their per-sample max: the fit of an `MlpPredictor`."""
     target = scores / scores.amax(dim=1, keepdim=True).clamp_min(1e-30)
     return F.smooth_l1_loss(predicted, target, beta=0.1)
 
