@@ -221,20 +221,10 @@ def _select_in_body(gm: fx.GraphModule, body: fx.GraphModule, calls: list[fx.Nod
     """The selection pass over one activation-checkpoint body of `gm` (run by `calls`), its result
     merged into `selection`; the predictors' weights it reads become inputs of `gm` passed on to
     the body, and with `dropped_loss_weight` its selections become outputs that the loss reads.
-    A scorer that cannot run in a recomputed region leaves the body's layers dense, with the
-    reason."""
+    A scorer that draws at random (no seed) may run in the body: `recompute.save_in_checkpoints`
+    saves every selection, so the backward never draws again."""
     inside = [l.index for l in body_regions.layers if l.attention is not None]
     if not any(plans[i].sparse or plans[i].mlp_channel_ratio is not None for i in inside):
-        return
-    unsupported = None
-    if config.scorer == "random" and config.seed is None:
-        # the backward recomputes the region: unseeded scores would select other tokens
-        unsupported = "scorer 'random' needs a seed in checkpointed layers (recomputation)"
-    if unsupported:
-        selection.dense.update({i: unsupported for i in inside if plans[i].sparse})
-        selection.mlp_dense.update({
-            i: unsupported for i in inside
-            if plans[i].mlp_sparse or plans[i].mlp_channel_ratio is not None})
         return
     inner = select_pass(body, body_regions, plans, config, fake_mode, padded)
     pass_body_inputs(gm, body, calls, inner.extra_inputs, fake_mode, selection.extra_inputs)
