@@ -35,6 +35,8 @@ its own Inductor cache directory:
   lemo-swiglu-fused  lemo with swiglu_in_place=False (the SwiGLU backward left to Inductor's fused
                   kernel, which allocates one of its two outputs)
   lemo-tokens     lemo with mlp="tokens"
+  lemo-random     lemo with scorer="random" (a fresh draw every step: no scoring pass)
+  lemo-tokens-random-save-dense-attention  lemo-tokens-save-dense-attention with scorer="random"
   lemo-tokens-savecasts  lemo with mlp="tokens" and recompute_casts=False (the forward saves
                   the float32 copies of bf16 tensors that the backward reads, PEFT's adapters'
                   inputs, as the partitioner chooses, instead of the backward recomputing them)
@@ -89,6 +91,9 @@ LEMO_VARIANT_OPTIONS: dict[str, dict] = {
     "lemo-tokens": {"mlp": "tokens"},
     "lemo-tokens-savecasts": {"mlp": "tokens", "recompute_casts": False},
     "lemo-tokens-predictor": {"mlp": "tokens", "scorer": "predictor"},
+    "lemo-random": {"scorer": "random"},
+    "lemo-tokens-random-save-dense-attention": {"mlp": "tokens", "scorer": "random",
+                                                "save_attention": "dense"},
     "lemo-channels": {"mlp": "channels"},
 }
 VARIANTS = ("hf", "liger", "compile", *LEMO_VARIANT_OPTIONS)
