@@ -77,6 +77,10 @@ Variants (`--variants`):
                 oracle's selection
   then-dense-kept-loss  then-dense with its sparse phase weighted as kept-loss's
 
+`--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
+dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
+of the selection against random blocks. Every row records it as `base_keep_ratio`.
+
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
     python benchmarks/accuracy.py --out accuracy.jsonl                      # the H200 default
@@ -103,6 +107,8 @@ SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 # loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
+# variants whose keep ratio --keep-ratio does not set
+KEEPS_ITS_OWN = ("dense", "keep06")
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
             "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
             *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss")
@@ -229,7 +235,8 @@ def finetune_batches(train: torch.Tensor, args) -> list[torch.Tensor]:
 
 
 def lemo_options(variant: str, args) -> dict:
-    options = {"block_size": args.block_size, "compiler": args.compiler}
+    options = {"block_size": args.block_size, "compiler": args.compiler,
+               "keep_ratio": args.keep_ratio}
     if variant == "dense":
         options["keep_ratio"] = 1.0
     elif variant == "random":
@@ -630,6 +637,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--keep-ratio", type=float, default=0.4,
+                        help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
+                             "keep-0.7 phases of warmup and rising)")
     parser.add_argument("--calibrate-steps", type=int, default=300,
                         help="predictor training steps (the predictor variant)")
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -646,6 +656,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny configuration that runs on a CPU in a few minutes")
     args = parser.parse_args()
+    if not 0 < args.keep_ratio <= 1:
+        parser.error(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
     if args.smoke:
         args.layers, args.hidden, args.short, args.long = 4, 128, 256, 512
         args.pretrain_steps, args.pretrain_batch, args.steps, args.batch = 20, 4, 4, 2
@@ -664,6 +676,7 @@ def main() -> int:
     base = model  # the context-extended base, whose selection the fine-tuned ones are compared to
     common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
               "steps": args.steps, "batch": args.batch, "seed": args.seed, "compiler": args.compiler,
+              "base_keep_ratio": args.keep_ratio,
               "pretrain_steps": args.pretrain_steps, "passkey_fraction": args.passkey_fraction,
               "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}

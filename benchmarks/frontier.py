@@ -3,7 +3,9 @@ against what it saves at the Llama-3-8B shape (`long_context.py`), to choose def
 
 Accuracy: per `accuracy.py` run (one file: one pretraining), each variant's held-out loss gap to
 that run's dense LoRA, in percent, and its mean passkey retrieval; a variant's point is the mean
-gap over the runs that have it (each run's gap is listed too).
+gap over the runs that have it (each run's gap is listed too). A run at another `--keep-ratio`
+than lemo's 0.4 gives its own points ("oracle, keep 0.2"), priced with that keep ratio in the
+variant's sparse phases.
 
 Cost: the step time and peak memory saved against HF + Liger-Kernel (what users run for dense
 LoRA) at one length and checkpointing setting (`--seq-len`, `--checkpointing`, `--layers`), read
@@ -34,7 +36,7 @@ import json
 import os
 import statistics
 
-from accuracy import LOSS_WEIGHTS, SPARSE_FROM
+from accuracy import KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
 from harness import add_summary_arguments, write_summary
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
@@ -62,6 +64,9 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     **{variant: [(1.0, "lemo", 0.4, None)] for variant in LOSS_WEIGHTS},
 }
 BASELINE = "liger"
+# lemo's keep ratio, the one COST_OF's sparse phases name; an accuracy run with another
+# `--keep-ratio` is priced with its keep ratio in those phases
+DEFAULT_KEEP = 0.4
 # variants with no cost, and why
 UNPRICED = {"random": "a baseline, not a setting", "random-fresh": "a baseline, not a setting",
             "random-kept-loss": "a baseline, not a setting",
@@ -74,13 +79,21 @@ def read(files: list[str]) -> list[tuple[str, dict]]:
 
 
 def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
-    """variant -> {"gaps": [(file, % gap to that file's dense LoRA)], "passkey": [mean per run]}."""
+    """point -> {"variant", "keep": the run's --keep-ratio, "gaps": [(file, % gap to that file's
+    dense LoRA)], "passkey": [mean per run]}; a point is the variant's name, followed by
+    ", keep K" for a run at another --keep-ratio than lemo's default (variants that keep their own
+    ratio excepted)."""
     dense = {name: row["held_out_loss"] for name, row in rows if row["variant"] == "dense"}
     points: dict[str, dict] = {}
     for name, row in rows:
         if name not in dense or row["variant"].startswith("base") or "held_out_loss" not in row:
             continue
-        point = points.setdefault(row["variant"], {"gaps": [], "passkey": []})
+        variant, keep = row["variant"], row.get("base_keep_ratio", DEFAULT_KEEP)
+        if variant in KEEPS_ITS_OWN:
+            keep = DEFAULT_KEEP
+        label = variant if keep == DEFAULT_KEEP else f"{variant}, keep {keep:g}"
+        point = points.setdefault(label, {"variant": variant, "keep": keep, "gaps": [],
+                                          "passkey": []})
         point["gaps"].append((os.path.basename(name), 100 * (row["held_out_loss"] / dense[name] - 1)))
         point["passkey"].append(statistics.mean(row["passkey"].values()))
     return points
@@ -101,14 +114,17 @@ def _sparse_from(row: dict) -> float:
     return 0.5 if row.get("sparse_from") is None else row["sparse_from"]
 
 
-def cost(variant: str, rows: list[tuple[str, dict]], args) -> tuple[dict | None, str]:
+def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]],
+         args) -> tuple[dict | None, str]:
     """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
-    (None, what is missing). Each phase is compared with the HF + Liger row of its own run (file),
-    so that readings of different runs are not mixed; of several matching rows the last one read
-    counts."""
+    (None, what is missing), for `variant` fine-tuned at --keep-ratio `keep_ratio`. Each phase is
+    compared with the HF + Liger row of its own run (file), so that readings of different runs
+    are not mixed; of several matching rows the last one read counts."""
     phases = COST_OF.get(variant)
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
+    phases = [(share, name, keep_ratio if keep == DEFAULT_KEEP else keep, checkpointing)
+              for share, name, keep, checkpointing in phases]
     sparse_from = SPARSE_FROM.get(variant, 0.5)
 
     def find(name: str, keep: float | None, checkpointing: bool,
@@ -209,7 +225,8 @@ def main() -> int:
     args = parser.parse_args()
     points = accuracy_points(read(args.accuracy))
     rows = read(args.long_context)
-    costs = {variant: cost(variant, rows, args) for variant in points}
+    costs = {label: cost(point["variant"], point["keep"], rows, args)
+             for label, point in points.items()}
     write_summary(args.markdown, args.plot,
                   lambda plot_name: markdown(points, costs, args, plot_name),
                   lambda path: plot(points, costs, path))

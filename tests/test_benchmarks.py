@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
+
+import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -17,13 +20,23 @@ def test_no_benchmark_script_shadows_an_installed_module():
     assert shadowing == []
 
 
-def _accuracy_script():
-    """benchmarks/accuracy.py as a module (loaded from its file: putting benchmarks/ on sys.path
-    would make the test above see the scripts as installed modules)."""
-    spec = importlib.util.spec_from_file_location("lemo_benchmarks_accuracy",
-                                                  BENCHMARKS / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _script(name: str):
+    """benchmarks/<name>.py as a module, loaded from its file with benchmarks/ on sys.path for
+    its own imports of the other scripts, then taken off again with those imports: left there, it
+    would make the test above see the scripts as installed modules."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"lemo_benchmarks_{name}",
+                                                      BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        scripts = {p.stem for p in BENCHMARKS.glob("*.py")}
+        for imported in set(sys.modules) - before:
+            if imported in scripts:
+                del sys.modules[imported]
     return module
 
 
@@ -37,9 +50,9 @@ def test_selection_study_emulates_lemo_oracle_selection():
 
     from conftest import tiny_llama
 
-    accuracy = _accuracy_script()
+    accuracy = _script("accuracy")
     args = types.SimpleNamespace(long=128, eval_windows=2, batch=2, seed=0, block_size=16,
-                                 compiler="aot_eager")
+                                 compiler="aot_eager", keep_ratio=0.4)
     held_out = torch.randint(0, 101, (4000,), generator=torch.Generator().manual_seed(0))
     held_out = held_out.to(torch.uint8)  # a byte corpus, within the tiny model's vocabulary
     device = torch.device("cpu")
@@ -55,3 +68,35 @@ def test_selection_study_emulates_lemo_oracle_selection():
     assert study["update"] != study["dense"]
     assert study["update-learned"] != study["dense"]
     assert 0.0 <= study["update-learned recall"] <= 1.0
+
+
+def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio(tmp_path):
+    """An accuracy run with --keep-ratio 0.2 gives its own points, priced from keep-0.2 rows; the
+    default run's oracle is priced from keep-0.4 rows, and dense keeps its own name."""
+    import argparse
+
+    frontier = _script("frontier")
+
+    def run(keep, gaps):
+        rows = [{"variant": "dense", "held_out_loss": 1.0, "base_keep_ratio": keep,
+                 "passkey": {"0.0": 1.0}}]
+        rows += [{"variant": v, "held_out_loss": 1.0 + g, "base_keep_ratio": keep,
+                  "passkey": {"0.0": 0.5}} for v, g in gaps.items()]
+        return [(f"run{keep}", row) for row in rows]
+
+    points = frontier.accuracy_points(run(0.4, {"oracle": 0.05}) + run(0.2, {"oracle": 0.1}))
+    assert set(points) == {"dense", "oracle", "oracle, keep 0.2"}
+    assert points["oracle, keep 0.2"]["gaps"] == [("run0.2", pytest.approx(10.0))]
+
+    def row(variant, keep, step, peak):
+        return ("lc", {"variant": variant, "seq_len": 16384, "layers": 32, "checkpointing": False,
+                       "keep_ratio": keep, "step_s": step, "peak_gb": peak})
+
+    rows = [row("liger", None, 1.0, 100.0), row("lemo", 0.4, 0.8, 70.0), row("lemo", 0.2, 0.6, 50.0)]
+    args = argparse.Namespace(seq_len=16384, layers=32, checkpointing=False)
+    saved_04, _ = frontier.cost("oracle", 0.4, rows, args)
+    saved_02, _ = frontier.cost("oracle", 0.2, rows, args)
+    assert saved_04["step"] == pytest.approx(20.0) and saved_04["peak"] == pytest.approx(30.0)
+    assert saved_02["step"] == pytest.approx(40.0) and saved_02["peak"] == pytest.approx(50.0)
+    missing, why = frontier.cost("oracle", 0.3, rows, args)
+    assert missing is None and "keep 0.3" in why
