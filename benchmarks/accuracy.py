@@ -107,6 +107,8 @@ SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 # loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
+# lemo's default keep ratio, --keep-ratio's default
+DEFAULT_KEEP_RATIO = 0.4
 # variants whose keep ratio --keep-ratio does not set
 KEEPS_ITS_OWN = ("dense", "keep06")
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
@@ -637,7 +639,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--keep-ratio", type=float, default=0.4,
+    parser.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO,
                         help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
                              "keep-0.7 phases of warmup and rising)")
     parser.add_argument("--calibrate-steps", type=int, default=300,

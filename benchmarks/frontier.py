@@ -36,7 +36,7 @@ import json
 import os
 import statistics
 
-from accuracy import KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
+from accuracy import DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
 from harness import add_summary_arguments, write_summary
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
@@ -64,9 +64,6 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     **{variant: [(1.0, "lemo", 0.4, None)] for variant in LOSS_WEIGHTS},
 }
 BASELINE = "liger"
-# lemo's keep ratio, the one COST_OF's sparse phases name; an accuracy run with another
-# `--keep-ratio` is priced with its keep ratio in those phases
-DEFAULT_KEEP = 0.4
 # variants with no cost, and why
 UNPRICED = {"random": "a baseline, not a setting", "random-fresh": "a baseline, not a setting",
             "random-kept-loss": "a baseline, not a setting",
@@ -88,10 +85,10 @@ def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
     for name, row in rows:
         if name not in dense or row["variant"].startswith("base") or "held_out_loss" not in row:
             continue
-        variant, keep = row["variant"], row.get("base_keep_ratio", DEFAULT_KEEP)
+        variant, keep = row["variant"], row.get("base_keep_ratio", DEFAULT_KEEP_RATIO)
         if variant in KEEPS_ITS_OWN:
-            keep = DEFAULT_KEEP
-        label = variant if keep == DEFAULT_KEEP else f"{variant}, keep {keep:g}"
+            keep = DEFAULT_KEEP_RATIO
+        label = variant if keep == DEFAULT_KEEP_RATIO else f"{variant}, keep {keep:g}"
         point = points.setdefault(label, {"variant": variant, "keep": keep, "gaps": [],
                                           "passkey": []})
         point["gaps"].append((os.path.basename(name), 100 * (row["held_out_loss"] / dense[name] - 1)))
@@ -123,7 +120,8 @@ def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]],
     phases = COST_OF.get(variant)
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
-    phases = [(share, name, keep_ratio if keep == DEFAULT_KEEP else keep, checkpointing)
+    # COST_OF's sparse phases name lemo's default keep ratio: a run at another is priced at its own
+    phases = [(share, name, keep_ratio if keep == DEFAULT_KEEP_RATIO else keep, checkpointing)
               for share, name, keep, checkpointing in phases]
     sparse_from = SPARSE_FROM.get(variant, 0.5)
 

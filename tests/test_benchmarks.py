@@ -70,7 +70,7 @@ def test_selection_study_emulates_lemo_oracle_selection():
     assert 0.0 <= study["update-learned recall"] <= 1.0
 
 
-def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio(tmp_path):
+def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     """An accuracy run with --keep-ratio 0.2 gives its own points, priced from keep-0.2 rows; the
     default run's oracle is priced from keep-0.4 rows, and dense keeps its own name."""
     import argparse
