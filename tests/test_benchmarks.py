@@ -100,3 +100,31 @@ def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     assert saved_02["step"] == pytest.approx(40.0) and saved_02["peak"] == pytest.approx(50.0)
     missing, why = frontier.cost("oracle", 0.3, rows, args)
     assert missing is None and "keep 0.3" in why
+
+
+def test_long_context_summary_prefers_timed_runs_then_fit_checks_then_out_of_memory():
+    """Per (length, checkpointing, system): the fastest timed run; a fit check (no step time) only
+    where nothing was timed, shown as fitting with its peak; out of memory only where nothing fit;
+    padded rows never."""
+    summary = _script("summarize_long_context")
+
+    def row(variant, length, step, peak=50.0, **extra):
+        return {"variant": variant, "seq_len": length, "layers": 32, "checkpointing": True,
+                "step_s": step, "peak_gb": peak, **extra}
+
+    rows = [row("liger", 65536, 14.0), row("liger", 65536, None, fit_only=True),
+            row("lemo", 65536, 10.0), row("lemo-tokens", 65536, 9.0),
+            row("lemo-tokens", 65536, 5.0, padding=0.5),
+            row("liger", 262144, None, 136.6, fit_only=True),
+            row("lemo", 262144, None, error="out of memory"),
+            row("lemo", 262144, None, 121.5, fit_only=True),
+            row("liger", 524288, None, error="out of memory")]
+    best = summary.best_rows(rows)
+    assert best[(65536, True, "HF + Liger")]["step_s"] == 14.0
+    assert best[(65536, True, "lemo")]["variant"] == "lemo-tokens"
+    assert best[(65536, True, "lemo")]["step_s"] == 9.0
+    assert best[(262144, True, "lemo")]["peak_gb"] == 121.5
+    assert best[(524288, True, "HF + Liger")]["error"] == "out of memory"
+    table = summary.markdown(best, {32}, ["x.jsonl"], None)
+    assert "| 262,144 | yes |  | liger: fits, 136.6 GB |  | lemo: fits, 121.5 GB |" in table
+    assert "| 524,288 | yes |  | out of memory |  |  |" in table
