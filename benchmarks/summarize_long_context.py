@@ -4,8 +4,8 @@ Systems: HF eager (`hf`), HF + Liger-Kernel (`liger`), dense torch.compile (`com
 `lemo*` variant). For each (length, gradient checkpointing) and system the row is the variant with
 the shortest step among those that ran; where none was timed, a fit check (`--fit-only`: one step,
 no timing) says that it fits and at what peak; an out-of-memory run counts as "does not fit"; a
-length a system was not run at stays empty. Writes a markdown table and a plot (step time and peak memory
-against length, one line per system and checkpointing setting).
+length a system was not run at stays empty. Writes a markdown table and a plot (step time and peak
+memory against length, one line per system and checkpointing setting; fit checks are not drawn).
 
     python benchmarks/summarize_long_context.py benchmarks/results/long_context_32layers_*.jsonl \\
         --markdown docs/long_context.md --plot docs/long_context.png
