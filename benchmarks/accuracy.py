@@ -76,6 +76,8 @@ Variants (`--variants`):
   random-kept-loss  random-fresh with `dropped_loss_weight=0.0`: the weighting without the
                 oracle's selection
   then-dense-kept-loss  then-dense with its sparse phase weighted as kept-loss's
+  then-dense-random  then-dense with its sparse phase drawing random blocks anew at every step
+                (random-fresh's selection): does the recommended schedule need the oracle?
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
 dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
@@ -102,7 +104,8 @@ import zlib
 import torch
 
 # the variants that change phase
-SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept-loss")
+SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept-loss",
+             "then-dense-random")
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 # loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
@@ -272,17 +275,20 @@ def lemo_options(variant: str, args) -> dict:
 
 def selection_variant(variant: str) -> str:
     """The variant whose options a variant selects with: the schedules and "layerwise" select as
-    the oracle does (the schedules until their dense phase; layerwise with its own keep ratios)."""
+    the oracle does (the schedules until their dense phase; layerwise with its own keep ratios),
+    but then-dense-random as random-fresh does."""
+    if variant == "then-dense-random":
+        return "random-fresh"
     return "oracle" if variant in SCHEDULES or variant == "layerwise" else variant
 
 
 def schedule_of(variant: str, options: dict):
-    """The `SparsitySchedule` a variant fine-tunes with, from the options it selects with (the
-    oracle's, for the schedules: see the module docstring); one phase for the other variants."""
+    """The `SparsitySchedule` a variant fine-tunes with, from the options it selects with
+    (`selection_variant`'s); one phase for the variants that are not schedules."""
     from lemo_compile import Phase, SparsitySchedule
 
     keep_07 = {**options, "keep_ratio": 0.7}
-    if variant == "then-dense":
+    if variant in ("then-dense", "then-dense-random"):
         return SparsitySchedule.sparse_then_dense(0.75, options)
     if variant == "then-dense-kept-loss":
         return SparsitySchedule.sparse_then_dense(0.75, {**options, "dropped_loss_weight": 0.0})
