@@ -92,6 +92,7 @@ Prints a table last and writes one JSON line per variant (plus one for the base 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -513,18 +514,12 @@ def selection_study(model, held_out: torch.Tensor, batches: list[torch.Tensor], 
         """The batch's loss with the attention of each sparse layer i on the top kept[i] blocks
         of scores_of(i) [B, n] and the tail, chosen as lemo chooses (every layer dense when
         None)."""
-        originals = {}
-        for i in (sigma if scores_of else ()):
-            rows = ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
-            originals[i] = layers[i].self_attn.forward
-            layers[i].self_attn.forward = _on_rows(originals[i], rows)
-        try:
-            model.eval()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return model(input_ids=ids, labels=ids).loss.float().item()
-        finally:
-            for i, forward in originals.items():
-                layers[i].self_attn.forward = forward
+        rows = {i: ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
+                for i in (sigma if scores_of else ())}
+        model.eval()
+        with _attention_on_rows(layers, rows), torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(input_ids=ids, labels=ids).loss.float().item()
 
     was_training = model.training
     dense = loss_of()
@@ -546,6 +541,118 @@ def selection_study(model, held_out: torch.Tensor, batches: list[torch.Tensor], 
                          for _ in range(draws)]}
     model.train(was_training)
     return losses
+
+
+def attention_weights(model) -> list[torch.Tensor]:
+    """Every decoder layer's q/k/v/o projection weights, layer by layer in that order: the
+    weights LoRA adapts, whose gradients `gradient_study` compares."""
+    return [getattr(layer.self_attn, name).weight for layer in model.model.layers
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+
+def attention_weight_gradient(model, ids: torch.Tensor, rows: dict[int, torch.Tensor],
+                              also=lambda: []) -> tuple[float, list, tuple]:
+    """(loss, per decoder layer its flat float32 gradient of the loss over `attention_weights`
+    (q, k, v, o), the gradients of the tensors that `also()` returns after the forward: hooked
+    activations) of `model` on the batch ids [B, S], with the attention of each layer i in
+    `rows` on the token rows rows[i] only (`_attention_on_rows`, lemo's semantics); autocast as
+    the fine-tuning runs. The weights must require gradients."""
+    layers = model.model.layers
+    with _attention_on_rows(layers, rows), torch.autocast(
+            ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    weights = attention_weights(model)
+    grads = torch.autograd.grad(loss, weights + list(also()))
+    per_layer = [torch.cat([g.float().flatten() for g in grads[4 * i: 4 * i + 4]])
+                 for i in range(len(layers))]
+    return loss.float().item(), per_layer, grads[len(weights):]
+
+
+def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> dict:
+    """How well each selection's training step follows the dense one, read on one model: the
+    gradient of the loss of the batch `ids` [B, S] with respect to every decoder layer's
+    q/k/v/o weights (what LoRA's adapters see, through their projections), run dense and run
+    with the oracle's sparse layers' attention on the kept blocks only
+    (`attention_weight_gradient`, the MLP dense), under selections of the same k blocks a
+    layer: "oracle" (sigma), "update" (the mean attention-output norm, as in
+    `selection_study`), "taylor" (the mean over a block's rows of |<dL/do, o>|, o a row's
+    attention output: the first-order change of the loss if the row lost its attention update;
+    it needs the dense backward, so it is a measurement, not a selection lemo could make) and
+    `draws` uniform random draws. Returns {"dense loss": float, "groups": {group: [layers]},
+    selection: {"loss": float, "cosine": {group: cosine with the dense gradient, None for an
+    empty group}}} for "oracle", "update", "taylor", "random" (a list, one per draw), and
+    "random, mean of draws" (cosines only: of the draws' mean gradient, what fresh draws at
+    every step add up to); groups "all", "below" (the layers before the first sparse one,
+    reached through the sparse layers' backward), "sparse" and "above"."""
+    from lemo_compile import ops
+    from lemo_compile.predictors.calibrate import oracle_scores
+
+    ids = ids.to(device)
+    (sigma,), kept = oracle_scores(model, [ids], options=lemo_options("oracle", args))
+    torch._dynamo.reset()
+    layers = model.model.layers
+    sparse = sorted(sigma)
+    groups = {"all": list(range(len(layers))), "below": list(range(sparse[0])), "sparse": sparse,
+              "above": list(range(sparse[-1] + 1, len(layers)))}
+
+    def grouped(per_layer: list) -> dict:
+        return {name: torch.cat([per_layer[i] for i in members]) if members else None
+                for name, members in groups.items()}
+
+    def cosines(gradient: dict) -> dict:
+        return {name: None if g is None else torch.nn.functional.cosine_similarity(
+            g, dense[name], dim=0).item() for name, g in gradient.items()}
+
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    outputs = {}
+    hooks = [layers[i].self_attn.register_forward_hook(
+        lambda module, inputs, output, i=i: outputs.__setitem__(i, output[0])) for i in sparse]
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in attention_weights(model):
+            w.requires_grad_(True)
+        dense_loss, per_layer, output_grads = attention_weight_gradient(
+            model, ids, {}, also=lambda: [outputs[i] for i in sparse])
+        dense = grouped(per_layer)
+        taylor = {i: (g.float() * outputs[i].float()).sum(-1).abs()
+                  for i, g in zip(sparse, output_grads)}
+        update = {i: outputs[i].detach().float().norm(dim=-1) for i in sparse}
+        for hook in hooks:
+            hook.remove()
+        block = args.block_size
+
+        def read(scores_of) -> tuple[dict, dict]:
+            rows = {i: ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
+                    for i in sparse}
+            loss, per_layer, _ = attention_weight_gradient(model, ids, rows)
+            gradient = grouped(per_layer)
+            return {"loss": loss, "cosine": cosines(gradient)}, gradient
+
+        result = {"dense loss": dense_loss, "groups": groups}
+        for name, scores_of in (
+                ("oracle", lambda i: sigma[i].to(device)),
+                ("update", lambda i: ops.token_block_scores(update[i], block, mean=True)),
+                ("taylor", lambda i: ops.token_block_scores(taylor[i], block, mean=True))):
+            result[name] = read(scores_of)[0]
+        generator = torch.Generator(device).manual_seed(args.seed + 7)
+        random_draws = [read(lambda i: torch.rand(len(ids), ids.shape[1] // block,
+                                                  generator=generator, device=device))
+                        for _ in range(draws)]
+        result["random"] = [reading for reading, _ in random_draws]
+        result["random, mean of draws"] = {"cosine": cosines(
+            {name: None if dense[name] is None else
+             torch.stack([gradient[name] for _, gradient in random_draws]).mean(0)
+             for name in groups})}
+        return result
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor], device,
@@ -587,6 +694,20 @@ def fit_update_predictors(model, layers: list[int], batches: list[torch.Tensor],
     return {i: net.requires_grad_(False).eval() for i, net in predictors.items()}
 
 
+@contextlib.contextmanager
+def _attention_on_rows(layers, rows: dict[int, torch.Tensor]):
+    """Within the block, the attention of each decoder layer `layers[i]` for i in `rows` runs on
+    the token rows rows[i] [B, K] only (`_on_rows`); the others as they are."""
+    originals = {i: layers[i].self_attn.forward for i in rows}
+    for i, kept in rows.items():
+        layers[i].self_attn.forward = _on_rows(originals[i], kept)
+    try:
+        yield
+    finally:
+        for i, forward in originals.items():
+            layers[i].self_attn.forward = forward
+
+
 def _on_rows(attention_forward, rows: torch.Tensor):
     """An attention forward that runs `attention_forward` on the rows [B, K] of its input only
     (with their RoPE cos and sin, no mask: causal over the kept rows) and returns zeros at the
@@ -626,6 +747,10 @@ def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
         answers = torch.stack([ids[start:start + 5] for ids, _, _ in samples])
         accuracy[str(depth)] = (prompt[:, start:].cpu() == answers).all(dim=1).float().mean().item()
     return {"held_out_loss": sum(losses) / len(losses), "passkey": accuracy}
+
+
+def _cosine_text(cosine: float | None) -> str:
+    return "-" if cosine is None else f"{cosine:.3f}"
 
 
 def main() -> int:
@@ -718,7 +843,10 @@ def main() -> int:
             dense_lora = tuned
             rows.append({"variant": "selection study", **common,
                          "base": selection_study(base, held_out, batches, args, device),
-                         "dense LoRA": selection_study(tuned, held_out, batches, args, device)})
+                         "dense LoRA": selection_study(tuned, held_out, batches, args, device),
+                         "gradients": {
+                             "base": gradient_study(base, batches[0], args, device),
+                             "dense LoRA": gradient_study(tuned, batches[0], args, device)}})
             with open(args.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
         del tuned
@@ -758,6 +886,17 @@ def main() -> int:
                           "random": sum(study["random"]) / len(study["random"])}
                 print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
                     f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))
+                gradients = row["gradients"][model_name]
+                draws = gradients["random"]
+                print(f"gradient study on {model_name}, cosine with the dense gradient "
+                      "(all / below / sparse / above the sparse layers): " + "; ".join(
+                          f"{name} " + " / ".join(_cosine_text(gradients[name]["cosine"][group])
+                                                  for group in gradients["groups"])
+                          for name in ("oracle", "update", "taylor", "random, mean of draws"))
+                      + "; one random draw (mean) " + " / ".join(
+                          _cosine_text(sum(d["cosine"][group] for d in draws) / len(draws)
+                                       if draws[0]["cosine"][group] is not None else None)
+                          for group in gradients["groups"]))
     print(f"total {time.perf_counter() - begin:.0f} s")
     return 0
 

@@ -70,6 +70,54 @@ def test_selection_study_emulates_lemo_oracle_selection():
     assert 0.0 <= study["update-learned recall"] <= 1.0
 
 
+def test_gradient_study_emulates_lemo_backward():
+    """accuracy.py's `gradient_study` differentiates its eager emulation of sparse attention; with
+    lemo's oracle selection on a model with one sparse layer (layer 2 of 4) the gradients over the
+    q/k/v/o weights must be lemo's compiled ones, layer by layer, and differ from the dense ones."""
+    import types
+
+    import torch
+
+    import lemo_compile
+    from conftest import tiny_llama
+    from lemo_compile import ops
+    from lemo_compile.predictors.calibrate import oracle_scores
+
+    accuracy = _script("accuracy")
+    args = types.SimpleNamespace(seed=0, block_size=16, compiler="aot_eager", keep_ratio=0.4)
+    options = accuracy.lemo_options("oracle", args)
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (2, 128), generator=torch.Generator().manual_seed(1))
+    (sigma,), kept = oracle_scores(model, [ids], options=options)
+    assert list(sigma) == [2]
+    rows = {2: ops.select_tokens(sigma[2], kept[2], args.block_size, ids.shape[1])}
+    weights = accuracy.attention_weights(model)
+    for p in model.parameters():
+        p.requires_grad_(p in set(weights))
+    model.eval()
+    loss, emulated, _ = accuracy.attention_weight_gradient(model, ids, rows)
+    _, dense, _ = accuracy.attention_weight_gradient(model, ids, {})
+    torch._dynamo.reset()
+    model.train()
+    compiled = torch.compile(model, backend=lemo_compile.LemoBackend(options))
+    lemo_loss = compiled(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(lemo_loss, weights)
+    torch._dynamo.reset()
+    assert abs(loss - lemo_loss.item()) <= 1e-5 * loss
+    for layer in range(4):
+        lemo_grad = torch.cat([g.flatten() for g in grads[4 * layer: 4 * layer + 4]])
+        torch.testing.assert_close(emulated[layer], lemo_grad, rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(emulated[layer], dense[layer], rtol=1e-3, atol=1e-6)
+
+    study = accuracy.gradient_study(model, ids, args, torch.device("cpu"), draws=2)
+    assert study["oracle"]["loss"] == loss
+    assert study["groups"] == {"all": [0, 1, 2, 3], "below": [0, 1], "sparse": [2], "above": [3]}
+    for reading in (study["oracle"], study["update"], study["taylor"], *study["random"],
+                    study["random, mean of draws"]):
+        assert all(-1.0 <= c < 0.9999 for c in reading["cosine"].values())
+    assert study["random"][0]["loss"] != study["random"][1]["loss"]
+
+
 def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     """An accuracy run with --keep-ratio 0.2 gives its own points, priced from keep-0.2 rows; the
     default run's oracle is priced from keep-0.4 rows, and dense keeps its own name."""
