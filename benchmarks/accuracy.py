@@ -579,11 +579,12 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
     attention output: the first-order change of the loss if the row lost its attention update;
     it needs the dense backward, so it is a measurement, not a selection lemo could make) and
     `draws` uniform random draws. Returns {"dense loss": float, "groups": {group: [layers]},
-    selection: {"loss": float, "cosine": {group: cosine with the dense gradient, None for an
-    empty group}}} for "oracle", "update", "taylor", "random" (a list, one per draw), and
-    "random, mean of draws" (cosines only: of the draws' mean gradient, what fresh draws at
-    every step add up to); groups "all", "below" (the layers before the first sparse one,
-    reached through the sparse layers' backward), "sparse" and "above"."""
+    selection: {"loss": float, "cosine": {group: cosine with the dense gradient}, "norm ratio":
+    {group: its norm over the dense gradient's}}} for "oracle", "update", "taylor", "random" (a
+    list, one per draw), and "random, mean of draws" (no loss: the draws' mean gradient, what
+    fresh draws at every step add up to); groups "all", "below" (the layers before the first
+    sparse one, reached through the sparse layers' backward), "sparse" and "above" (None for an
+    empty group)."""
     from lemo_compile import ops
     from lemo_compile.predictors.calibrate import oracle_scores
 
@@ -599,9 +600,11 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
         return {name: torch.cat([per_layer[i] for i in members]) if members else None
                 for name, members in groups.items()}
 
-    def cosines(gradient: dict) -> dict:
-        return {name: None if g is None else torch.nn.functional.cosine_similarity(
-            g, dense[name], dim=0).item() for name, g in gradient.items()}
+    def compared(gradient: dict) -> dict:
+        return {"cosine": {name: None if g is None else torch.nn.functional.cosine_similarity(
+                    g, dense[name], dim=0).item() for name, g in gradient.items()},
+                "norm ratio": {name: None if g is None else (g.norm() / dense[name].norm()).item()
+                               for name, g in gradient.items()}}
 
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -629,7 +632,7 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
                     for i in sparse}
             loss, per_layer, _ = attention_weight_gradient(model, ids, rows)
             gradient = grouped(per_layer)
-            return {"loss": loss, "cosine": cosines(gradient)}, gradient
+            return {"loss": loss, **compared(gradient)}, gradient
 
         result = {"dense loss": dense_loss, "groups": groups}
         for name, scores_of in (
@@ -642,10 +645,10 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
                                                   generator=generator, device=device))
                         for _ in range(draws)]
         result["random"] = [reading for reading, _ in random_draws]
-        result["random, mean of draws"] = {"cosine": cosines(
+        result["random, mean of draws"] = compared(
             {name: None if dense[name] is None else
              torch.stack([gradient[name] for _, gradient in random_draws]).mean(0)
-             for name in groups})}
+             for name in groups})
         return result
     finally:
         for hook in hooks:
@@ -749,8 +752,22 @@ def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
     return {"held_out_loss": sum(losses) / len(losses), "passkey": accuracy}
 
 
-def _cosine_text(cosine: float | None) -> str:
-    return "-" if cosine is None else f"{cosine:.3f}"
+def _gradient_text(study: dict) -> str:
+    """`gradient_study`'s result in a line: per selection, its gradient's cosine with the dense
+    one over all layers / below / in / above the sparse layers, and its norm over the dense
+    one's (all layers); the random draws' mean per draw beside their mean gradient's."""
+    draws = study["random"]
+    readings = {name: study[name] for name in ("oracle", "update", "taylor")}
+    readings["one random draw (mean)"] = {
+        key: {group: None if draws[0][key][group] is None else
+              sum(d[key][group] for d in draws) / len(draws) for group in study["groups"]}
+        for key in ("cosine", "norm ratio")}
+    readings["random, mean of draws"] = study["random, mean of draws"]
+    return ("cosine with the dense gradient, all / below / sparse / above the sparse layers; "
+            "norm over the dense gradient's: " + "; ".join(
+                f"{name} " + " / ".join("-" if c is None else f"{c:.3f}"
+                                        for c in reading["cosine"].values())
+                + f", {reading['norm ratio']['all']:.2f}x" for name, reading in readings.items()))
 
 
 def main() -> int:
@@ -886,17 +903,7 @@ def main() -> int:
                           "random": sum(study["random"]) / len(study["random"])}
                 print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
                     f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))
-                gradients = row["gradients"][model_name]
-                draws = gradients["random"]
-                print(f"gradient study on {model_name}, cosine with the dense gradient "
-                      "(all / below / sparse / above the sparse layers): " + "; ".join(
-                          f"{name} " + " / ".join(_cosine_text(gradients[name]["cosine"][group])
-                                                  for group in gradients["groups"])
-                          for name in ("oracle", "update", "taylor", "random, mean of draws"))
-                      + "; one random draw (mean) " + " / ".join(
-                          _cosine_text(sum(d["cosine"][group] for d in draws) / len(draws)
-                                       if draws[0]["cosine"][group] is not None else None)
-                          for group in gradients["groups"]))
+                print(f"gradient study on {model_name}: " + _gradient_text(row["gradients"][model_name]))
     print(f"total {time.perf_counter() - begin:.0f} s")
     return 0
 

@@ -115,6 +115,7 @@ def test_gradient_study_emulates_lemo_backward():
     for reading in (study["oracle"], study["update"], study["taylor"], *study["random"],
                     study["random, mean of draws"]):
         assert all(-1.0 <= c < 0.9999 for c in reading["cosine"].values())
+        assert all(r > 0.0 for r in reading["norm ratio"].values())
     assert study["random"][0]["loss"] != study["random"][1]["loss"]
 
 
