@@ -579,6 +579,7 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
     attention output: the first-order change of the loss if the row lost its attention update;
     it needs the dense backward, so it is a measurement, not a selection lemo could make) and
     `draws` uniform random draws. Returns {"dense loss": float, "groups": {group: [layers]},
+    "dense norm": {group: the dense gradient's norm},
     selection: {"loss": float, "cosine": {group: cosine with the dense gradient}, "norm ratio":
     {group: its norm over the dense gradient's}}} for "oracle", "update", "taylor", "random" (a
     list, one per draw), and "random, mean of draws" (no loss: the draws' mean gradient, what
@@ -634,7 +635,9 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
             gradient = grouped(per_layer)
             return {"loss": loss, **compared(gradient)}, gradient
 
-        result = {"dense loss": dense_loss, "groups": groups}
+        result = {"dense loss": dense_loss, "groups": groups,
+                  "dense norm": {name: None if g is None else g.norm().item()
+                                 for name, g in dense.items()}}
         for name, scores_of in (
                 ("oracle", lambda i: sigma[i].to(device)),
                 ("update", lambda i: ops.token_block_scores(update[i], block, mean=True)),
@@ -763,8 +766,8 @@ def _gradient_text(study: dict) -> str:
               sum(d[key][group] for d in draws) / len(draws) for group in study["groups"]}
         for key in ("cosine", "norm ratio")}
     readings["random, mean of draws"] = study["random, mean of draws"]
-    return ("cosine with the dense gradient, all / below / sparse / above the sparse layers; "
-            "norm over the dense gradient's: " + "; ".join(
+    return (f"dense gradient norm {study['dense norm']['all']:.4f}; cosine with it, all / below "
+            "/ sparse / above the sparse layers, and norm over it: " + "; ".join(
                 f"{name} " + " / ".join("-" if c is None else f"{c:.3f}"
                                         for c in reading["cosine"].values())
                 + f", {reading['norm ratio']['all']:.2f}x" for name, reading in readings.items()))

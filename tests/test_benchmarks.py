@@ -111,6 +111,7 @@ def test_gradient_study_emulates_lemo_backward():
 
     study = accuracy.gradient_study(model, ids, args, torch.device("cpu"), draws=2)
     assert study["oracle"]["loss"] == loss
+    assert study["dense norm"]["all"] == pytest.approx(torch.cat(dense).norm().item(), rel=1e-5)
     assert study["groups"] == {"all": [0, 1, 2, 3], "below": [0, 1], "sparse": [2], "above": [3]}
     for reading in (study["oracle"], study["update"], study["taylor"], *study["random"],
                     study["random, mean of draws"]):
