@@ -581,11 +581,14 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
     `draws` uniform random draws. Returns {"dense loss": float, "groups": {group: [layers]},
     "dense norm": {group: the dense gradient's norm},
     selection: {"loss": float, "cosine": {group: cosine with the dense gradient}, "norm ratio":
-    {group: its norm over the dense gradient's}}} for "oracle", "update", "taylor", "random" (a
-    list, one per draw), and "random, mean of draws" (no loss: the draws' mean gradient, what
-    fresh draws at every step add up to); groups "all", "below" (the layers before the first
-    sparse one, reached through the sparse layers' backward), "sparse" and "above" (None for an
-    empty group)."""
+    {group: its norm over the dense gradient's}, "cosine with random": {group: cosine with the
+    random draws' mean gradient}}} for "oracle", "update", "taylor", "random" (a list, one per
+    draw; no "cosine with random"), and "random, mean of draws" (the draws' mean gradient, what
+    fresh draws at every step add up to: cosine and norm ratio only); groups "all", "below"
+    (the layers before the first sparse one, reached through the sparse layers' backward),
+    "sparse" and "above" (None for an empty group). A selection whose gradient is far from
+    the dense one and close to random's moves the adapters as random blocks do, whatever it
+    keeps."""
     from lemo_compile import ops
     from lemo_compile.predictors.calibrate import oracle_scores
 
@@ -601,11 +604,15 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
         return {name: torch.cat([per_layer[i] for i in members]) if members else None
                 for name, members in groups.items()}
 
-    def compared(gradient: dict) -> dict:
-        return {"cosine": {name: None if g is None else torch.nn.functional.cosine_similarity(
-                    g, dense[name], dim=0).item() for name, g in gradient.items()},
+    def cosine(a, b) -> float | None:
+        return None if a is None else torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+    def compared(gradient: dict, random_mean: dict | None) -> dict:
+        return {"cosine": {name: cosine(g, dense[name]) for name, g in gradient.items()},
                 "norm ratio": {name: None if g is None else (g.norm() / dense[name].norm()).item()
-                               for name, g in gradient.items()}}
+                               for name, g in gradient.items()},
+                **({} if random_mean is None else {"cosine with random": {
+                    name: cosine(g, random_mean[name]) for name, g in gradient.items()}})}
 
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -628,13 +635,19 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
             hook.remove()
         block = args.block_size
 
-        def read(scores_of) -> tuple[dict, dict]:
+        def gradient_of(scores_of) -> tuple[float, dict]:
             rows = {i: ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
                     for i in sparse}
             loss, per_layer, _ = attention_weight_gradient(model, ids, rows)
-            gradient = grouped(per_layer)
-            return {"loss": loss, **compared(gradient)}, gradient
+            return loss, grouped(per_layer)
 
+        generator = torch.Generator(device).manual_seed(args.seed + 7)
+        random_draws = [gradient_of(lambda i: torch.rand(len(ids), ids.shape[1] // block,
+                                                         generator=generator, device=device))
+                        for _ in range(draws)]
+        random_mean = {name: None if dense[name] is None else
+                       torch.stack([gradient[name] for _, gradient in random_draws]).mean(0)
+                       for name in groups}
         result = {"dense loss": dense_loss, "groups": groups,
                   "dense norm": {name: None if g is None else g.norm().item()
                                  for name, g in dense.items()}}
@@ -642,16 +655,11 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
                 ("oracle", lambda i: sigma[i].to(device)),
                 ("update", lambda i: ops.token_block_scores(update[i], block, mean=True)),
                 ("taylor", lambda i: ops.token_block_scores(taylor[i], block, mean=True))):
-            result[name] = read(scores_of)[0]
-        generator = torch.Generator(device).manual_seed(args.seed + 7)
-        random_draws = [read(lambda i: torch.rand(len(ids), ids.shape[1] // block,
-                                                  generator=generator, device=device))
-                        for _ in range(draws)]
-        result["random"] = [reading for reading, _ in random_draws]
-        result["random, mean of draws"] = compared(
-            {name: None if dense[name] is None else
-             torch.stack([gradient[name] for _, gradient in random_draws]).mean(0)
-             for name in groups})
+            loss, gradient = gradient_of(scores_of)
+            result[name] = {"loss": loss, **compared(gradient, random_mean)}
+        result["random"] = [{"loss": loss, **compared(gradient, None)}
+                            for loss, gradient in random_draws]
+        result["random, mean of draws"] = compared(random_mean, None)
         return result
     finally:
         for hook in hooks:
@@ -757,8 +765,9 @@ def evaluate(model, held_out: torch.Tensor, args, device) -> dict:
 
 def _gradient_text(study: dict) -> str:
     """`gradient_study`'s result in a line: per selection, its gradient's cosine with the dense
-    one over all layers / below / in / above the sparse layers, and its norm over the dense
-    one's (all layers); the random draws' mean per draw beside their mean gradient's."""
+    one over all layers / below / in / above the sparse layers, its norm over the dense one's
+    and its cosine with the random draws' mean gradient (all layers); the random draws' mean
+    per draw beside their mean gradient's."""
     draws = study["random"]
     readings = {name: study[name] for name in ("oracle", "update", "taylor")}
     readings["one random draw (mean)"] = {
@@ -767,10 +776,13 @@ def _gradient_text(study: dict) -> str:
         for key in ("cosine", "norm ratio")}
     readings["random, mean of draws"] = study["random, mean of draws"]
     return (f"dense gradient norm {study['dense norm']['all']:.4f}; cosine with it, all / below "
-            "/ sparse / above the sparse layers, and norm over it: " + "; ".join(
-                f"{name} " + " / ".join("-" if c is None else f"{c:.3f}"
-                                        for c in reading["cosine"].values())
-                + f", {reading['norm ratio']['all']:.2f}x" for name, reading in readings.items()))
+            "/ sparse / above the sparse layers, norm over it, cosine with random's mean: "
+            + "; ".join(f"{name} " + " / ".join("-" if c is None else f"{c:.3f}"
+                                                for c in reading["cosine"].values())
+                        + f", {reading['norm ratio']['all']:.2f}x"
+                        + (f", {reading['cosine with random']['all']:.3f}"
+                           if "cosine with random" in reading else "")
+                        for name, reading in readings.items()))
 
 
 def main() -> int:

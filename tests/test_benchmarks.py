@@ -118,6 +118,9 @@ def test_gradient_study_emulates_lemo_backward():
         assert all(-1.0 <= c < 0.9999 for c in reading["cosine"].values())
         assert all(r > 0.0 for r in reading["norm ratio"].values())
     assert study["random"][0]["loss"] != study["random"][1]["loss"]
+    for name in ("oracle", "update", "taylor"):
+        assert all(-1.0 <= c < 0.9999 for c in study[name]["cosine with random"].values())
+    assert "random, mean of draws" in accuracy._gradient_text(study)  # the printed line
 
 
 def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
