@@ -28,6 +28,9 @@ One run, one process, same data and seeds for every variant:
    how much of the model the selection keeps. Read on one model for every variant (the base, or
    dense LoRA, which uses its long context as the base does not), it tells a selection that keeps
    what matters from one that does not, whatever the fine-tuning then makes of it.
+   After dense LoRA, on the base model and on dense LoRA's: `selection_study` (how much of the
+   model each way of choosing the same number of blocks keeps, run sparse) and `gradient_study`
+   (how closely each one's training gradient follows the dense one, and random blocks').
 
 Variants (`--variants`):
   dense         LoRA without token elimination (lemo with keep_ratio=1.0: the same compiled base)
