@@ -81,6 +81,10 @@ Variants (`--variants`):
   then-dense-kept-loss  then-dense with its sparse phase weighted as kept-loss's
   then-dense-random  then-dense with its sparse phase drawing random blocks anew at every step
                 (random-fresh's selection): does the recommended schedule need the oracle?
+  corrected     the oracle at every step, and every 4th step (from the first) also dense on the
+                same batch: that step takes the dense gradient and keeps sparse minus dense,
+                which the next three subtract from their sparse gradients (a control variate
+                for what dropping tokens does to the gradient; 5 passes per 4 steps, 1 dense)
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
 dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
@@ -116,11 +120,13 @@ SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
 # lemo's default keep ratio, --keep-ratio's default
 DEFAULT_KEEP_RATIO = 0.4
+# "corrected": every CORRECTION_PERIOD-th step also runs dense (`corrected_steps`)
+CORRECTION_PERIOD = 4
 # variants whose keep ratio --keep-ratio does not set
 KEEPS_ITS_OWN = ("dense", "keep06")
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
             "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
-            *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss")
+            *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss", "corrected")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -332,21 +338,62 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    schedule = schedule_of(variant, options)
-    losses = []
-    for step, ids in enumerate(batches):
-        schedule.apply(model, step, len(batches))
-        ids = ids.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    if variant == "corrected":
+        backends = [lemo_compile.LemoBackend(options),
+                    lemo_compile.LemoBackend({**options, "keep_ratio": 1.0})]
+        losses = corrected_steps(*(torch.compile(model, backend=b) for b in backends),
+                                 [p for p in model.parameters() if p.requires_grad], batches,
+                                 optimizer, device)
+    else:
+        schedule = schedule_of(variant, options)
+        losses = []
+        for step, ids in enumerate(batches):
+            schedule.apply(model, step, len(batches))
+            ids = ids.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        backends = schedule.backends
     sparse = [sorted({p.layer for r in b.reports if r.training for p in r.plans if p.sparse})
-              for b in schedule.backends if b is not None]
+              for b in backends if b is not None]
     merged = model.merge_and_unload()
     return merged.eval(), losses, sparse, options
+
+
+def corrected_steps(sparse, dense, params: list[torch.Tensor], batches: list[torch.Tensor],
+                    optimizer, device, period: int = CORRECTION_PERIOD) -> list[float]:
+    """The "corrected" variant's training loop: `sparse` and `dense` map (input_ids=, labels=) to
+    an output with `.loss` (the model compiled by lemo, and by lemo at keep 1.0), `params` the
+    trainable parameters `optimizer` steps. Every step runs `sparse` on its batch; every
+    `period`-th step (from the first) also runs `dense` on it, steps with the dense gradient and
+    keeps the difference (sparse gradient - dense gradient) per parameter; the other steps step
+    with the sparse gradient minus the last difference (a control variate: `gradient_study`
+    finds that difference much the same for every selection). Returns the losses stepped on
+    (the dense loss on the reference steps)."""
+    def gradient(run, ids) -> tuple[float, tuple]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = run(input_ids=ids, labels=ids).loss
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    losses, difference = [], None
+    for step, ids in enumerate(batches):
+        ids = ids.to(device)
+        loss, grads = gradient(sparse, ids)
+        if step % period == 0:
+            loss, dense_grads = gradient(dense, ids)
+            difference = [g - d for g, d in zip(grads, dense_grads)]
+            grads = dense_grads
+        else:
+            grads = [g - d for g, d in zip(grads, difference)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+    return losses
 
 
 def passkey_probe(args) -> list[tuple[float, torch.Tensor, int, int]]:

@@ -57,6 +57,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-kept-loss": [(0.75, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-random": [(0.75, "lemo-random", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
+    # every step sparse, and a quarter of them also dense (CORRECTION_PERIOD 4): shares add to 1.25
+    "corrected": [(1.0, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)

@@ -123,6 +123,50 @@ def test_gradient_study_emulates_lemo_backward():
     assert "random, mean of draws" in accuracy._gradient_text(study)  # the printed line
 
 
+def test_corrected_steps_follow_the_dense_trajectory_when_the_difference_is_constant():
+    """accuracy.py's `corrected_steps`: with a sparse loss whose gradient is the dense one plus a
+    constant, every step after a reference step subtracts exactly that constant, so SGD follows
+    the dense run step for step, where stepping on the sparse gradient does not; the losses
+    returned are the dense ones on reference steps and the sparse ones between."""
+    import types
+
+    import torch
+
+    accuracy = _script("accuracy")
+    target, shift = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -0.4])
+    batches = [torch.full((1, 4), k + 1) for k in range(7)]
+
+    def run(weight: torch.Tensor, shifted: bool):
+        def forward(input_ids, labels):
+            loss = ((weight - target * input_ids.float().mean()) ** 2).sum()
+            return types.SimpleNamespace(loss=loss + (weight * shift).sum() if shifted else loss)
+        return forward
+
+    def trajectory(sparse_shifted: bool, corrected: bool) -> tuple[torch.Tensor, list[float]]:
+        weight = torch.zeros(3, requires_grad=True)
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        if corrected:
+            return weight, accuracy.corrected_steps(
+                run(weight, sparse_shifted), run(weight, False), [weight], batches, optimizer,
+                torch.device("cpu"), period=3)
+        losses = []
+        for ids in batches:
+            loss = run(weight, sparse_shifted)(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return weight, losses
+
+    dense_end, dense_losses = trajectory(sparse_shifted=False, corrected=False)
+    corrected_end, losses = trajectory(sparse_shifted=True, corrected=True)
+    sparse_end, _ = trajectory(sparse_shifted=True, corrected=False)
+    torch.testing.assert_close(corrected_end, dense_end)
+    assert not torch.allclose(sparse_end, dense_end, atol=1e-3)
+    assert losses[3] == pytest.approx(dense_losses[3])  # a reference step: the dense loss
+    assert losses[4] != pytest.approx(dense_losses[4])  # between: the sparse loss
+
+
 def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     """An accuracy run with --keep-ratio 0.2 gives its own points, priced from keep-0.2 rows; the
     default run's oracle is priced from keep-0.4 rows, and dense keeps its own name."""
