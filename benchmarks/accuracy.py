@@ -618,7 +618,8 @@ def attention_weight_gradient(model, ids: torch.Tensor, rows: dict[int, torch.Te
     return loss.float().item(), per_layer, grads[len(weights):]
 
 
-def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> dict:
+def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8,
+                   next_ids: torch.Tensor | None = None) -> dict:
     """How well each selection's training step follows the dense one, read on one model: the
     gradient of the loss of the batch `ids` [B, S] with respect to every decoder layer's
     q/k/v/o weights (what LoRA's adapters see, through their projections), run dense and run
@@ -638,7 +639,12 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
     (the layers before the first sparse one, reached through the sparse layers' backward),
     "sparse" and "above" (None for an empty group). A selection whose gradient is far from
     the dense one and close to random's moves the adapters as random blocks do, whatever it
-    keeps."""
+    keeps. With `next_ids` (another batch) also "carried over": does the oracle's difference
+    from the dense gradient on `ids` (all layers) carry over to `next_ids`, as the "corrected"
+    variant assumes? {"difference cosine": its cosine with the difference on `next_ids`,
+    "sparse cosine": the oracle's gradient's cosine with the dense one on `next_ids`,
+    "corrected cosine" and "corrected norm ratio": the same for the oracle's gradient there
+    minus the difference on `ids`}."""
     from lemo_compile import ops
     from lemo_compile.predictors.calibrate import oracle_scores
 
@@ -707,9 +713,25 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8) -> di
                 ("taylor", lambda i: ops.token_block_scores(taylor[i], block, mean=True))):
             loss, gradient = gradient_of(scores_of)
             result[name] = {"loss": loss, **compared(gradient, random_mean)}
+            if name == "oracle":
+                difference = gradient["all"] - dense["all"]
         result["random"] = [{"loss": loss, **compared(gradient, None)}
                             for loss, gradient in random_draws]
         result["random, mean of draws"] = compared(random_mean, None)
+        if next_ids is not None:
+            next_ids = next_ids.to(device)
+            (next_sigma,), _ = oracle_scores(model, [next_ids], options=lemo_options("oracle", args))
+            torch._dynamo.reset()
+            rows = {i: ops.select_tokens(next_sigma[i].to(device), kept[i], block,
+                                         next_ids.shape[1]) for i in sparse}
+            next_dense = torch.cat(attention_weight_gradient(model, next_ids, {})[1])
+            next_sparse = torch.cat(attention_weight_gradient(model, next_ids, rows)[1])
+            corrected = next_sparse - difference
+            result["carried over"] = {
+                "difference cosine": cosine(next_sparse - next_dense, difference),
+                "sparse cosine": cosine(next_sparse, next_dense),
+                "corrected cosine": cosine(corrected, next_dense),
+                "corrected norm ratio": (corrected.norm() / next_dense.norm()).item()}
         return result
     finally:
         for hook in hooks:
@@ -825,6 +847,12 @@ def _gradient_text(study: dict) -> str:
               sum(d[key][group] for d in draws) / len(draws) for group in study["groups"]}
         for key in ("cosine", "norm ratio")}
     readings["random, mean of draws"] = study["random, mean of draws"]
+    carried = study.get("carried over")
+    carried_text = "" if carried is None else (
+        "; the oracle's difference from dense, carried to the next batch: cosine with that "
+        f"batch's difference {carried['difference cosine']:.3f}, the oracle's cosine with dense "
+        f"there {carried['sparse cosine']:.3f}, corrected {carried['corrected cosine']:.3f} "
+        f"({carried['corrected norm ratio']:.2f}x)")
     return (f"dense gradient norm {study['dense norm']['all']:.4f}; cosine with it, all / below "
             "/ sparse / above the sparse layers, norm over it, cosine with random's mean: "
             + "; ".join(f"{name} " + " / ".join("-" if c is None else f"{c:.3f}"
@@ -832,7 +860,7 @@ def _gradient_text(study: dict) -> str:
                         + f", {reading['norm ratio']['all']:.2f}x"
                         + (f", {reading['cosine with random']['all']:.3f}"
                            if "cosine with random" in reading else "")
-                        for name, reading in readings.items()))
+                        for name, reading in readings.items()) + carried_text)
 
 
 def main() -> int:
@@ -927,8 +955,10 @@ def main() -> int:
                          "base": selection_study(base, held_out, batches, args, device),
                          "dense LoRA": selection_study(tuned, held_out, batches, args, device),
                          "gradients": {
-                             "base": gradient_study(base, batches[0], args, device),
-                             "dense LoRA": gradient_study(tuned, batches[0], args, device)}})
+                             "base": gradient_study(base, batches[0], args, device,
+                                                    next_ids=batches[1]),
+                             "dense LoRA": gradient_study(tuned, batches[0], args, device,
+                                                          next_ids=batches[1])}})
             with open(args.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
         del tuned
@@ -968,7 +998,8 @@ def main() -> int:
                           "random": sum(study["random"]) / len(study["random"])}
                 print(f"selection study on {model_name}, sparse against dense loss: " + ", ".join(
                     f"{name} {loss / study['dense'] - 1:+.1%}" for name, loss in losses.items()))
-                print(f"gradient study on {model_name}: " + _gradient_text(row["gradients"][model_name]))
+                print(f"gradient study on {model_name}: "
+                      + _gradient_text(row["gradients"][model_name]))
     print(f"total {time.perf_counter() - begin:.0f} s")
     return 0
 

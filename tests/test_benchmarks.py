@@ -109,7 +109,9 @@ def test_gradient_study_emulates_lemo_backward():
         torch.testing.assert_close(emulated[layer], lemo_grad, rtol=1e-4, atol=1e-7)
         assert not torch.allclose(emulated[layer], dense[layer], rtol=1e-3, atol=1e-6)
 
-    study = accuracy.gradient_study(model, ids, args, torch.device("cpu"), draws=2)
+    next_ids = torch.randint(0, 101, (2, 128), generator=torch.Generator().manual_seed(2))
+    study = accuracy.gradient_study(model, ids, args, torch.device("cpu"), draws=2,
+                                    next_ids=next_ids)
     assert study["oracle"]["loss"] == loss
     assert study["dense norm"]["all"] == pytest.approx(torch.cat(dense).norm().item(), rel=1e-5)
     assert study["groups"] == {"all": [0, 1, 2, 3], "below": [0, 1], "sparse": [2], "above": [3]}
@@ -120,7 +122,11 @@ def test_gradient_study_emulates_lemo_backward():
     assert study["random"][0]["loss"] != study["random"][1]["loss"]
     for name in ("oracle", "update", "taylor"):
         assert all(-1.0 <= c < 0.9999 for c in study[name]["cosine with random"].values())
-    assert "random, mean of draws" in accuracy._gradient_text(study)  # the printed line
+    carried = study["carried over"]
+    assert all(-1.0 <= carried[key] < 0.9999
+               for key in ("difference cosine", "sparse cosine", "corrected cosine"))
+    assert carried["corrected cosine"] != carried["sparse cosine"]
+    assert "carried to the next batch" in accuracy._gradient_text(study)  # the printed line
 
 
 def test_corrected_steps_follow_the_dense_trajectory_when_the_difference_is_constant():
