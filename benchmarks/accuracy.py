@@ -81,10 +81,11 @@ Variants (`--variants`):
   then-dense-kept-loss  then-dense with its sparse phase weighted as kept-loss's
   then-dense-random  then-dense with its sparse phase drawing random blocks anew at every step
                 (random-fresh's selection): does the recommended schedule need the oracle?
-  corrected     the oracle at every step, and every 4th step (from the first) also dense on the
-                same batch: that step takes the dense gradient and keeps sparse minus dense,
-                which the next three subtract from their sparse gradients (a control variate
-                for what dropping tokens does to the gradient; 5 passes per 4 steps, 1 dense)
+  corrected     the oracle at every step, and every 4th step (`--correction-period`, from the
+                first) also dense on the same batch: that step takes the dense gradient and keeps
+                sparse minus dense, which the steps between subtract from their sparse gradients
+                (a control variate for what dropping tokens does to the gradient; 5 passes per 4
+                steps, 1 dense)
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
 dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
@@ -120,7 +121,7 @@ SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
 # lemo's default keep ratio, --keep-ratio's default
 DEFAULT_KEEP_RATIO = 0.4
-# "corrected": every CORRECTION_PERIOD-th step also runs dense (`corrected_steps`)
+# "corrected": every CORRECTION_PERIOD-th step also runs dense (`corrected_steps`), by default
 CORRECTION_PERIOD = 4
 # variants whose keep ratio --keep-ratio does not set
 KEEPS_ITS_OWN = ("dense", "keep06")
@@ -343,7 +344,7 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
                     lemo_compile.LemoBackend({**options, "keep_ratio": 1.0})]
         losses = corrected_steps(*(torch.compile(model, backend=b) for b in backends),
                                  [p for p in model.parameters() if p.requires_grad], batches,
-                                 optimizer, device)
+                                 optimizer, device, period=args.correction_period)
     else:
         schedule = schedule_of(variant, options)
         losses = []
@@ -883,6 +884,8 @@ def main() -> int:
     parser.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO,
                         help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
                              "keep-0.7 phases of warmup and rising)")
+    parser.add_argument("--correction-period", type=int, default=CORRECTION_PERIOD,
+                        help="the corrected variant's steps per dense reference step")
     parser.add_argument("--calibrate-steps", type=int, default=300,
                         help="predictor training steps (the predictor variant)")
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -901,6 +904,8 @@ def main() -> int:
     args = parser.parse_args()
     if not 0 < args.keep_ratio <= 1:
         parser.error(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    if args.correction_period < 1:
+        parser.error(f"--correction-period must be >= 1, got {args.correction_period}")
     if args.smoke:
         args.layers, args.hidden, args.short, args.long = 4, 128, 256, 512
         args.pretrain_steps, args.pretrain_batch, args.steps, args.batch = 20, 4, 4, 2
@@ -919,7 +924,7 @@ def main() -> int:
     base = model  # the context-extended base, whose selection the fine-tuned ones are compared to
     common = {"layers": args.layers, "hidden": args.hidden, "short": args.short, "long": args.long,
               "steps": args.steps, "batch": args.batch, "seed": args.seed, "compiler": args.compiler,
-              "base_keep_ratio": args.keep_ratio,
+              "base_keep_ratio": args.keep_ratio, "correction_period": args.correction_period,
               "pretrain_steps": args.pretrain_steps, "passkey_fraction": args.passkey_fraction,
               "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
