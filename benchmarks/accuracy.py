@@ -338,13 +338,13 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     if variant == "corrected":
         backends = [lemo_compile.LemoBackend(options),
                     lemo_compile.LemoBackend({**options, "keep_ratio": 1.0})]
-        losses = corrected_steps(*(torch.compile(model, backend=b) for b in backends),
-                                 [p for p in model.parameters() if p.requires_grad], batches,
-                                 optimizer, device, period=args.correction_period)
+        losses = corrected_steps(*(torch.compile(model, backend=b) for b in backends), trainable,
+                                 batches, optimizer, device, period=args.correction_period)
     else:
         schedule = schedule_of(variant, options)
         losses = []

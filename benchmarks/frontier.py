@@ -36,8 +36,14 @@ import json
 import os
 import statistics
 
-from accuracy import DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
+from accuracy import CORRECTION_PERIOD, DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
 from harness import add_summary_arguments, write_summary
+
+def corrected_phases(period: int) -> list[tuple[float, str, float | None, bool | None]]:
+    """accuracy.py's "corrected" at `--correction-period` period: every step sparse, and one step
+    in `period` also dense (the shares add to 1 + 1 / period)."""
+    return [(1.0, "lemo", 0.4, None), (1 / period, "lemo-base", 1.0, True)]
+
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
 # (None without lemo), gradient checkpointing or None for the --checkpointing setting). The dense
@@ -57,8 +63,7 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-kept-loss": [(0.75, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-random": [(0.75, "lemo-random", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
-    # every step sparse, and a quarter of them also dense (CORRECTION_PERIOD 4): shares add to 1.25
-    "corrected": [(1.0, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
+    "corrected": corrected_phases(CORRECTION_PERIOD),  # a row's own period: `cost`
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
@@ -79,10 +84,11 @@ def read(files: list[str]) -> list[tuple[str, dict]]:
 
 
 def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
-    """point -> {"variant", "keep": the run's --keep-ratio, "gaps": [(file, % gap to that file's
-    dense LoRA)], "passkey": [mean per run]}; a point is the variant's name, followed by
-    ", keep K" for a run at another --keep-ratio than lemo's default (variants that keep their own
-    ratio excepted)."""
+    """point -> {"variant", "keep": the run's --keep-ratio, "period": "corrected"'s
+    --correction-period (else None), "gaps": [(file, % gap to that file's dense LoRA)],
+    "passkey": [mean per run]}; a point is the variant's name, followed by ", keep K" for a run at
+    another --keep-ratio than lemo's default (variants that keep their own ratio excepted) and
+    ", period P" for "corrected" at another period than the default."""
     dense = {name: row["held_out_loss"] for name, row in rows if row["variant"] == "dense"}
     points: dict[str, dict] = {}
     for name, row in rows:
@@ -91,9 +97,12 @@ def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
         variant, keep = row["variant"], row.get("base_keep_ratio", DEFAULT_KEEP_RATIO)
         if variant in KEEPS_ITS_OWN:
             keep = DEFAULT_KEEP_RATIO
-        label = variant if keep == DEFAULT_KEEP_RATIO else f"{variant}, keep {keep:g}"
-        point = points.setdefault(label, {"variant": variant, "keep": keep, "gaps": [],
-                                          "passkey": []})
+        period = (row.get("correction_period", CORRECTION_PERIOD) if variant == "corrected"
+                  else None)
+        label = (variant + ("" if keep == DEFAULT_KEEP_RATIO else f", keep {keep:g}")
+                 + ("" if period in (None, CORRECTION_PERIOD) else f", period {period}"))
+        point = points.setdefault(label, {"variant": variant, "keep": keep, "period": period,
+                                          "gaps": [], "passkey": []})
         point["gaps"].append((os.path.basename(name), 100 * (row["held_out_loss"] / dense[name] - 1)))
         point["passkey"].append(statistics.mean(row["passkey"].values()))
     return points
@@ -114,13 +123,14 @@ def _sparse_from(row: dict) -> float:
     return 0.5 if row.get("sparse_from") is None else row["sparse_from"]
 
 
-def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]],
-         args) -> tuple[dict | None, str]:
+def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]], args,
+         period: int | None = None) -> tuple[dict | None, str]:
     """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
-    (None, what is missing), for `variant` fine-tuned at --keep-ratio `keep_ratio`. Each phase is
-    compared with the HF + Liger row of its own run (file), so that readings of different runs
-    are not mixed; of several matching rows the last one read counts."""
-    phases = COST_OF.get(variant)
+    (None, what is missing), for `variant` fine-tuned at --keep-ratio `keep_ratio` (and, for
+    "corrected", --correction-period `period`). Each phase is compared with the HF + Liger row of
+    its own run (file), so that readings of different runs are not mixed; of several matching
+    rows the last one read counts."""
+    phases = corrected_phases(period) if period is not None else COST_OF.get(variant)
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
     # COST_OF's sparse phases name lemo's default keep ratio: a run at another is priced at its own
@@ -226,7 +236,7 @@ def main() -> int:
     args = parser.parse_args()
     points = accuracy_points(read(args.accuracy))
     rows = read(args.long_context)
-    costs = {label: cost(point["variant"], point["keep"], rows, args)
+    costs = {label: cost(point["variant"], point["keep"], rows, args, point["period"])
              for label, point in points.items()}
     write_summary(args.markdown, args.plot,
                   lambda plot_name: markdown(points, costs, args, plot_name),

@@ -204,6 +204,20 @@ def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     missing, why = frontier.cost("oracle", 0.3, rows, args)
     assert missing is None and "keep 0.3" in why
 
+    # "corrected" is labelled and priced by its own --correction-period (rows before the field:
+    # the default, 4): a dense pass on one step in that many, besides the sparse one
+    corrected = [("c", {"variant": "dense", "held_out_loss": 1.0, "passkey": {"0.0": 1.0}})] + [
+        ("c", {"variant": "corrected", "held_out_loss": 1.01, "passkey": {"0.0": 1.0}, **extra})
+        for extra in ({}, {"correction_period": 2})]
+    points = frontier.accuracy_points(corrected)
+    assert points["corrected"]["period"] == 4 and points["corrected, period 2"]["period"] == 2
+    rows.append(("lc", {**row("lemo-base", 1.0, 1.2, 60.0)[1], "checkpointing": True}))
+    every_4th, _ = frontier.cost("corrected", 0.4, rows, args, 4)
+    every_2nd, _ = frontier.cost("corrected", 0.4, rows, args, 2)
+    assert every_4th["step"] == pytest.approx(100 * (1 - (0.8 + 1.2 / 4)))
+    assert every_2nd["step"] == pytest.approx(100 * (1 - (0.8 + 1.2 / 2)))
+    assert every_2nd["peak"] == pytest.approx(30.0)
+
 
 def test_long_context_summary_prefers_timed_runs_then_fit_checks_then_out_of_memory():
     """Per (length, checkpointing, system): the fastest timed run; a fit check (no step time) only
