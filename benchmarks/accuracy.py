@@ -86,6 +86,8 @@ Variants (`--variants`):
                 sparse minus dense, which the steps between subtract from their sparse gradients
                 (a control variate for what dropping tokens does to the gradient; 5 passes per 4
                 steps, 1 dense)
+  interleaved   corrected's control: every 4th step (`--correction-period`) dense instead of
+                sparse, the others the oracle, nothing subtracted (4 passes per 4 steps, 1 dense)
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
 dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
@@ -121,13 +123,15 @@ SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 LOSS_WEIGHTS = {"weighted": 0.5, "kept-loss": 0.0}
 # lemo's default keep ratio, --keep-ratio's default
 DEFAULT_KEEP_RATIO = 0.4
-# "corrected": every CORRECTION_PERIOD-th step also runs dense (`corrected_steps`), by default
+# "corrected" and "interleaved": every CORRECTION_PERIOD-th step runs dense (`corrected_steps`),
+# by default
 CORRECTION_PERIOD = 4
+PERIODIC = ("corrected", "interleaved")
 # variants whose keep ratio --keep-ratio does not set
 KEEPS_ITS_OWN = ("dense", "keep06")
 VARIANTS = ("dense", "oracle", "random", "random-fresh", "explore", "edges", "distance",
             "predictor", "tokens", "channels", "keep06", "layerwise", "output", *SCHEDULES,
-            *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss", "corrected")
+            *SPARSE_FROM, *LOSS_WEIGHTS, "random-kept-loss", *PERIODIC)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -340,11 +344,12 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    if variant == "corrected":
+    if variant in PERIODIC:
         backends = [lemo_compile.LemoBackend(options),
                     lemo_compile.LemoBackend({**options, "keep_ratio": 1.0})]
         losses = corrected_steps(*(torch.compile(model, backend=b) for b in backends), trainable,
-                                 batches, optimizer, device, period=args.correction_period)
+                                 batches, optimizer, device, period=args.correction_period,
+                                 subtract=variant == "corrected")
     else:
         schedule = schedule_of(variant, options)
         losses = []
@@ -365,15 +370,17 @@ def finetune(base_state: dict, variant: str, batches: list[torch.Tensor], args, 
 
 
 def corrected_steps(sparse, dense, params: list[torch.Tensor], batches: list[torch.Tensor],
-                    optimizer, device, period: int = CORRECTION_PERIOD) -> list[float]:
-    """The "corrected" variant's training loop: `sparse` and `dense` map (input_ids=, labels=) to
-    an output with `.loss` (the model compiled by lemo, and by lemo at keep 1.0), `params` the
-    trainable parameters `optimizer` steps. Every step runs `sparse` on its batch; every
-    `period`-th step (from the first) also runs `dense` on it, steps with the dense gradient and
-    keeps the difference (sparse gradient - dense gradient) per parameter; the other steps step
-    with the sparse gradient minus the last difference (a control variate: `gradient_study`
-    finds that difference much the same for every selection). Returns the losses stepped on
-    (the dense loss on the reference steps)."""
+                    optimizer, device, period: int = CORRECTION_PERIOD,
+                    subtract: bool = True) -> list[float]:
+    """The training loop of "corrected" (`subtract`) and of its control "interleaved": `sparse`
+    and `dense` map (input_ids=, labels=) to an output with `.loss` (the model compiled by lemo,
+    and by lemo at keep 1.0), `params` the trainable parameters `optimizer` steps. Every
+    `period`-th step (from the first) steps with `dense`'s gradient on its batch, the others
+    with `sparse`'s. With `subtract`, a reference step also runs `sparse` on its batch and keeps
+    the difference (sparse gradient - dense gradient) per parameter, and the steps between
+    subtract the last difference from their sparse gradients (a control variate:
+    `gradient_study` finds that difference much the same for every selection). Returns the
+    losses stepped on (the dense loss on the reference steps)."""
     def gradient(run, ids) -> tuple[float, tuple]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = run(input_ids=ids, labels=ids).loss
@@ -382,12 +389,15 @@ def corrected_steps(sparse, dense, params: list[torch.Tensor], batches: list[tor
     losses, difference = [], None
     for step, ids in enumerate(batches):
         ids = ids.to(device)
-        loss, grads = gradient(sparse, ids)
-        if step % period == 0:
+        reference = step % period == 0
+        if subtract or not reference:
+            loss, grads = gradient(sparse, ids)
+        if reference:
             loss, dense_grads = gradient(dense, ids)
-            difference = [g - d for g, d in zip(grads, dense_grads)]
+            if subtract:
+                difference = [g - d for g, d in zip(grads, dense_grads)]
             grads = dense_grads
-        else:
+        elif subtract:
             grads = [g - d for g, d in zip(grads, difference)]
         for p, g in zip(params, grads):
             p.grad = g

@@ -36,13 +36,16 @@ import json
 import os
 import statistics
 
-from accuracy import CORRECTION_PERIOD, DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, SPARSE_FROM
+from accuracy import (CORRECTION_PERIOD, DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, PERIODIC,
+                      SPARSE_FROM)
 from harness import add_summary_arguments, write_summary
 
-def corrected_phases(period: int) -> list[tuple[float, str, float | None, bool | None]]:
-    """accuracy.py's "corrected" at `--correction-period` period: every step sparse, and one step
-    in `period` also dense (the shares add to 1 + 1 / period)."""
-    return [(1.0, "lemo", 0.4, None), (1 / period, "lemo-base", 1.0, True)]
+def periodic_phases(variant: str, period: int) -> list[tuple[float, str, float | None, bool | None]]:
+    """accuracy.py's "corrected" or "interleaved" at `--correction-period` period: one step in
+    `period` dense; the others sparse, and for "corrected" that step too (its shares add to
+    1 + 1 / period)."""
+    sparse = 1.0 if variant == "corrected" else 1 - 1 / period
+    return [(sparse, "lemo", 0.4, None), (1 / period, "lemo-base", 1.0, True)]
 
 
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
@@ -63,7 +66,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-kept-loss": [(0.75, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-random": [(0.75, "lemo-random", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
-    "corrected": corrected_phases(CORRECTION_PERIOD),  # a row's own period: `cost`
+    # a row's own period: `cost`
+    **{variant: periodic_phases(variant, CORRECTION_PERIOD) for variant in PERIODIC},
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
@@ -84,11 +88,11 @@ def read(files: list[str]) -> list[tuple[str, dict]]:
 
 
 def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
-    """point -> {"variant", "keep": the run's --keep-ratio, "period": "corrected"'s
-    --correction-period (else None), "gaps": [(file, % gap to that file's dense LoRA)],
+    """point -> {"variant", "keep": the run's --keep-ratio, "period": the --correction-period of
+    "corrected" and "interleaved" (else None), "gaps": [(file, % gap to that file's dense LoRA)],
     "passkey": [mean per run]}; a point is the variant's name, followed by ", keep K" for a run at
     another --keep-ratio than lemo's default (variants that keep their own ratio excepted) and
-    ", period P" for "corrected" at another period than the default."""
+    ", period P" for those two at another period than the default."""
     dense = {name: row["held_out_loss"] for name, row in rows if row["variant"] == "dense"}
     points: dict[str, dict] = {}
     for name, row in rows:
@@ -97,8 +101,7 @@ def accuracy_points(rows: list[tuple[str, dict]]) -> dict[str, dict]:
         variant, keep = row["variant"], row.get("base_keep_ratio", DEFAULT_KEEP_RATIO)
         if variant in KEEPS_ITS_OWN:
             keep = DEFAULT_KEEP_RATIO
-        period = (row.get("correction_period", CORRECTION_PERIOD) if variant == "corrected"
-                  else None)
+        period = row.get("correction_period", CORRECTION_PERIOD) if variant in PERIODIC else None
         label = (variant + ("" if keep == DEFAULT_KEEP_RATIO else f", keep {keep:g}")
                  + ("" if period in (None, CORRECTION_PERIOD) else f", period {period}"))
         point = points.setdefault(label, {"variant": variant, "keep": keep, "period": period,
@@ -127,10 +130,10 @@ def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]], args,
          period: int | None = None) -> tuple[dict | None, str]:
     """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
     (None, what is missing), for `variant` fine-tuned at --keep-ratio `keep_ratio` (and, for
-    "corrected", --correction-period `period`). Each phase is compared with the HF + Liger row of
-    its own run (file), so that readings of different runs are not mixed; of several matching
-    rows the last one read counts."""
-    phases = corrected_phases(period) if period is not None else COST_OF.get(variant)
+    "corrected" and "interleaved", --correction-period `period`). Each phase is compared with the
+    HF + Liger row of its own run (file), so that readings of different runs are not mixed; of
+    several matching rows the last one read counts."""
+    phases = periodic_phases(variant, period) if period is not None else COST_OF.get(variant)
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
     # COST_OF's sparse phases name lemo's default keep ratio: a run at another is priced at its own

@@ -133,7 +133,9 @@ def test_corrected_steps_follow_the_dense_trajectory_when_the_difference_is_cons
     """accuracy.py's `corrected_steps`: with a sparse loss whose gradient is the dense one plus a
     constant, every step after a reference step subtracts exactly that constant, so SGD follows
     the dense run step for step, where stepping on the sparse gradient does not; the losses
-    returned are the dense ones on reference steps and the sparse ones between."""
+    returned are the dense ones on reference steps and the sparse ones between. Without
+    `subtract` ("interleaved") it is plain SGD on the dense loss every period-th step and on the
+    sparse loss between."""
     import types
 
     import torch
@@ -148,16 +150,18 @@ def test_corrected_steps_follow_the_dense_trajectory_when_the_difference_is_cons
             return types.SimpleNamespace(loss=loss + (weight * shift).sum() if shifted else loss)
         return forward
 
-    def trajectory(sparse_shifted: bool, corrected: bool) -> tuple[torch.Tensor, list[float]]:
+    def trajectory(sparse_shifted: bool, corrected: bool, subtract: bool = True,
+                   dense_every: int = 0) -> tuple[torch.Tensor, list[float]]:
         weight = torch.zeros(3, requires_grad=True)
         optimizer = torch.optim.SGD([weight], lr=0.1)
         if corrected:
             return weight, accuracy.corrected_steps(
                 run(weight, sparse_shifted), run(weight, False), [weight], batches, optimizer,
-                torch.device("cpu"), period=3)
+                torch.device("cpu"), period=3, subtract=subtract)
         losses = []
-        for ids in batches:
-            loss = run(weight, sparse_shifted)(input_ids=ids, labels=ids).loss
+        for step, ids in enumerate(batches):
+            dense_step = dense_every and step % dense_every == 0
+            loss = run(weight, sparse_shifted and not dense_step)(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -171,6 +175,12 @@ def test_corrected_steps_follow_the_dense_trajectory_when_the_difference_is_cons
     assert not torch.allclose(sparse_end, dense_end, atol=1e-3)
     assert losses[3] == pytest.approx(dense_losses[3])  # a reference step: the dense loss
     assert losses[4] != pytest.approx(dense_losses[4])  # between: the sparse loss
+    # "interleaved" (nothing subtracted): the dense step every third step, the sparse between
+    interleaved_end, interleaved_losses = trajectory(True, corrected=True, subtract=False)
+    expected_end, expected_losses = trajectory(True, corrected=False, dense_every=3)
+    torch.testing.assert_close(interleaved_end, expected_end)
+    assert interleaved_losses == pytest.approx(expected_losses)
+    assert not torch.allclose(interleaved_end, dense_end, atol=1e-3)
 
 
 def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
@@ -217,6 +227,9 @@ def test_frontier_prices_a_run_at_another_keep_ratio_at_that_keep_ratio():
     assert every_4th["step"] == pytest.approx(100 * (1 - (0.8 + 1.2 / 4)))
     assert every_2nd["step"] == pytest.approx(100 * (1 - (0.8 + 1.2 / 2)))
     assert every_2nd["peak"] == pytest.approx(30.0)
+    # its control "interleaved" runs the dense step instead of a sparse one, not besides it
+    interleaved, _ = frontier.cost("interleaved", 0.4, rows, args, 2)
+    assert interleaved["step"] == pytest.approx(100 * (1 - (0.8 / 2 + 1.2 / 2)))
 
 
 def test_long_context_summary_prefers_timed_runs_then_fit_checks_then_out_of_memory():
