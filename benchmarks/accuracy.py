@@ -702,10 +702,10 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8,
             hook.remove()
         block = args.block_size
 
-        def gradient_of(scores_of) -> tuple[float, dict]:
-            rows = {i: ops.select_tokens(scores_of(i), kept[i], block, ids.shape[1])
+        def gradient_of(scores_of, batch: torch.Tensor = ids) -> tuple[float, dict]:
+            rows = {i: ops.select_tokens(scores_of(i), kept[i], block, batch.shape[1])
                     for i in sparse}
-            loss, per_layer, _ = attention_weight_gradient(model, ids, rows)
+            loss, per_layer, _ = attention_weight_gradient(model, batch, rows)
             return loss, grouped(per_layer)
 
         generator = torch.Generator(device).manual_seed(args.seed + 7)
@@ -733,10 +733,8 @@ def gradient_study(model, ids: torch.Tensor, args, device, draws: int = 8,
             next_ids = next_ids.to(device)
             (next_sigma,), _ = oracle_scores(model, [next_ids], options=lemo_options("oracle", args))
             torch._dynamo.reset()
-            rows = {i: ops.select_tokens(next_sigma[i].to(device), kept[i], block,
-                                         next_ids.shape[1]) for i in sparse}
             next_dense = torch.cat(attention_weight_gradient(model, next_ids, {})[1])
-            next_sparse = torch.cat(attention_weight_gradient(model, next_ids, rows)[1])
+            next_sparse = gradient_of(lambda i: next_sigma[i].to(device), next_ids)[1]["all"]
             corrected = next_sparse - difference
             result["carried over"] = {
                 "difference cosine": cosine(next_sparse - next_dense, difference),
@@ -895,7 +893,7 @@ def main() -> int:
                         help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
                              "keep-0.7 phases of warmup and rising)")
     parser.add_argument("--correction-period", type=int, default=CORRECTION_PERIOD,
-                        help="the corrected variant's steps per dense reference step")
+                        help="steps per dense step of the corrected and interleaved variants")
     parser.add_argument("--calibrate-steps", type=int, default=300,
                         help="predictor training steps (the predictor variant)")
     parser.add_argument("--eval-windows", type=int, default=64)

@@ -40,6 +40,7 @@ from accuracy import (CORRECTION_PERIOD, DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS
                       SPARSE_FROM)
 from harness import add_summary_arguments, write_summary
 
+
 def periodic_phases(variant: str, period: int) -> list[tuple[float, str, float | None, bool | None]]:
     """accuracy.py's "corrected" or "interleaved" at `--correction-period` period: one step in
     `period` dense; the others sparse, and for "corrected" that step too (its shares add to
@@ -51,7 +52,8 @@ def periodic_phases(variant: str, period: int) -> list[tuple[float, str, float |
 # accuracy.py variant -> its phases: (share of the steps, long_context.py variant, keep ratio
 # (None without lemo), gradient checkpointing or None for the --checkpointing setting). The dense
 # phase of a schedule runs with gradient checkpointing (`SparsitySchedule.sparse_then_dense`), on
-# lemo's compiled base.
+# lemo's compiled base. "corrected" and "interleaved" are priced at their own period instead
+# (`periodic_phases`).
 COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "dense": [(1.0, "liger", None, None)],
     "oracle": [(1.0, "lemo", 0.4, None)],
@@ -66,8 +68,6 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-kept-loss": [(0.75, "lemo", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-random": [(0.75, "lemo-random", 0.4, None), (0.25, "lemo-base", 1.0, True)],
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
-    # a row's own period: `cost`
-    **{variant: periodic_phases(variant, CORRECTION_PERIOD) for variant in PERIODIC},
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
@@ -130,10 +130,11 @@ def cost(variant: str, keep_ratio: float, rows: list[tuple[str, dict]], args,
          period: int | None = None) -> tuple[dict | None, str]:
     """({"step": % saved, "peak": % saved, "files": the rows' files} against HF + Liger, "") or
     (None, what is missing), for `variant` fine-tuned at --keep-ratio `keep_ratio` (and, for
-    "corrected" and "interleaved", --correction-period `period`). Each phase is compared with the
-    HF + Liger row of its own run (file), so that readings of different runs are not mixed; of
-    several matching rows the last one read counts."""
-    phases = periodic_phases(variant, period) if period is not None else COST_OF.get(variant)
+    "corrected" and "interleaved", --correction-period `period`, None for the default). Each phase
+    is compared with the HF + Liger row of its own run (file), so that readings of different runs
+    are not mixed; of several matching rows the last one read counts."""
+    phases = (periodic_phases(variant, period or CORRECTION_PERIOD) if variant in PERIODIC
+              else COST_OF.get(variant))
     if phases is None:
         return None, UNPRICED.get(variant, "no cost mapped in COST_OF")
     # COST_OF's sparse phases name lemo's default keep ratio: a run at another is priced at its own
