@@ -26,6 +26,16 @@ def system_of(variant: str) -> str:
     return SYSTEMS.get(variant, LEMO if variant.startswith("lemo") else variant)
 
 
+def one_device(rows: list[dict]) -> str | None:
+    """The GPU that every row names (rows without the field, such as some out-of-memory rows, say
+    nothing); raises ValueError for rows of several GPUs, whose step times and peaks one table
+    must not mix (runs on another card go in files outside the table's glob)."""
+    devices = sorted({row["device"] for row in rows if row.get("device")})
+    if len(devices) > 1:
+        raise ValueError(f"rows from several GPUs ({', '.join(devices)}): summarize one at a time")
+    return devices[0] if devices else None
+
+
 def best_rows(rows: list[dict]) -> dict[tuple[int, bool, str], dict]:
     """(length, checkpointing, system) -> the fastest timed run that fitted; else a fit check that
     fitted (`--fit-only`: `step_s` is None); else an out-of-memory row. Runs of a padded row
@@ -113,6 +123,10 @@ def main() -> int:
     add_summary_arguments(parser)
     args = parser.parse_args()
     rows = [json.loads(line) for name in args.files for line in open(name) if line.strip()]
+    try:
+        one_device(rows)
+    except ValueError as error:
+        parser.error(str(error))
     best = best_rows(rows)
     write_summary(args.markdown, args.plot,
                   lambda plot_name: markdown(best, {r["layers"] for r in rows}, args.files, plot_name),

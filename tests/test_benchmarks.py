@@ -258,3 +258,11 @@ def test_long_context_summary_prefers_timed_runs_then_fit_checks_then_out_of_mem
     table = summary.markdown(best, {32}, ["x.jsonl"], None)
     assert "| 262,144 | yes |  | liger: fits, 136.6 GB |  | lemo: fits, 121.5 GB |" in table
     assert "| 524,288 | yes |  | out of memory |  |  |" in table
+
+
+def test_long_context_summary_refuses_rows_of_two_gpus():
+    summary = _script("summarize_long_context")
+    h200 = {"variant": "liger", "device": "NVIDIA H200"}
+    assert summary.one_device([h200, {"variant": "lemo", "error": "out of memory"}]) == "NVIDIA H200"
+    with pytest.raises(ValueError, match="several GPUs"):
+        summary.one_device([h200, {"variant": "lemo", "device": "NVIDIA H100 80GB HBM3"}])
