@@ -61,6 +61,8 @@ Variants (`--variants`):
                 every step sparse)
   rising        keep 0.4 for 50% of the steps, 0.7 for 25%, then dense as then-dense ends (oracle;
                 75% of the steps sparse, as then-dense, with a milder way out)
+  warmup-then-dense  rising's control: the same phases with the keep-0.7 one first (keep 0.7 for
+                25% of the steps, 0.4 for 50%, then dense): as many kept tokens, in another order
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
@@ -90,8 +92,9 @@ Variants (`--variants`):
                 sparse, the others the oracle, nothing subtracted (4 passes per 4 steps, 1 dense)
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
-dense, keep06 and the keep-0.7 phases of warmup and rising (`KEEPS_ITS_OWN`): the keep-ratio sweep
-of the selection against random blocks. Every row records it as `base_keep_ratio`.
+dense, keep06 and the keep-0.7 phases of warmup, rising and warmup-then-dense (`KEEPS_ITS_OWN`):
+the keep-ratio sweep of the selection against random blocks. Every row records it as
+`base_keep_ratio`.
 
 Prints a table last and writes one JSON line per variant (plus one for the base model) to --out.
 
@@ -115,8 +118,8 @@ import zlib
 import torch
 
 # the variants that change phase
-SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "then-dense-kept-loss",
-             "then-dense-random")
+SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "warmup-then-dense",
+             "then-dense-kept-loss", "then-dense-random")
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
 # loss weighting: the variant's `dropped_loss_weight` (the oracle's selection)
@@ -314,6 +317,9 @@ def schedule_of(variant: str, options: dict):
     if variant == "rising":  # keep 0.4, then sparse_then_dense's two phases from keep 0.7
         return SparsitySchedule([Phase(options, fraction=0.5),
                                  *SparsitySchedule.sparse_then_dense(0.25, keep_07).phases])
+    if variant == "warmup-then-dense":  # rising's phases, keep 0.7 first
+        return SparsitySchedule([Phase(keep_07, fraction=0.25),
+                                 *SparsitySchedule.sparse_then_dense(0.5, options).phases])
     return SparsitySchedule([Phase(options)])
 
 
@@ -891,7 +897,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO,
                         help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
-                             "keep-0.7 phases of warmup and rising)")
+                             "keep-0.7 phases of warmup, rising and warmup-then-dense)")
     parser.add_argument("--correction-period", type=int, default=CORRECTION_PERIOD,
                         help="steps per dense step of the corrected and interleaved variants")
     parser.add_argument("--calibrate-steps", type=int, default=300,

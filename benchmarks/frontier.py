@@ -38,7 +38,7 @@ import statistics
 
 from accuracy import (CORRECTION_PERIOD, DEFAULT_KEEP_RATIO, KEEPS_ITS_OWN, LOSS_WEIGHTS, PERIODIC,
                       SPARSE_FROM)
-from harness import add_summary_arguments, write_summary
+from harness import add_summary_arguments, one_device, write_summary
 
 
 def periodic_phases(variant: str, period: int) -> list[tuple[float, str, float | None, bool | None]]:
@@ -70,6 +70,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "then-dense-90": [(0.9, "lemo", 0.4, None), (0.1, "lemo-base", 1.0, True)],
     "warmup": [(0.25, "lemo", 0.7, None), (0.75, "lemo", 0.4, None)],
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
+    "warmup-then-dense": [(0.25, "lemo", 0.7, None), (0.5, "lemo", 0.4, None),
+                          (0.25, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
     **{variant: [(1.0, "lemo", 0.4, None)] for variant in SPARSE_FROM},
     # loss weighting: the oracle's set-up plus a [B, S] weight per token in the loss
@@ -240,6 +242,10 @@ def main() -> int:
     args = parser.parse_args()
     points = accuracy_points(read(args.accuracy))
     rows = read(args.long_context)
+    try:
+        one_device([row for _, row in rows])
+    except ValueError as error:
+        parser.error(str(error))
     costs = {label: cost(point["variant"], point["keep"], rows, args, point["period"])
              for label, point in points.items()}
     write_summary(args.markdown, args.plot,

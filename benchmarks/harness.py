@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the Llama shape's arguments, running one configuration in its
 own process, with its own Inductor cache directory (so that no variant is served another's
-compiled code), recording its JSON line, writing a summary's table and plot, and the layer sweep's
-plans (the same shares of a model's layers sparse at any depth)."""
+compiled code), recording its JSON line, writing a summary's table and plot from rows of one GPU,
+and the layer sweep's plans (the same shares of a model's layers sparse at any depth)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,16 @@ def lora_llama(args: argparse.Namespace, device: str, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def one_device(rows: list[dict]) -> str | None:
+    """The GPU that every row names (rows without the field, such as some out-of-memory rows, say
+    nothing); raises ValueError for rows of several GPUs, whose step times and peaks one table
+    must not mix (runs on another card go in their own files)."""
+    devices = sorted({row["device"] for row in rows if row.get("device")})
+    if len(devices) > 1:
+        raise ValueError(f"rows from several GPUs ({', '.join(devices)}): summarize one at a time")
+    return devices[0] if devices else None
 
 
 def add_summary_arguments(parser: argparse.ArgumentParser) -> None:

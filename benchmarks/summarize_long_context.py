@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import add_summary_arguments, write_summary
+from harness import add_summary_arguments, one_device, write_summary
 
 SYSTEMS = {"hf": "HF eager", "liger": "HF + Liger", "compile": "dense torch.compile"}
 LEMO = "lemo"
@@ -24,16 +24,6 @@ LEMO = "lemo"
 
 def system_of(variant: str) -> str:
     return SYSTEMS.get(variant, LEMO if variant.startswith("lemo") else variant)
-
-
-def one_device(rows: list[dict]) -> str | None:
-    """The GPU that every row names (rows without the field, such as some out-of-memory rows, say
-    nothing); raises ValueError for rows of several GPUs, whose step times and peaks one table
-    must not mix (runs on another card go in files outside the table's glob)."""
-    devices = sorted({row["device"] for row in rows if row.get("device")})
-    if len(devices) > 1:
-        raise ValueError(f"rows from several GPUs ({', '.join(devices)}): summarize one at a time")
-    return devices[0] if devices else None
 
 
 def best_rows(rows: list[dict]) -> dict[tuple[int, bool, str], dict]:

@@ -260,9 +260,37 @@ def test_long_context_summary_prefers_timed_runs_then_fit_checks_then_out_of_mem
     assert "| 524,288 | yes |  | out of memory |  |  |" in table
 
 
-def test_long_context_summary_refuses_rows_of_two_gpus():
-    summary = _script("summarize_long_context")
+def test_summaries_refuse_rows_of_two_gpus():
+    harness = _script("harness")
     h200 = {"variant": "liger", "device": "NVIDIA H200"}
-    assert summary.one_device([h200, {"variant": "lemo", "error": "out of memory"}]) == "NVIDIA H200"
+    assert harness.one_device([h200, {"variant": "lemo", "error": "out of memory"}]) == "NVIDIA H200"
     with pytest.raises(ValueError, match="several GPUs"):
-        summary.one_device([h200, {"variant": "lemo", "device": "NVIDIA H100 80GB HBM3"}])
+        harness.one_device([h200, {"variant": "lemo", "device": "NVIDIA H100 80GB HBM3"}])
+
+
+def test_every_accuracy_variant_is_priced_or_says_why_not():
+    """frontier.py prices each of accuracy.py's variants from its phases, or names why it is not
+    priced: a new variant cannot drop off the frontier unnoticed."""
+    frontier = _script("frontier")
+    accuracy = _script("accuracy")
+    unaccounted = [v for v in accuracy.VARIANTS
+                   if v not in frontier.COST_OF and v not in accuracy.PERIODIC
+                   and v not in frontier.UNPRICED]
+    assert unaccounted == []
+    for variant, phases in frontier.COST_OF.items():
+        assert sum(share for share, *_ in phases) == pytest.approx(1.0), variant
+
+
+def test_rising_and_its_control_run_the_same_phases_in_another_order():
+    """`warmup-then-dense` keeps as many tokens as `rising` (keep 0.7 for a quarter of the steps,
+    0.4 for half, dense with checkpointing for the last quarter), its keep-0.7 phase first."""
+    accuracy = _script("accuracy")
+
+    def phases(variant):
+        schedule = accuracy.schedule_of(variant, {"keep_ratio": 0.4})
+        starts = schedule.boundaries(40) + [40]
+        return [(starts[i + 1] - starts[i], p.options["keep_ratio"], p.gradient_checkpointing)
+                for i, p in enumerate(schedule.phases)]
+
+    assert phases("rising") == [(20, 0.4, None), (10, 0.7, None), (10, 1.0, True)]
+    assert phases("warmup-then-dense") == [(10, 0.7, None), (20, 0.4, None), (10, 1.0, True)]
