@@ -17,7 +17,8 @@ needs both in one file: `long_context.py` run twice with the same `--out`, once 
 `--checkpointing`. A variant whose set-up has no row there is listed with its
 cost missing, never estimated; a variant missing from `COST_OF` (random blocks: a baseline, not a
 setting to choose) has no cost.
-Long-context rows without a `keep_ratio` field ran with the script's default, 0.4.
+Long-context rows without a `keep_ratio` field ran with the script's default, 0.4. They must come
+from one GPU (`harness.one_device`).
 
 Of several matching long-context rows the last one read counts: give the files oldest first.
 

@@ -6,6 +6,7 @@ the shortest step among those that ran; where none was timed, a fit check (`--fi
 no timing) says that it fits and at what peak; an out-of-memory run counts as "does not fit"; a
 length a system was not run at stays empty. Writes a markdown table and a plot (step time and peak
 memory against length, one line per system and checkpointing setting; fit checks are not drawn).
+The rows must come from one GPU (`harness.one_device`): H100 runs are kept in their own files.
 
     python benchmarks/summarize_long_context.py benchmarks/results/long_context_32layers_*.jsonl \\
         --markdown docs/long_context.md --plot docs/long_context.png
