@@ -63,6 +63,8 @@ Variants (`--variants`):
                 75% of the steps sparse, as then-dense, with a milder way out)
   warmup-then-dense  rising's control: the same phases with the keep-0.7 one first (keep 0.7 for
                 25% of the steps, 0.4 for 50%, then dense): as many kept tokens, in another order
+  rising-90     rising with 90% of the steps sparse: keep 0.4 for 65%, 0.7 for 25%, then dense
+                (does the keep-0.7 quarter stand in for dense steps? against then-dense-90)
   layerwise     oracle with per-layer keep ratios from `lemo_compile.layer_keep_ratios` (the same
                 mean keep ratio over the sparse layers, more for the layers whose oracle scores
                 are spread), measured on the extended base model over the first 4 batches
@@ -92,7 +94,7 @@ Variants (`--variants`):
                 sparse, the others the oracle, nothing subtracted (4 passes per 4 steps, 1 dense)
 
 `--keep-ratio K` (default 0.4, lemo's) is the keep ratio of every sparse variant's selection but
-dense, keep06 and the keep-0.7 phases of warmup, rising and warmup-then-dense (`KEEPS_ITS_OWN`):
+dense, keep06 and the keep-0.7 phases of warmup and the rising schedules (`KEEPS_ITS_OWN`):
 the keep-ratio sweep of the selection against random blocks. Every row records it as
 `base_keep_ratio`.
 
@@ -118,7 +120,7 @@ import zlib
 import torch
 
 # the variants that change phase
-SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "warmup-then-dense",
+SCHEDULES = ("then-dense", "then-dense-90", "warmup", "rising", "warmup-then-dense", "rising-90",
              "then-dense-kept-loss", "then-dense-random")
 # the layer sweep: where the sparse layers start, as a share of the depth (the default: 0.5)
 SPARSE_FROM = {"more-layers": 0.25, "fewer-layers": 0.625}
@@ -314,8 +316,8 @@ def schedule_of(variant: str, options: dict):
         return SparsitySchedule.sparse_then_dense(0.9, options)
     if variant == "warmup":
         return SparsitySchedule([Phase(keep_07, fraction=0.25), Phase(options)])
-    if variant == "rising":  # keep 0.4, then sparse_then_dense's two phases from keep 0.7
-        return SparsitySchedule([Phase(options, fraction=0.5),
+    if variant in ("rising", "rising-90"):  # keep 0.4, then sparse_then_dense's phases from 0.7
+        return SparsitySchedule([Phase(options, fraction=0.5 if variant == "rising" else 0.65),
                                  *SparsitySchedule.sparse_then_dense(0.25, keep_07).phases])
     if variant == "warmup-then-dense":  # rising's phases, keep 0.7 first
         return SparsitySchedule([Phase(keep_07, fraction=0.25),
@@ -897,7 +899,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO,
                         help="the sparse variants' keep ratio (not dense's, keep06's, nor the "
-                             "keep-0.7 phases of warmup, rising and warmup-then-dense)")
+                             "keep-0.7 phases of warmup and the rising schedules)")
     parser.add_argument("--correction-period", type=int, default=CORRECTION_PERIOD,
                         help="steps per dense step of the corrected and interleaved variants")
     parser.add_argument("--calibrate-steps", type=int, default=300,

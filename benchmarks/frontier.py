@@ -73,6 +73,8 @@ COST_OF: dict[str, list[tuple[float, str, float | None, bool | None]]] = {
     "rising": [(0.5, "lemo", 0.4, None), (0.25, "lemo", 0.7, None), (0.25, "lemo-base", 1.0, True)],
     "warmup-then-dense": [(0.25, "lemo", 0.7, None), (0.5, "lemo", 0.4, None),
                           (0.25, "lemo-base", 1.0, True)],
+    "rising-90": [(0.65, "lemo", 0.4, None), (0.25, "lemo", 0.7, None),
+                  (0.1, "lemo-base", 1.0, True)],
     # the layer sweep: the oracle's set-up at the same share of the depth (`--sparse-from`)
     **{variant: [(1.0, "lemo", 0.4, None)] for variant in SPARSE_FROM},
     # loss weighting: the oracle's set-up plus a [B, S] weight per token in the loss

@@ -294,3 +294,4 @@ def test_rising_and_its_control_run_the_same_phases_in_another_order():
 
     assert phases("rising") == [(20, 0.4, None), (10, 0.7, None), (10, 1.0, True)]
     assert phases("warmup-then-dense") == [(10, 0.7, None), (20, 0.4, None), (10, 1.0, True)]
+    assert phases("rising-90") == [(26, 0.4, None), (10, 0.7, None), (4, 1.0, True)]
