@@ -279,6 +279,15 @@ def test_every_accuracy_variant_is_priced_or_says_why_not():
     assert unaccounted == []
     for variant, phases in frontier.COST_OF.items():
         assert sum(share for share, *_ in phases) == pytest.approx(1.0), variant
+    # a schedule's priced phases are the phases it fine-tunes with (COST_OF restates them)
+    for variant in accuracy.SCHEDULES:
+        schedule = accuracy.schedule_of(variant, {"keep_ratio": 0.4})
+        starts = schedule.boundaries(40) + [40]
+        run = [(round((starts[i + 1] - starts[i]) / 40, 6), p.options["keep_ratio"],
+                p.gradient_checkpointing) for i, p in enumerate(schedule.phases)]
+        priced = [(round(share, 6), keep, checkpointing)
+                  for share, _, keep, checkpointing in frontier.COST_OF[variant]]
+        assert run == priced, variant
 
 
 def test_rising_and_its_control_run_the_same_phases_in_another_order():
